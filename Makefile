@@ -1,0 +1,36 @@
+# dqt — the two set-up commands of the README:
+#   make train   create .venv, install, run the main job (2 ranks, CPU/gloo, embedded digits)
+#   make test    create .venv, install with test extras, run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# On CPU-only machines install the CPU build of torch first (the CUDA build is several GB).
+# GPU users: `make TORCH_SPEC= train` keeps the torch already in the environment.
+TORCH_SPEC ?= torch==2.13.0
+NPROC  ?= 2
+ARGS   ?=
+
+.PHONY: install install-dev train test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e ".[dev,triton]" || $(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+train: install
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py $(ARGS)
+
+test: install-dev
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun reports .pytest_cache

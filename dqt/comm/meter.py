@@ -1,0 +1,123 @@
+"""Bytes on the wire, counted from the tensors actually handed to collectives (invariant 4).
+
+``comm/bytes_sent`` is what this rank transmits for a collective of the given input under the
+standard bandwidth-optimal algorithm for that collective (what gloo and NCCL run):
+
+* ``all_reduce`` of S bytes (ring: reduce-scatter + all-gather) ........ 2(N−1)/N · S
+* ``all_to_all_single`` with S input bytes (every chunk but its own) ... (N−1)/N · S
+* ``all_gather`` / ``all_gather_into_tensor`` of S bytes per rank ...... (N−1) · S
+* ``broadcast`` of S bytes from the source ............................. S (source), 0 (others)
+
+``comm/bytes_raw`` is the same figure for the uncompressed fp32 all-reduce the scheme replaces,
+so ``comm/ratio = bytes_raw / bytes_sent``. With one rank nothing crosses a wire: both are 0.
+``comm/payload_bytes`` is the plain sum of input tensor sizes handed to collectives.
+
+PyTorch's own hooks call ``torch.distributed.all_reduce`` internally; :func:`counting` wraps
+that function (once, transparently) so their traffic is counted the same way as dqt's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def wire_bytes(op: str, nbytes: int, world: int, is_src: bool = True) -> int:
+    if world <= 1:
+        return 0
+    if op == "all_reduce":
+        return 2 * (world - 1) * nbytes // world
+    if op == "all_to_all":
+        return (world - 1) * nbytes // world
+    if op == "all_gather":
+        return (world - 1) * nbytes
+    if op == "broadcast":
+        return nbytes if is_src else 0
+    raise ValueError(f"unknown collective {op!r}")
+
+
+@dataclass
+class CommMeter:
+    """Per-step communication figures of one rank; :meth:`pop` returns and resets them."""
+
+    bytes_sent: int = 0
+    bytes_raw: int = 0
+    payload_bytes: int = 0
+    collectives: int = 0
+    hook_s: float = 0.0
+    total_sent: int = 0
+    total_raw: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def record(self, op: str, tensor: torch.Tensor, world: int, is_src: bool = True) -> None:
+        n = tensor.numel() * tensor.element_size()
+        self.payload_bytes += n
+        self.bytes_sent += wire_bytes(op, n, world, is_src)
+        self.collectives += 1
+
+    def record_raw(self, numel: int, world: int, element_size: int = 4) -> None:
+        self.bytes_raw += wire_bytes("all_reduce", numel * element_size, world)
+
+    def add_time(self, key: str, seconds: float) -> None:
+        self.extra[key] = self.extra.get(key, 0.0) + seconds
+
+    def pop(self) -> dict[str, float]:
+        self.total_sent += self.bytes_sent
+        self.total_raw += self.bytes_raw
+        out: dict[str, float] = {
+            "comm/bytes_sent": self.bytes_sent,
+            "comm/bytes_raw": self.bytes_raw,
+            "comm/payload_bytes": self.payload_bytes,
+            "comm/collectives": self.collectives,
+            "comm/bytes_sent_total": self.total_sent,
+            "comm/bytes_raw_total": self.total_raw,
+            "time/hook_ms": 1e3 * self.hook_s,
+        }
+        if self.bytes_sent:
+            out["comm/ratio"] = self.bytes_raw / self.bytes_sent
+        out.update({f"time/{k}_ms": 1e3 * v for k, v in self.extra.items()})
+        self.bytes_sent = self.bytes_raw = self.payload_bytes = self.collectives = 0
+        self.hook_s = 0.0
+        self.extra = {}
+        return out
+
+
+_state = threading.local()
+
+
+def _install_all_reduce_counter() -> None:
+    if getattr(dist.all_reduce, "_dqt_counted", False):
+        return
+    original = dist.all_reduce
+
+    @functools.wraps(original)
+    def all_reduce(tensor, *args, **kwargs):
+        meter = getattr(_state, "meter", None)
+        if meter is not None:
+            group = kwargs.get("group", args[1] if len(args) > 1 else None)
+            meter.record("all_reduce", tensor, dist.get_world_size(group))
+        return original(tensor, *args, **kwargs)
+
+    all_reduce._dqt_counted = True  # type: ignore[attr-defined]
+    dist.all_reduce = all_reduce
+
+
+@contextlib.contextmanager
+def counting(meter: CommMeter) -> Iterator[CommMeter]:
+    """Within the block, every ``torch.distributed.all_reduce`` on this thread is recorded."""
+    _install_all_reduce_counter()
+    previous = getattr(_state, "meter", None)
+    _state.meter = meter
+    start = time.perf_counter()
+    try:
+        yield meter
+    finally:
+        meter.hook_s += time.perf_counter() - start
+        _state.meter = previous

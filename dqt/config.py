@@ -1,0 +1,395 @@
+"""Typed configuration: one dataclass per config-group option, stored in Hydra's ConfigStore.
+
+Each YAML file under ``conf/<group>/`` extends its schema explicitly
+(``defaults: [/schema/<group>@_here_: <option>, _self_]``), so Hydra's struct mode rejects
+typo'd keys and wrong types at composition time, and ``__post_init__`` rejects out-of-range
+values when :func:`to_typed` turns the composed config into these objects. Every error names
+the full config key (``optim.lr``, ``data.root``, ...) so the user knows which knob to turn.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message starts with the full key, e.g. ``optim.lr: ...``."""
+
+    def __init__(self, key: str, msg: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {msg}")
+
+
+def check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(key, msg)
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    check(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    """Fully connected net: input (flattened) → widths... → classes, ReLU between layers."""
+
+    name: str = "mlp"
+    widths: list[int] = field(default_factory=lambda: [256, 256])
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(len(self.widths) > 0 and all(w > 0 for w in self.widths), "model.widths",
+              f"must be a non-empty list of positive ints; got {list(self.widths)}")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+
+
+@dataclass
+class CNNConfig(ModelConfig):
+    """LeNet-style CNN: [conv5x5 → ReLU → maxpool2] per entry of ``channels``, then FC."""
+
+    name: str = "cnn"
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    hidden: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(len(self.channels) > 0 and all(c > 0 for c in self.channels), "model.channels",
+              f"must be a non-empty list of positive ints; got {list(self.channels)}")
+        check(self.hidden > 0, "model.hidden", f"must be > 0; got {self.hidden}")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+
+
+@dataclass
+class ResNetConfig(ModelConfig):
+    """CIFAR-style ResNet (He et al. 2016, §4.2): depth = 6n+2, widths 16/32/64 × ``width``/16."""
+
+    name: str = "resnet20"
+    depth: int = 20
+    width: int = 16
+
+    def __post_init__(self) -> None:
+        check(self.depth >= 8 and (self.depth - 2) % 6 == 0, "model.depth",
+              f"must be 6n+2 (20, 32, 44, 56, ...); got {self.depth}")
+        check(self.width > 0, "model.width", f"must be > 0; got {self.width}")
+
+
+@dataclass
+class GPTConfig(ModelConfig):
+    """Small GPT-style character transformer (pre-LN, causal self-attention, tied embeddings)."""
+
+    name: str = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.n_layer > 0, "model.n_layer", f"must be > 0; got {self.n_layer}")
+        check(self.n_head > 0, "model.n_head", f"must be > 0; got {self.n_head}")
+        check(self.n_embd > 0 and self.n_embd % max(self.n_head, 1) == 0, "model.n_embd",
+              f"must be a positive multiple of model.n_head={self.n_head}; got {self.n_embd}")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    batch_size: int = 64  # per rank, per micro-step
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        check(self.batch_size > 0, "data.batch_size", f"must be > 0; got {self.batch_size}")
+        check(self.eval_batch_size > 0, "data.eval_batch_size",
+              f"must be > 0; got {self.eval_batch_size}")
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    """scikit-learn's 8×8 handwritten digits (1797 images, shipped inside the package)."""
+
+    name: str = "digits"
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0.0 < self.test_fraction < 1.0, "data.test_fraction",
+              f"must be in (0, 1); got {self.test_fraction}")
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    """Seeded Gaussian-cluster classification data of any size (throughput runs)."""
+
+    name: str = "synthetic"
+    num_train: int = 8192
+    num_test: int = 2048
+    input_shape: list[int] = field(default_factory=lambda: [64])
+    num_classes: int = 10
+    noise: float = 1.0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.num_train > 0, "data.num_train", f"must be > 0; got {self.num_train}")
+        check(self.num_test > 0, "data.num_test", f"must be > 0; got {self.num_test}")
+        check(len(self.input_shape) > 0 and all(s > 0 for s in self.input_shape),
+              "data.input_shape", f"must be positive ints; got {list(self.input_shape)}")
+        check(self.num_classes >= 2, "data.num_classes", f"must be >= 2; got {self.num_classes}")
+        check(self.noise >= 0, "data.noise", f"must be >= 0; got {self.noise}")
+
+
+@dataclass
+class FileDataConfig(DataConfig):
+    """A dataset read from standard files under ``root`` (never downloaded at run time)."""
+
+    root: str = MISSING
+
+
+@dataclass
+class CIFAR10Config(FileDataConfig):
+    name: str = "cifar10"
+    root: str = "data/cifar10"
+
+
+@dataclass
+class MNISTConfig(FileDataConfig):
+    name: str = "mnist"
+    root: str = "data/mnist"
+
+
+@dataclass
+class TextConfig(DataConfig):
+    """Character-level corpus. ``path: null`` = the Python standard library's own sources."""
+
+    name: str = "text"
+    path: Optional[str] = None
+    block_size: int = 64
+    max_chars: int = 1_000_000
+    test_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.block_size > 1, "data.block_size", f"must be > 1; got {self.block_size}")
+        check(self.max_chars > 10 * self.block_size, "data.max_chars",
+              f"must be > 10 * data.block_size; got {self.max_chars}")
+        check(0.0 < self.test_fraction < 1.0, "data.test_fraction",
+              f"must be in (0, 1); got {self.test_fraction}")
+
+
+# --------------------------------------------------------------------------- optim
+@dataclass
+class OptimConfig:
+    """Optimizer and LR schedule (linear warm-up, then ``schedule``)."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+
+    def __post_init__(self) -> None:
+        _choice(self.name, ("sgd", "adamw", "adam"), "optim.name")
+        check(self.lr > 0, "optim.lr", f"must be > 0; got {self.lr}")
+        check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1); got {self.momentum}")
+        check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0; got {self.weight_decay}")
+        check(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "optim.betas",
+              f"must be two values in [0, 1); got {list(self.betas)}")
+        check(self.eps > 0, "optim.eps", f"must be > 0; got {self.eps}")
+        _choice(self.schedule, ("constant", "cosine", "linear"), "optim.schedule")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0; got {self.warmup_steps}")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio",
+              f"must be in [0, 1]; got {self.min_lr_ratio}")
+        check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off); got {self.grad_clip}")
+
+
+# --------------------------------------------------------------------------- qat
+@dataclass
+class QATConfig:
+    """Quantization-aware training; ``none`` trains in full precision."""
+
+    name: str = "none"
+
+
+# --------------------------------------------------------------------------- precision
+@dataclass
+class PrecisionConfig:
+    """Autocast dtype; fp16 adds dynamic loss scaling (GradScaler)."""
+
+    name: str = "fp32"
+    init_scale: float = 65536.0
+    growth_interval: int = 2000
+
+    def __post_init__(self) -> None:
+        _choice(self.name, ("fp32", "bf16", "fp16"), "precision.name")
+        check(self.init_scale > 0, "precision.init_scale", f"must be > 0; got {self.init_scale}")
+        check(self.growth_interval > 0, "precision.growth_interval",
+              f"must be > 0; got {self.growth_interval}")
+
+
+# --------------------------------------------------------------------------- logger
+@dataclass
+class LoggerConfig:
+    """metrics.jsonl is always written by rank 0; ``wandb`` adds a W&B run.
+
+    ``mode``: online | offline | disabled; the environment variable WANDB_MODE wins if set.
+    """
+
+    name: str = "jsonl"
+    mode: str = "offline"
+    project: str = "dqt"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _choice(self.name, ("jsonl", "wandb"), "logger.name")
+        _choice(self.mode, ("online", "offline", "disabled"), "logger.mode")
+
+
+# --------------------------------------------------------------------------- backend
+@dataclass
+class BackendConfig:
+    """Process-group backend: auto = nccl when CUDA is available, else gloo."""
+
+    name: str = "auto"
+    timeout_s: int = 600
+
+    def __post_init__(self) -> None:
+        _choice(self.name, ("auto", "gloo", "nccl"), "backend.name")
+        check(self.timeout_s > 0, "backend.timeout_s", f"must be > 0; got {self.timeout_s}")
+
+
+# --------------------------------------------------------------------------- scheme
+@dataclass
+class SchemeConfig:
+    """Gradient-communication scheme, added with ``+scheme=NAME`` (absent = plain all-reduce)."""
+
+    name: str = MISSING
+
+
+@dataclass
+class TorchCastSchemeConfig(SchemeConfig):
+    """PyTorch's fp16/bf16 compression hooks (cast, all-reduce, cast back)."""
+
+
+@dataclass
+class PowerSGDSchemeConfig(SchemeConfig):
+    """PyTorch's PowerSGD hook (Vogels et al. 2019); fields are ``PowerSGDState``'s."""
+
+    name: str = "powersgd"
+    matrix_approximation_rank: int = 1
+    start_powerSGD_iter: int = 10
+    min_compression_rate: float = 2.0
+    use_error_feedback: bool = True
+    warm_start: bool = True
+    orthogonalization_epsilon: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.matrix_approximation_rank >= 1, "scheme.matrix_approximation_rank",
+              f"must be >= 1; got {self.matrix_approximation_rank}")
+        check(self.start_powerSGD_iter >= 2, "scheme.start_powerSGD_iter",
+              f"must be >= 2 (PyTorch requires it with error feedback); got {self.start_powerSGD_iter}")
+        check(self.min_compression_rate >= 0, "scheme.min_compression_rate",
+              f"must be >= 0; got {self.min_compression_rate}")
+
+
+# --------------------------------------------------------------------------- checkpoint
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints under ``<run_dir>/checkpoints/step_XXXXXXX``."""
+
+    every: int = 0  # steps between checkpoints; 0 = only at the end and on SIGTERM
+    keep: int = 2  # newest complete checkpoints kept
+    resume: bool = True  # resume from the newest complete checkpoint in the run directory
+    allow_world_size_change: bool = False  # resume model+optimizer only, reset per-rank state
+
+    def __post_init__(self) -> None:
+        check(self.every >= 0, "checkpoint.every", f"must be >= 0 (0 = end only); got {self.every}")
+        check(self.keep >= 1, "checkpoint.keep", f"must be >= 1; got {self.keep}")
+
+
+# --------------------------------------------------------------------------- top level
+@dataclass
+class TrainConfig:
+    model: Any = MISSING
+    data: Any = MISSING
+    optim: Any = MISSING
+    qat: Any = MISSING
+    precision: Any = MISSING
+    logger: Any = MISSING
+    backend: Any = MISSING
+    scheme: Any = None
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+    steps: int = 300
+    grad_accum: int = 1
+    eval_every: int = 100  # 0 = evaluate only at the end
+    log_every: int = 10
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bitwise-reproducible runs)
+
+    def __post_init__(self) -> None:
+        check(self.steps > 0, "steps", f"must be > 0; got {self.steps}")
+        check(self.grad_accum > 0, "grad_accum", f"must be > 0; got {self.grad_accum}")
+        check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0 = end only); got {self.eval_every}")
+        check(self.log_every > 0, "log_every", f"must be > 0; got {self.log_every}")
+        lm_model = getattr(self.model, "name", None) == "gpt"
+        lm_data = getattr(self.data, "name", None) == "text"
+        check(lm_model == lm_data, "model" if lm_data else "data",
+              "model=gpt trains on data=text and the other models on classification data; "
+              f"got model={getattr(self.model, 'name', '?')} data={getattr(self.data, 'name', '?')}")
+
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet": ResNetConfig, "gpt": GPTConfig},
+    "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "cifar10": CIFAR10Config,
+             "mnist": MNISTConfig, "text": TextConfig},
+    "optim": {"optim": OptimConfig},
+    "qat": {"qat": QATConfig},
+    "precision": {"precision": PrecisionConfig},
+    "logger": {"logger": LoggerConfig},
+    "backend": {"backend": BackendConfig},
+    "scheme": {"torch_cast": TorchCastSchemeConfig, "powersgd": PowerSGDSchemeConfig},
+}
+
+
+def register_configs() -> None:
+    """Store the schemas in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+def to_typed(cfg: DictConfig) -> TrainConfig:
+    """Composed DictConfig → validated :class:`TrainConfig` (raises :class:`ConfigError`)."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except Exception as e:  # omegaconf wraps errors raised in __post_init__
+        cause = e
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+    assert isinstance(obj, TrainConfig)
+    return obj

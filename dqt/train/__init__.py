@@ -1,0 +1,1 @@
+"""Training: distributed environment, data, models, optimizers, logging, checkpoints, the trainer."""

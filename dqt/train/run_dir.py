@@ -1,0 +1,72 @@
+"""One run directory for all ranks, and the Hydra resolvers that make it so.
+
+Hydra resolves ``${now:...}`` separately in every process (hydra#2070), so N ranks started by
+torchrun would each create their own directory. ``${dqt_run_dir:BASE}`` picks, in order:
+
+1. ``$DQT_RUN_DIR`` — set by a launcher script (SLURM requeues, elastic restarts, resuming);
+2. ``BASE/slurm-$SLURM_JOB_ID[_$SLURM_ARRAY_TASK_ID]`` inside a SLURM job;
+3. under torchrun with several ranks: rank 0 makes ``BASE/<date>/<time>`` and publishes it in
+   torchrun's own TCPStore (the agent store every worker can reach); the other ranks read it;
+4. otherwise ``BASE/<date>/<time>`` of this process.
+
+``${dqt_rank0_only:X}`` is X on rank 0 and null elsewhere (only rank 0 writes ``.hydra/``);
+``${dqt_rank0_level:L}`` is L on rank 0 and WARNING elsewhere (console noise from one rank);
+``${dqt_rank:}`` is this process's global rank (per-rank log file names).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+
+_KEY = "dqt/run_dir"
+
+
+def env_rank() -> int:
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"])
+    return 0
+
+
+def _timestamped(base: str) -> str:
+    now = datetime.datetime.now()
+    return os.path.join(base, now.strftime("%Y-%m-%d"), now.strftime("%H-%M-%S"))
+
+
+def _agreed_through_torchrun_store(base: str) -> str | None:
+    env = os.environ
+    if int(env.get("WORLD_SIZE", "1")) <= 1 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed import TCPStore
+
+    store = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                     timeout=datetime.timedelta(seconds=300))
+    if env_rank() == 0:
+        store.set(_KEY, _timestamped(base))
+    return store.get(_KEY).decode()
+
+
+@functools.lru_cache(maxsize=None)
+def run_dir(base: str = "outputs") -> str:
+    if os.environ.get("DQT_RUN_DIR"):
+        return os.environ["DQT_RUN_DIR"]
+    if os.environ.get("SLURM_JOB_ID"):
+        job = os.environ["SLURM_JOB_ID"]
+        if os.environ.get("SLURM_ARRAY_TASK_ID"):
+            job += "_" + os.environ["SLURM_ARRAY_TASK_ID"]
+        return os.path.join(base, f"slurm-{job}")
+    return _agreed_through_torchrun_store(base) or _timestamped(base)
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("dqt_run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("dqt_rank", env_rank, replace=True)
+    OmegaConf.register_new_resolver(
+        "dqt_rank0_only", lambda value: value if env_rank() == 0 else None, replace=True)
+    OmegaConf.register_new_resolver(
+        "dqt_rank0_level", lambda level: level if env_rank() == 0 else "WARNING", replace=True)

@@ -1,0 +1,367 @@
+"""The training loop: one step = data → forward → backward (DDP hook communicates) → optimizer.
+
+Every rank runs the same code; rank 0 alone writes metrics and the console. The model is built
+from the same seed on every rank (identical init), then each rank reseeds with seed + rank for
+its own randomness (dropout). After the run all ranks compare a hash of their parameters
+(DESIGN invariant 1) and the result is logged in the summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from dqt.comm import build_scheme
+from dqt.config import OptimConfig, TrainConfig
+from dqt.quant import apply_qat
+from dqt.train import distributed
+from dqt.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from dqt.train.data import ShardedLoader, build_dataset, eval_shard
+from dqt.train.metrics import MetricLogger, check_logger
+from dqt.train.models import build_model
+
+log = logging.getLogger("dqt")
+
+
+@dataclass
+class TrainResult:
+    step: int
+    metrics: dict[str, Any]
+    model_state: dict[str, torch.Tensor] = field(repr=False)
+    preempted: bool = False
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+               weight_decay=cfg.weight_decay)
+
+
+def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant / cosine / linear decay to
+    ``min_lr_ratio``·lr at the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
+
+
+def params_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _StopFlag:
+    """SIGTERM sets a flag; ranks agree on it at the step boundary (max over ranks)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        if sys.platform != "win32":
+            try:
+                signal.signal(signal.SIGTERM, self._handler)
+            except ValueError:  # not the main thread (e.g. called from a test harness)
+                pass
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        check_logger(cfg.logger)
+        self.env = distributed.detect()
+        self.checkpointer = Checkpointer(run_dir, self.env.rank, self.env.world_size,
+                                         cfg.checkpoint)
+        resume = self.checkpointer.latest() if cfg.checkpoint.resume else None
+        restore_rank_state = resume is not None and self.checkpointer.check_world_size(resume)
+        self.backend, self.device = distributed.init(self.env, cfg.backend)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+
+        self.data = build_dataset(cfg.data)
+        torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
+        model = apply_qat(cfg.qat, build_model(cfg.model, self.data.meta)).to(self.device)
+        self.model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.scheme = build_scheme(cfg.scheme)
+        self.scheme.attach(self.model)
+        self.optimizer = build_optimizer(cfg.optim, model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(cfg.optim, s, cfg.steps))
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            cfg.precision.name)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=cfg.precision.name == "fp16",
+            init_scale=cfg.precision.init_scale, growth_interval=cfg.precision.growth_interval)
+        torch.manual_seed(cfg.seed + 1 + self.env.rank)  # per-rank randomness from here on
+
+        self.step = 0
+        if resume is not None:
+            self._restore(resume, restore_rank_state)
+        self.loader = ShardedLoader(self.data.train, cfg.data.batch_size, self.env.rank,
+                                    self.env.world_size, seed=cfg.seed,
+                                    start_step=self.step * cfg.grad_accum)
+        resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+        if self.env.is_main:
+            _write_atomic(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(resolved))
+        self.logger = MetricLogger(run_dir, self.env.is_main, cfg.logger, resolved,
+                                   resume_step=self.step)
+        self.stop = _StopFlag()
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("run dir %s | %s ranks (%s, %s) | model %s %.2fM params | data %s | scheme %s"
+                 " | qat %s | precision %s%s", run_dir, self.env.world_size, self.env.launcher,
+                 self.backend, cfg.model.name, n_params / 1e6, cfg.data.name, self.scheme.name,
+                 cfg.qat.name, cfg.precision.name,
+                 f" | resumed from step {self.step}" if resume else "")
+
+    # ------------------------------------------------------------------ checkpoint
+    def _restore(self, ckpt: Any, with_rank_state: bool) -> None:
+        shared, per_rank = self.checkpointer.load(ckpt, with_rank_state)
+        self.model.module.load_state_dict(shared["model"])
+        self.optimizer.load_state_dict(shared["optimizer"])
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.scaler.load_state_dict(shared["scaler"])
+        self.step = shared["step"]
+        if per_rank is not None:
+            set_rng_state(per_rank["rng"])
+            self.scheme.load_state_dict(per_rank["scheme"])
+        else:
+            log.warning("world size changed (%d → %d): restored model and optimizer only",
+                        ckpt.world_size, self.env.world_size)
+
+    def save(self) -> str:
+        shared = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                  "step": self.step}
+        per_rank = {"rng": rng_state(), "scheme": self.scheme.state_dict()}
+        path = self.checkpointer.save(self.step, shared, per_rank)
+        log.info("checkpoint step %d → %s", self.step, path)
+        return path
+
+    # ------------------------------------------------------------------ one step
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                            enabled=self.autocast_dtype is not None):
+            logits = self.model(x)
+        logits = logits.float().flatten(0, -2) if logits.dim() > 2 else logits.float()
+        y = y.flatten()
+        correct = (logits.argmax(-1) == y).sum()
+        return F.cross_entropy(logits, y), correct
+
+    def train_step(self, batches: Iterator) -> dict[str, float]:
+        cfg, t = self.cfg, {"data": 0.0, "forward": 0.0, "backward": 0.0, "optim": 0.0}
+        sums = torch.zeros(3, dtype=torch.float64)  # loss·n, correct, n
+        self.model.train()
+        for micro in range(cfg.grad_accum):
+            t0 = time.perf_counter()
+            x, y = (b.to(self.device, non_blocking=True) for b in next(batches))
+            t1 = time.perf_counter()
+            sync = micro == cfg.grad_accum - 1
+            with (self.model.no_sync() if not sync else _nullcontext()):
+                loss, correct = self._loss(x, y)
+                t2 = time.perf_counter()
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            self._sync_device()
+            t3 = time.perf_counter()
+            n = y.numel()
+            sums += torch.tensor([loss.item() * n, correct.item(), n], dtype=torch.float64)
+            t["data"] += t1 - t0
+            t["forward"] += t2 - t1
+            t["backward"] += t3 - t2
+        t4 = time.perf_counter()
+        if cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._sync_device()
+        t["optim"] = time.perf_counter() - t4
+        self.step += 1
+        out = {f"time/{k}_ms": 1e3 * v for k, v in t.items()}
+        out["time/step_ms"] = sum(out.values())
+        out["_sums"] = sums  # reduced across ranks only on log steps
+        return out
+
+    def _sync_device(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # ------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        split = self.data.test
+        idx = eval_shard(len(split), self.env.rank, self.env.world_size)
+        sums = torch.zeros(3, dtype=torch.float64)
+        for chunk in idx.split(self.cfg.data.eval_batch_size):
+            x, y = (b.to(self.device) for b in split.batch(chunk))
+            loss, correct = self._loss(x, y)
+            n = y.numel()
+            sums += torch.tensor([loss.item() * n, correct.item(), n], dtype=torch.float64)
+        sums = self._all_sum(sums)
+        return {"eval/loss": sums[0].item() / sums[2].item(),
+                "eval/acc": sums[1].item() / sums[2].item()}
+
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        batches = iter(self.loader)
+        bar = _progress(self.env.is_main, self.step, cfg.steps)
+        samples_per_step = cfg.data.batch_size * cfg.grad_accum * self.env.world_size
+        last_eval: dict[str, float] = {}
+        step_ms: list[float] = []
+        start, preempted = time.perf_counter(), False
+        while self.step < cfg.steps:
+            m = self.train_step(batches)
+            comm = self.scheme.stats()
+            step_ms.append(m["time/step_ms"])
+            bar.update(1)
+            is_last = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or is_last:
+                sums = self._all_sum(m.pop("_sums"))
+                m.update({"train/loss": sums[0].item() / sums[2].item(),
+                          "train/acc": sums[1].item() / sums[2].item(),
+                          "lr": self.scheduler.get_last_lr()[0],
+                          "throughput/samples_per_s": samples_per_step / (m["time/step_ms"] / 1e3)})
+                if self.scaler.is_enabled():
+                    m["precision/loss_scale"] = self.scaler.get_scale()
+                self.logger.log(self.step, "train", {**m, **comm})
+                _report(bar, self.step, cfg.steps, m, comm)
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or is_last:
+                last_eval = self.evaluate()
+                self.logger.log(self.step, "eval", last_eval)
+                log.info("step %d/%d eval loss %.4f acc %.4f", self.step, cfg.steps,
+                         last_eval["eval/loss"], last_eval["eval/acc"])
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not is_last:
+                self.save()
+            if self.stop.agreed(self.device):
+                preempted = True
+                break
+        bar.close()
+        self.save()
+        summary = self._summary(last_eval, step_ms, time.perf_counter() - start, preempted)
+        self.logger.log(self.step, "summary", summary)
+        self.logger.close()
+        if preempted:
+            log.info("SIGTERM: stopped at step %d with a checkpoint; run again with "
+                     "hydra.run.dir=%s to resume", self.step, self.run_dir)
+        return TrainResult(self.step, summary, {k: v.detach().cpu().clone() for k, v in
+                                                self.model.module.state_dict().items()}, preempted)
+
+    def _summary(self, last_eval: dict[str, float], step_ms: list[float], wall_s: float,
+                 preempted: bool) -> dict[str, Any]:
+        digests: list[str] = [""] * self.env.world_size
+        dist.all_gather_object(digests, params_digest(self.model.module))
+        meter = self.scheme.meter
+        summary: dict[str, Any] = {
+            **last_eval, "steps": self.step, "world_size": self.env.world_size,
+            "scheme": self.scheme.name, "qat": self.cfg.qat.name, "wall_s": wall_s,
+            "time/step_ms_median": sorted(step_ms)[len(step_ms) // 2] if step_ms else None,
+            "comm/bytes_sent_total": meter.total_sent, "comm/bytes_raw_total": meter.total_raw,
+            "comm/bytes_sent_per_step": meter.total_sent / max(1, len(step_ms)),
+            "params_in_sync": len(set(digests)) == 1, "params_sha256": digests[0],
+            "preempted": preempted,
+        }
+        if meter.total_sent:
+            summary["comm/ratio"] = meter.total_raw / meter.total_sent
+        if not summary["params_in_sync"]:
+            log.error("parameters differ across ranks at the end of the run: %s", digests)
+        sent, raw = meter.total_sent, meter.total_raw
+        metric = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
+        log.info("done: %d steps in %.1f s | %s | sent %s/rank (fp32 all-reduce: %s, saved %s, "
+                 "%.1fx) | params identical on all ranks: %s", self.step, wall_s, metric,
+                 _fmt_bytes(sent), _fmt_bytes(raw), _fmt_bytes(raw - sent),
+                 raw / sent if sent else 1.0, summary["params_in_sync"])
+        return summary
+
+
+def _write_atomic(path: str, text: str) -> None:
+    with open(path + ".partial", "w") as f:
+        f.write(text)
+    os.replace(path + ".partial", path)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+    def set_postfix_str(self, s: str) -> None: ...
+
+
+def _progress(is_main: bool, start: int, total: int) -> Any:
+    """A tqdm bar on rank 0 when attached to a terminal; plain log lines otherwise."""
+    if is_main and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
+    return _NoBar()
+
+
+def _report(bar: Any, step: int, total: int, m: dict[str, float], comm: dict[str, float]) -> None:
+    line = (f"loss {m['train/loss']:.4f} acc {m['train/acc']:.3f} | step {m['time/step_ms']:.1f} ms"
+            f" (data {m['time/data_ms']:.1f}, fwd {m['time/forward_ms']:.1f}, bwd+comm "
+            f"{m['time/backward_ms']:.1f}, opt {m['time/optim_ms']:.1f}) | sent "
+            f"{_fmt_bytes(comm['comm/bytes_sent'])}/rank")
+    if isinstance(bar, _NoBar):
+        log.info("step %d/%d %s", step, total, line)
+    else:
+        bar.set_postfix_str(line)
+
+
+def train(cfg: TrainConfig, run_dir: str) -> TrainResult:
+    """Run one training job in this process (one rank); tears the process group down."""
+    os.makedirs(run_dir, exist_ok=True)
+    try:
+        return Trainer(cfg, run_dir).fit()
+    finally:
+        distributed.teardown()

@@ -1,0 +1,39 @@
+"""Print a results table for dqt runs and write loss plots.
+
+    python launch/report.py RUN_DIR [RUN_DIR ...] [--out DIR]
+
+Writes DIR/results.md, DIR/loss_vs_step.png and DIR/loss_vs_bytes.png (DIR defaults to
+``reports``).
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dqt.train.report import load_run, plot, results_table  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    ap.add_argument("--out", default="reports", help="output directory (default: reports)")
+    args = ap.parse_args(argv)
+    try:
+        runs = [load_run(p) for p in args.runs]
+    except FileNotFoundError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    table = results_table(runs)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    for p in plot(runs, args.out):
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
