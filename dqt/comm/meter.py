@@ -12,18 +12,15 @@ standard bandwidth-optimal algorithm for that collective (what gloo and NCCL run
 so ``comm/ratio = bytes_raw / bytes_sent``. With one rank nothing crosses a wire: both are 0.
 ``comm/payload_bytes`` is the plain sum of input tensor sizes handed to collectives.
 
-PyTorch's own hooks call ``torch.distributed.all_reduce`` internally; :func:`counting` wraps
-that function (once, transparently) so their traffic is counted the same way as dqt's own.
+PyTorch's own hooks call ``torch.distributed.all_reduce`` internally; :func:`count_all_reduces`
+wraps that function (once, transparently) so their traffic is counted like dqt's own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
-import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -89,7 +86,7 @@ class CommMeter:
         return out
 
 
-_state = threading.local()
+_meters: dict[Any, CommMeter] = {}
 
 
 def _install_all_reduce_counter() -> None:
@@ -99,9 +96,9 @@ def _install_all_reduce_counter() -> None:
 
     @functools.wraps(original)
     def all_reduce(tensor, *args, **kwargs):
-        meter = getattr(_state, "meter", None)
+        group = kwargs.get("group", args[1] if len(args) > 1 else None)
+        meter = _meters.get(group) if group is not None else None
         if meter is not None:
-            group = kwargs.get("group", args[1] if len(args) > 1 else None)
             meter.record("all_reduce", tensor, dist.get_world_size(group))
         return original(tensor, *args, **kwargs)
 
@@ -109,15 +106,9 @@ def _install_all_reduce_counter() -> None:
     dist.all_reduce = all_reduce
 
 
-@contextlib.contextmanager
-def counting(meter: CommMeter) -> Iterator[CommMeter]:
-    """Within the block, every ``torch.distributed.all_reduce`` on this thread is recorded."""
+def count_all_reduces(group: dist.ProcessGroup, meter: CommMeter) -> None:
+    """Record every ``torch.distributed.all_reduce`` issued on ``group`` — from any thread,
+    including the ``Future.then`` callbacks of PowerSGD — into ``meter``. Give each scheme a
+    group of its own (``dist.new_group()``) so the trainer's own collectives are not counted."""
     _install_all_reduce_counter()
-    previous = getattr(_state, "meter", None)
-    _state.meter = meter
-    start = time.perf_counter()
-    try:
-        yield meter
-    finally:
-        meter.hook_s += time.perf_counter() - start
-        _state.meter = previous
+    _meters[group] = meter

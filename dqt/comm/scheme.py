@@ -23,7 +23,9 @@ class Scheme:
     name = "base"
 
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
-        self.process_group = process_group
+        # A communicator of its own: the scheme's traffic is separable (and countable) from
+        # the trainer's, and its collectives never interleave with the trainer's.
+        self.process_group = process_group if process_group is not None else dist.new_group()
         self.meter = CommMeter()
 
     @property

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -16,36 +17,53 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
-from dqt.comm.meter import counting
+from dqt.comm.meter import count_all_reduces
 from dqt.comm.scheme import SCHEMES, Scheme
 
 
 class TorchHookScheme(Scheme):
-    """Wraps a stock hook: records the raw fp32 equivalent, counts its all-reduces."""
+    """Wraps a stock hook: records the raw fp32 equivalent; its all-reduces on the scheme's
+    own group are counted wherever they are issued from."""
+
+    serialize_on_gloo = False
 
     def __init__(self, name: str, hook: Any, process_group: dist.ProcessGroup | None) -> None:
         super().__init__(process_group)
         self.name = name
         self.hook = hook
+        count_all_reduces(self.process_group, self.meter)
+        self.serialize = (self.serialize_on_gloo
+                          and dist.get_backend(self.process_group) == "gloo")
 
     def hook_state(self) -> Any:
         return self.process_group
 
     def attach(self, model: DistributedDataParallel) -> None:
         def counted(state, bucket):  # unannotated: DDP checks annotations by identity
-            buf = bucket.buffer()
-            self.meter.record_raw(buf.numel(), self.world_size)
-            with counting(self.meter):
-                return self.hook(state, bucket)
+            start = time.perf_counter()
+            self.meter.record_raw(bucket.buffer().numel(), self.world_size)
+            fut = self.hook(state, bucket)
+            if self.serialize:
+                fut.wait()
+            self.meter.hook_s += time.perf_counter() - start
+            return fut
 
         model.register_comm_hook(self.hook_state(), counted)
 
 
 class PowerSGDScheme(TorchHookScheme):
+    """PyTorch's PowerSGD issues its second all-reduce from a ``Future.then`` callback. On gloo
+    those callbacks run on gloo's threads, so with several buckets in flight two ranks can issue
+    the collectives in different orders and deadlock (PyTorch skips its own PowerSGD parity
+    test on gloo, pytorch#58467). On gloo dqt therefore completes each bucket before DDP
+    launches the next (correct, without communication/computation overlap)."""
+
+    serialize_on_gloo = True
+
     def __init__(self, cfg: Any, process_group: dist.ProcessGroup | None) -> None:
         super().__init__("powersgd", powerSGD_hook.powerSGD_hook, process_group)
         self.state = powerSGD_hook.PowerSGDState(
-            process_group=process_group,
+            process_group=self.process_group,
             matrix_approximation_rank=cfg.matrix_approximation_rank,
             start_powerSGD_iter=cfg.start_powerSGD_iter,
             min_compression_rate=cfg.min_compression_rate,

@@ -85,6 +85,10 @@ class Checkpointer:
             meta = json.load(f)
         return Checkpoint(os.path.join(self.root, best[1]), meta["step"], meta["world_size"])
 
+    def latest_step(self) -> int | None:
+        ckpt = self.latest()
+        return None if ckpt is None else ckpt.step
+
     def check_world_size(self, ckpt: Checkpoint) -> bool:
         """True if per-rank state can be restored; raises if the change is not allowed."""
         if ckpt.world_size == self.world_size:

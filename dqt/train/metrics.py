@@ -15,6 +15,7 @@ import netrc
 import os
 import time
 import urllib.parse
+import uuid
 from typing import Any
 
 from dqt.config import ConfigError, LoggerConfig
@@ -85,7 +86,7 @@ class MetricLogger:
             with open(id_file) as f:
                 run_id = f.read().strip()
         else:
-            run_id = wandb.util.generate_id()
+            run_id = uuid.uuid4().hex[:12]
             with open(id_file, "w") as f:
                 f.write(run_id)
         run = wandb.init(project=cfg.project, entity=cfg.entity, group=cfg.group,

@@ -161,7 +161,8 @@ class Trainer:
         shared = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                   "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                   "step": self.step}
-        per_rank = {"rng": rng_state(), "scheme": self.scheme.state_dict()}
+        per_rank = {"rng": rng_state(), "scheme": self.scheme.state_dict(),
+                    "params_sha256": params_digest(self.model.module)}  # this rank's own copy
         path = self.checkpointer.save(self.step, shared, per_rank)
         log.info("checkpoint step %d → %s", self.step, path)
         return path
@@ -273,7 +274,10 @@ class Trainer:
                 preempted = True
                 break
         bar.close()
-        self.save()
+        if not last_eval:  # resumed a finished run: nothing trained, still report the metric
+            last_eval = self.evaluate()
+        if self.checkpointer.latest_step() != self.step:
+            self.save()
         summary = self._summary(last_eval, step_ms, time.perf_counter() - start, preempted)
         self.logger.log(self.step, "summary", summary)
         self.logger.close()
@@ -303,10 +307,11 @@ class Trainer:
             log.error("parameters differ across ranks at the end of the run: %s", digests)
         sent, raw = meter.total_sent, meter.total_raw
         metric = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-        log.info("done: %d steps in %.1f s | %s | sent %s/rank (fp32 all-reduce: %s, saved %s, "
-                 "%.1fx) | params identical on all ranks: %s", self.step, wall_s, metric,
-                 _fmt_bytes(sent), _fmt_bytes(raw), _fmt_bytes(raw - sent),
-                 raw / sent if sent else 1.0, summary["params_in_sync"])
+        wire = (f"sent {_fmt_bytes(sent)}/rank (fp32 all-reduce: {_fmt_bytes(raw)}, saved "
+                f"{_fmt_bytes(raw - sent)}, {raw / sent:.1f}x)" if sent else
+                "nothing crossed a wire (one rank)")
+        log.info("done: %d steps in %.1f s | %s | %s | params identical on all ranks: %s",
+                 self.step, wall_s, metric, wire, summary["params_in_sync"])
         return summary
 
 

@@ -1,0 +1,77 @@
+"""Shared helpers: run the real CLI (python or torchrun) in a subprocess, compose configs with
+Hydra's compose API, read metrics and checkpoints of a run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+TRAIN = str(REPO / "launch" / "train.py")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment minus anything a launcher would inject."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_",
+                                "TORCHELASTIC", "DQT_RUN_DIR", "WANDB_"))}
+    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": "1"})
+    env.update(extra)
+    return env
+
+
+def train_cmd(*overrides: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, TRAIN, *overrides]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", TRAIN, *overrides]
+
+
+def run_train(*overrides: str, nproc: int = 1, cwd: Path | None = None, timeout: int = 300,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(*overrides, nproc=nproc), cwd=cwd or REPO,
+                          env=env or clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    return [r for r in read_metrics(run_dir) if r["kind"] == "summary"][-1]
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    return sorted(root.glob("step_*")) if root.exists() else []
+
+
+@pytest.fixture
+def compose():
+    """compose(*overrides) -> DictConfig, through Hydra's compose API on conf/."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dqt.config import register_configs
+    from dqt.train.run_dir import register_resolvers
+
+    register_configs()
+    register_resolvers()
+
+    def _compose(*overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return hydra_compose("train", overrides=list(overrides))
+
+    yield _compose
+    GlobalHydra.instance().clear()

@@ -1,0 +1,173 @@
+"""Config groups composed with Hydra's compose API (every option, every experiment), the
+scheme registry against conf/scheme/, and every bad-input case with its exact message."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from conftest import CONF, run_train
+from dqt.comm.scheme import SCHEMES, build_scheme  # noqa: F401
+from dqt.config import ConfigError, TrainConfig, to_typed
+import dqt.comm.torch_hooks  # noqa: F401  (registers the baselines)
+
+GROUPS = ["model", "data", "optim", "qat", "precision", "logger", "backend"]
+PAIRED = {"model=gpt": ["data=text"], "data=text": ["model=gpt"]}
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GROUPS for o in _options(g)])
+def test_every_group_option_composes_and_validates(compose, override):
+    cfg = to_typed(compose(override, *PAIRED.get(override, [])))
+    assert isinstance(cfg, TrainConfig)
+    group, option = override.split("=")
+    assert getattr(cfg, group).name  # every option names itself
+    if group in ("precision", "backend", "logger"):
+        assert getattr(cfg, group).name == option
+
+
+@pytest.mark.parametrize("scheme", _options("scheme"))
+def test_every_scheme_composes_with_plus_and_is_registered(compose, scheme):
+    cfg = to_typed(compose(f"+scheme={scheme}"))
+    assert cfg.scheme.name == scheme
+    assert scheme in SCHEMES, f"conf/scheme/{scheme}.yaml has no registered builder"
+
+
+@pytest.mark.parametrize("name", SCHEMES.names())
+def test_every_registered_scheme_has_a_config_file(name):
+    if name == "allreduce":  # the default when no +scheme is given
+        assert not (CONF / "scheme" / "allreduce.yaml").exists()
+        return
+    assert (CONF / "scheme" / f"{name}.yaml").exists(), f"scheme '{name}' has no conf/scheme file"
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(compose, experiment):
+    cfg = to_typed(compose(f"experiment={experiment}"))
+    assert cfg.steps > 0
+
+
+def test_experiment_overrides_primary_config(compose):
+    cfg = to_typed(compose("experiment=mlp20m_synthetic"))
+    assert cfg.steps == 50 and cfg.model.widths == [3072, 3072, 3072]
+    assert cfg.data.name == "synthetic"
+
+
+def test_no_scheme_means_plain_allreduce(compose):
+    cfg = to_typed(compose())
+    assert cfg.scheme is None
+
+
+def test_run_dir_from_env_shared_by_all_ranks(compose, monkeypatch, tmp_path):
+    from dqt.train import run_dir
+
+    run_dir.run_dir.cache_clear()
+    monkeypatch.setenv("DQT_RUN_DIR", str(tmp_path / "shared"))
+    try:
+        from hydra import compose as hc, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hc("train", return_hydra_config=True)
+        assert OmegaConf.select(cfg, "hydra.run.dir") == str(tmp_path / "shared")
+    finally:
+        run_dir.run_dir.cache_clear()
+
+
+BAD_VALUES = [
+    (["optim.lr=-1"], "optim.lr: must be > 0; got -1.0"),
+    (["steps=0"], "steps: must be > 0; got 0"),
+    (["grad_accum=0"], "grad_accum: must be > 0; got 0"),
+    (["data.batch_size=0"], "data.batch_size: must be > 0; got 0"),
+    (["model.widths=[]"], "model.widths: must be a non-empty list of positive ints; got []"),
+    (["optim.schedule=exp"], "optim.schedule: must be one of constant, cosine, linear; got 'exp'"),
+    (["logger=wandb", "logger.mode=sometimes"],
+     "logger.mode: must be one of online, offline, disabled; got 'sometimes'"),
+    (["+scheme=powersgd", "scheme.matrix_approximation_rank=0"],
+     "scheme.matrix_approximation_rank: must be >= 1; got 0"),
+    (["model=gpt"], "data: model=gpt trains on data=text"),
+    (["data=text"], "model: model=gpt trains on data=text"),
+    (["model=resnet20", "model.depth=21"], "model.depth: must be 6n+2"),
+    (["checkpoint.keep=0"], "checkpoint.keep: must be >= 1; got 0"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_VALUES, ids=[b[0][-1] for b in BAD_VALUES])
+def test_bad_values_name_the_key(compose, overrides, message):
+    with pytest.raises(ConfigError) as e:
+        to_typed(compose(*overrides))
+    assert message in str(e.value)
+
+
+def test_typo_key_is_rejected_by_hydra_naming_the_key(compose):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("stepz=3")
+    assert "Key 'stepz' not in 'TrainConfig'" in str(e.value.__cause__)
+
+
+def test_typo_key_inside_a_group_is_rejected(compose):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("optim.lrr=0.1")
+    assert "Key 'lrr' not in 'OptimConfig'" in str(e.value.__cause__)
+
+
+def test_wrong_type_is_rejected(compose):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("steps=abc")
+    assert "could not be converted to Integer" in str(e.value.__cause__)
+
+
+def test_unknown_option_lists_the_available_ones(compose):
+    with pytest.raises(MissingConfigException) as e:
+        compose("+scheme=nope")
+    assert "Could not find 'scheme/nope'" in str(e.value)
+    assert "powersgd" in str(e.value)
+
+
+def test_scheme_without_plus_explains_the_plus(compose):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("scheme=fp16")
+    assert "+scheme=fp16" in str(e.value)
+
+
+# ---------------------------------------------------------------- the real CLI, end to end
+def test_cli_bad_value_one_message_exit_2_nothing_written(tmp_path):
+    p = run_train("optim.lr=-1", f"hydra.run.dir={tmp_path}/run")
+    assert p.returncode == 2, p.stderr
+    assert "dqt: config error: optim.lr: must be > 0; got -1.0" in p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_typo_key(tmp_path):
+    p = run_train("stepz=3", f"hydra.run.dir={tmp_path}/run")
+    assert p.returncode != 0
+    assert "Key 'stepz' not in 'TrainConfig'" in p.stderr
+
+
+def test_cli_unknown_scheme_lists_options(tmp_path):
+    p = run_train("+scheme=nope", f"hydra.run.dir={tmp_path}/run")
+    assert p.returncode != 0
+    assert "Could not find 'scheme/nope'" in p.stderr and "powersgd" in p.stderr
+
+
+def test_cli_missing_data_root_says_where_to_put_files(tmp_path):
+    p = run_train("data=cifar10", "model=cnn", f"data.root={tmp_path}/nowhere",
+                  f"hydra.run.dir={tmp_path}/run")
+    assert p.returncode == 2, p.stderr
+    assert "dqt: config error: data.root:" in p.stderr and "data_batch_1" in p.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_help_lists_groups_and_examples():
+    p = run_train("--help")
+    assert p.returncode == 0
+    for text in ("scheme: bf16, fp16, powersgd", "model: cnn, gpt, mlp, mlp_20m, resnet20",
+                 "data: cifar10, digits, mnist, synthetic, text", "torchrun --nproc_per_node"):
+        assert text in p.stdout
