@@ -55,7 +55,7 @@ def _fmt(v: Any, spec: str) -> str:
 def results_table(runs: list[Run]) -> str:
     head = ("| run | model | data | scheme | qat | ranks | steps | eval acc | eval loss "
             "| bytes/step/rank | ratio | step ms |")
-    lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
         s, c = r.summary, r.config
         scheme = (c.get("scheme") or {}).get("name", "allreduce") if c else s.get("scheme", "?")
