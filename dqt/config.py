@@ -310,6 +310,61 @@ class PowerSGDSchemeConfig(SchemeConfig):
               f"must be >= 0; got {self.min_compression_rate}")
 
 
+@dataclass
+class CompressedSchemeConfig(SchemeConfig):
+    """dqt's compressed all-reduce (``dqt.comm``): onebit, signsgd, ef_signsgd, ternary_grad, qsgd.
+
+    ``block_size``: values per scale (null = the compressor's default; 0 = one scale per chunk);
+    ``error_feedback``: worker + server residuals (biased schemes); ``warmup_steps``: steps of
+    plain fp32 all-reduce first; ``min_bucket_numel``: smaller buckets go uncompressed;
+    ``collective``: two_phase (all_to_all + all_gather) or allgather; ``seed``: stochastic rounding.
+    """
+
+    block_size: Optional[int] = None
+    error_feedback: bool = False
+    warmup_steps: int = 0
+    min_bucket_numel: int = 1024
+    collective: str = "two_phase"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check(self.block_size is None or self.block_size >= 0, "scheme.block_size",
+              f"must be >= 0 (0 = one scale per chunk); got {self.block_size}")
+        check(self.warmup_steps >= 0, "scheme.warmup_steps", f"must be >= 0; got {self.warmup_steps}")
+        check(self.min_bucket_numel >= 0, "scheme.min_bucket_numel",
+              f"must be >= 0; got {self.min_bucket_numel}")
+        _choice(self.collective, ("two_phase", "allgather"), "scheme.collective")
+        check(not (self.name == "signsgd" and self.error_feedback), "scheme.error_feedback",
+              "signsgd is plain majority-vote signSGD; use scheme=ef_signsgd for error feedback")
+
+
+@dataclass
+class TernaryGradConfig(CompressedSchemeConfig):
+    """TernGrad: ``format`` 2bit (4 values/byte) or base3 (5 values/byte, 1.6 bits);
+    ``clip_sigma`` > 0 clips at ±clip_sigma·σ before ternarizing (the paper uses 2.5)."""
+
+    name: str = "ternary_grad"
+    format: str = "2bit"
+    clip_sigma: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _choice(self.format, ("2bit", "base3"), "scheme.format")
+        check(self.clip_sigma >= 0, "scheme.clip_sigma", f"must be >= 0 (0 = off); got {self.clip_sigma}")
+
+
+@dataclass
+class QSGDConfig(CompressedSchemeConfig):
+    """QSGD: ``bits`` per value (sign + bits−1 for the level), 2..8."""
+
+    name: str = "qsgd"
+    bits: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(2 <= self.bits <= 8, "scheme.bits", f"must be in [2, 8]; got {self.bits}")
+
+
 # --------------------------------------------------------------------------- checkpoint
 @dataclass
 class CheckpointConfig:
@@ -365,7 +420,9 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "precision": {"precision": PrecisionConfig},
     "logger": {"logger": LoggerConfig},
     "backend": {"backend": BackendConfig},
-    "scheme": {"torch_cast": TorchCastSchemeConfig, "powersgd": PowerSGDSchemeConfig},
+    "scheme": {"torch_cast": TorchCastSchemeConfig, "powersgd": PowerSGDSchemeConfig,
+               "compressed": CompressedSchemeConfig, "ternary_grad": TernaryGradConfig,
+               "qsgd": QSGDConfig},
 }
 
 

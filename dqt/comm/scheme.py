@@ -35,6 +35,9 @@ class Scheme:
     def attach(self, model: DistributedDataParallel) -> None:
         raise NotImplementedError
 
+    def set_grad_scale(self, scale: float) -> None:
+        """The loss scale of the coming backward (GradScaler); schemes with state use it."""
+
     def stats(self) -> dict[str, float]:
         """Communication figures since the last call (bytes, ratio, times)."""
         return self.meter.pop()
@@ -52,6 +55,7 @@ SCHEMES: Registry[SchemeBuilder] = Registry("scheme.name")
 
 def build_scheme(cfg: Any, process_group: dist.ProcessGroup | None = None) -> Scheme:
     """``cfg`` is a SchemeConfig, or None for plain (counted) DDP all-reduce."""
+    import dqt.comm.compressed_scheme  # noqa: F401  (registers dqt's schemes)
     import dqt.comm.torch_hooks  # noqa: F401  (registers the baselines)
 
     name = "allreduce" if cfg is None else cfg.name

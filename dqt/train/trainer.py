@@ -186,6 +186,9 @@ class Trainer:
             x, y = (b.to(self.device, non_blocking=True) for b in next(batches))
             t1 = time.perf_counter()
             sync = micro == cfg.grad_accum - 1
+            if sync:
+                self.scheme.set_grad_scale(self.scaler.get_scale() if self.scaler.is_enabled()
+                                           else 1.0)
             with (self.model.no_sync() if not sync else _nullcontext()):
                 loss, correct = self._loss(x, y)
                 t2 = time.perf_counter()

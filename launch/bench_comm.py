@@ -1,0 +1,182 @@
+"""Communication benchmark: bytes on the wire and compress/decompress throughput per scheme.
+
+    python launch/bench_comm.py                       # 1M..64M-element buckets, all schemes
+    python launch/bench_comm.py --sizes 1M 16M --no-fused
+
+Part 1 — bytes sent per rank per step, *counted by the hooks* on a real 2-rank gloo group
+(a DDP model holding one bucket of the given size): fp32 all-reduce (DDP's default), PyTorch's
+bf16 and PowerSGD (rank 1 and 4) hooks, and every dqt scheme.
+
+Part 2 — throughput in GB/s of fp32 gradient on this machine, one process:
+  compress   = worker side of phase 1: v = g + e, quantize + pack every chunk, new residual
+  decompress = owner side: decode N peer messages and sum, plus the final decode of N chunks
+for the eager reference and the fused CPU path (dqt.kernels.cpu_fused). Not a test: numbers
+depend on the machine; compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from dqt.comm.compressors import build_compressor  # noqa: E402
+
+VARIANTS = {  # label -> (scheme name, compressor options)
+    "onebit": ("onebit", {}),
+    "signsgd": ("signsgd", {}),
+    "ef_signsgd": ("ef_signsgd", {}),
+    "ternary_grad (2bit)": ("ternary_grad", {"format": "2bit"}),
+    "ternary_grad (base3)": ("ternary_grad", {"format": "base3"}),
+    "qsgd bits=2": ("qsgd", {"bits": 2}),
+    "qsgd bits=4": ("qsgd", {"bits": 4}),
+    "qsgd bits=8": ("qsgd", {"bits": 8}),
+}
+
+
+def _size(s: str) -> int:
+    s = s.upper()
+    mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1], 1)
+    return int(s.rstrip("KM")) * mult
+
+
+# ------------------------------------------------------------------ part 1: bytes via hooks
+def _scheme_configs():
+    from dqt.config import (CompressedSchemeConfig, PowerSGDSchemeConfig, QSGDConfig,
+                            TernaryGradConfig, TorchCastSchemeConfig)
+
+    cfgs = {"fp32 all-reduce": None, "bf16 (torch hook)": TorchCastSchemeConfig(name="bf16"),
+            "powersgd rank 1": PowerSGDSchemeConfig(matrix_approximation_rank=1,
+                                                    start_powerSGD_iter=2),
+            "powersgd rank 4": PowerSGDSchemeConfig(matrix_approximation_rank=4,
+                                                    start_powerSGD_iter=2)}
+    for label, (name, opts) in VARIANTS.items():
+        if name == "ternary_grad":
+            cfgs[label] = TernaryGradConfig(**opts)
+        elif name == "qsgd":
+            cfgs[label] = QSGDConfig(**opts)
+        else:
+            cfgs[label] = CompressedSchemeConfig(name=name,
+                                                 error_feedback=name != "signsgd")
+    return cfgs
+
+
+def _bytes_worker(rank: int, world: int, store: str, n: int, out: str) -> None:
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from dqt.comm import build_scheme
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    k = int(n ** 0.5)
+    rows = {}
+    for label, cfg in _scheme_configs().items():
+        torch.manual_seed(0)
+        model = DDP(nn.Linear(k, k, bias=False), bucket_cap_mb=4 * n / 2**20 + 1)
+        scheme = build_scheme(cfg)
+        scheme.attach(model)
+        for _ in range(3):  # PowerSGD compresses from its 3rd step (start_powerSGD_iter=2)
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(4, k)).sum().backward()
+            stats = scheme.stats()
+        rows[label] = stats["comm/bytes_sent"]
+        del model, scheme
+    if rank == 0:
+        torch.save({"numel": k * k, "rows": rows}, out)
+    dist.destroy_process_group()
+
+
+def bytes_table(n: int, world: int = 2) -> tuple[int, dict[str, int]]:
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "bytes.pt")
+        mp.spawn(_bytes_worker, args=(world, os.path.join(d, "store"), n, out), nprocs=world)
+        res = torch.load(out)
+    return res["numel"], res["rows"]
+
+
+# ------------------------------------------------------------------ part 2: throughput
+def _time(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def throughput(label: str, n: int, world: int, fused: bool, reps: int) -> tuple[float, float]:
+    name, opts = VARIANTS[label]
+    comp = build_compressor(name, **opts)
+    if fused:
+        from dqt.kernels.cpu_fused import fuse
+
+        comp = fuse(comp)
+    c = n // world
+    g = torch.randn(n)
+    e = torch.randn(n) * 1e-3
+
+    def compress() -> None:
+        v = g + e
+        for i in range(world):
+            x = v[i * c:(i + 1) * c]
+            if comp.biased:
+                _, d = comp.encode_decode(x, seed=i)
+                e[i * c:(i + 1) * c] = x - d
+            else:
+                comp.encode(x, seed=i)
+
+    msgs = [comp.encode(g[i * c:(i + 1) * c], seed=i) for i in range(world)]
+
+    def decompress() -> None:
+        torch.stack([comp.decode(m, c) for m in msgs]).sum(0)  # owner: N peers' chunks
+        torch.cat([comp.decode(m, c) for m in msgs])  # final phase: N owned chunks
+
+    gb = 4 * n / 1e9
+    return gb / _time(compress, reps), gb / _time(decompress, reps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", default=["1M", "4M", "16M", "64M"])
+    ap.add_argument("--bytes-size", default="16M", help="bucket size for the bytes table")
+    ap.add_argument("--world", type=int, default=2, help="ranks (bytes) / chunks (throughput)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-fused", action="store_true", help="skip the fused CPU path")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    numel, rows = bytes_table(_size(args.bytes_size), args.world)
+    base = rows["fp32 all-reduce"]
+    print(f"## bytes sent per rank per step: one {numel:,}-element fp32 bucket, "
+          f"{args.world} ranks (counted by the hooks)\n")
+    print("| scheme | bytes/rank/step | vs fp32 all-reduce | vs bf16 |")
+    print("|---|---|---|---|")
+    for label, b in rows.items():
+        print(f"| {label} | {b:,} | {base / b:.1f}x fewer | {rows['bf16 (torch hook)'] / b:.1f}x fewer |")
+
+    modes = ["eager"] + ([] if args.no_fused else ["fused"])
+    print(f"\n## throughput, GB/s of fp32 gradient ({args.threads} threads, {args.world} chunks)\n")
+    print("| scheme | elements | " + " | ".join(f"{m} compress | {m} decompress" for m in modes) + " |")
+    print("|---|---|" + "---|---|" * len(modes))
+    for label in VARIANTS:
+        for s in args.sizes:
+            n = _size(s)
+            cells = []
+            for m in modes:
+                comp_gbs, dec_gbs = throughput(label, n, args.world, m == "fused", args.reps)
+                cells += [f"{comp_gbs:.2f}", f"{dec_gbs:.2f}"]
+            print(f"| {label} | {s} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
