@@ -9,6 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 NPROC  ?= 2
 ARGS   ?=
+SCHEME ?= +scheme=ternary_grad
 
 .PHONY: install install-dev train test clean
 
@@ -27,7 +28,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 train: install
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py $(SCHEME) $(ARGS)
 
 test: install-dev
 	$(PY) -m pytest -q $(ARGS)

@@ -317,7 +317,8 @@ class CompressedSchemeConfig(SchemeConfig):
     ``block_size``: values per scale (null = the compressor's default; 0 = one scale per chunk);
     ``error_feedback``: worker + server residuals (biased schemes); ``warmup_steps``: steps of
     plain fp32 all-reduce first; ``min_bucket_numel``: smaller buckets go uncompressed;
-    ``collective``: two_phase (all_to_all + all_gather) or allgather; ``seed``: stochastic rounding.
+    ``collective``: two_phase (all_to_all + all_gather) or allgather; ``seed``: stochastic rounding;
+    ``fused_min_numel``: buckets of at least this many values use the compiled CPU path.
     """
 
     block_size: Optional[int] = None
@@ -326,6 +327,8 @@ class CompressedSchemeConfig(SchemeConfig):
     min_bucket_numel: int = 1024
     collective: str = "two_phase"
     seed: int = 0
+    fused_min_numel: int = 1_000_000  # buckets this large use the compiled (fused) CPU path; -1 = never
+    scale_dtype: Optional[str] = None  # onebit/ef_signsgd: fp32 or bf16 scales (null = default)
 
     def __post_init__(self) -> None:
         check(self.block_size is None or self.block_size >= 0, "scheme.block_size",
@@ -334,6 +337,12 @@ class CompressedSchemeConfig(SchemeConfig):
         check(self.min_bucket_numel >= 0, "scheme.min_bucket_numel",
               f"must be >= 0; got {self.min_bucket_numel}")
         _choice(self.collective, ("two_phase", "allgather"), "scheme.collective")
+        check(self.scale_dtype in (None, "fp32", "bf16"), "scheme.scale_dtype",
+              f"must be fp32 or bf16; got {self.scale_dtype}")
+        check(self.scale_dtype is None or self.name in ("onebit", "ef_signsgd"),
+              "scheme.scale_dtype", f"only onebit and ef_signsgd take it, not {self.name}")
+        check(self.fused_min_numel >= -1, "scheme.fused_min_numel",
+              f"must be >= 0, or -1 for never; got {self.fused_min_numel}")
         check(not (self.name == "signsgd" and self.error_feedback), "scheme.error_feedback",
               "signsgd is plain majority-vote signSGD; use scheme=ef_signsgd for error feedback")
 

@@ -117,7 +117,7 @@ def throughput(label: str, n: int, world: int, fused: bool, reps: int) -> tuple[
     name, opts = VARIANTS[label]
     comp = build_compressor(name, **opts)
     if fused:
-        from dqt.kernels.cpu_fused import fuse
+        from dqt.comm.fused import fuse
 
         comp = fuse(comp)
     c = n // world

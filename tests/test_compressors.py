@@ -66,9 +66,10 @@ F_4 = [0x00, 0x00, 0x80, 0x40]
 F_5 = [0x00, 0x00, 0xA0, 0x40]
 
 GOLDEN: dict[str, tuple[dict[str, Any], list[int], list[float]]] = {
-    # a = mean|x| per block: 7/4, 9/4, 3.5/2 (the partial block averages its 2 real values);
+    # a = mean|x| per block: 7/4, 9/4, 3.5/2 (the partial block averages its 2 real values),
+    # sent as bf16 (onebit's default): 1.75 = 0x3FE0, 2.25 = 0x4010, little-endian;
     # bits x >= 0 (-0.0 >= 0): 1,0,1,1, 1,0,0,1 | 0,1 -> 0x9D, 0x02
-    "onebit": ({"block_size": 4}, F_1_75 + F_2_25 + F_1_75 + [0x9D, 0x02],
+    "onebit": ({"block_size": 4}, [0xE0, 0x3F, 0x10, 0x40, 0xE0, 0x3F, 0x9D, 0x02],
                [1.75, -1.75, 1.75, 1.75, 2.25, -2.25, -2.25, 2.25, -1.75, 1.75]),
     # one block: ||x||_1 / d = 19.5 / 10
     "ef_signsgd": ({}, F_1_95 + [0x9D, 0x02], [v * 1.95 for v in [1, -1, 1, 1, 1, -1, -1, 1, -1, 1]]),
@@ -152,7 +153,8 @@ def test_wire_nbytes_and_round_trip(vid, block_size):
 
 def test_wire_nbytes_formulas():
     n = 1000
-    assert build_compressor("onebit", block_size=64).wire_nbytes(n) == 4 * 16 + 125
+    assert build_compressor("onebit", block_size=64).wire_nbytes(n) == 2 * 16 + 125  # bf16
+    assert build_compressor("onebit", block_size=64, scale_dtype="fp32").wire_nbytes(n) == 4 * 16 + 125
     assert build_compressor("ef_signsgd").wire_nbytes(n) == 4 + 125
     assert build_compressor("signsgd").wire_nbytes(n) == 125
     assert build_compressor("ternary_grad", block_size=64).wire_nbytes(n) == 64 + 250
@@ -179,7 +181,9 @@ def test_sign_schemes_decode_is_the_formula(vid, block_size):
     expected = torch.empty(n)
     for start in range(0, n, bs):  # the reference, one block at a time
         blk = x[start:start + bs]
-        expected[start:start + bs] = blk.abs().sum() / blk.numel() * sign[start:start + bs]
+        scale = (blk.abs().sum(dtype=torch.float64) / blk.numel()).float()  # fp64 accumulation
+        scale = scale.to(comp.scale_dtype).float()  # as sent (bf16 for onebit)
+        expected[start:start + bs] = scale * sign[start:start + bs]
     assert torch.equal(out, expected)
 
 
@@ -329,7 +333,9 @@ def test_options_validated():
 
 
 def test_defaults():
-    assert build_compressor("onebit").block_size == 2048
+    assert build_compressor("onebit").block_size == 256
+    assert build_compressor("onebit").scale_dtype == torch.bfloat16
+    assert build_compressor("onebit").wire_nbytes(1 << 20) * 30 <= 4 << 20  # >= 30x vs fp32
     assert build_compressor("ef_signsgd").block_size == 0
     assert build_compressor("ternary_grad").block_size == 2048
     assert build_compressor("qsgd").block_size == 2048

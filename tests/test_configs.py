@@ -94,6 +94,15 @@ BAD_VALUES = [
     (["data=text"], "model: model=gpt trains on data=text"),
     (["model=resnet20", "model.depth=21"], "model.depth: must be 6n+2"),
     (["checkpoint.keep=0"], "checkpoint.keep: must be >= 1; got 0"),
+    (["+scheme=qsgd", "scheme.bits=0"], "scheme.bits: must be in [2, 8]; got 0"),
+    (["+scheme=qsgd", "scheme.bits=9"], "scheme.bits: must be in [2, 8]; got 9"),
+    (["+scheme=ternary_grad", "scheme.format=base4"],
+     "scheme.format: must be one of 2bit, base3; got 'base4'"),
+    (["+scheme=onebit", "scheme.collective=ring"],
+     "scheme.collective: must be one of two_phase, allgather; got 'ring'"),
+    (["+scheme=signsgd", "scheme.error_feedback=true"], "use scheme=ef_signsgd"),
+    (["+scheme=qsgd", "scheme.scale_dtype=bf16"], "scheme.scale_dtype: only onebit"),
+    (["+scheme=onebit", "scheme.block_size=-1"], "scheme.block_size: must be >= 0"),
 ]
 
 
@@ -168,6 +177,6 @@ def test_cli_missing_data_root_says_where_to_put_files(tmp_path):
 def test_cli_help_lists_groups_and_examples():
     p = run_train("--help")
     assert p.returncode == 0
-    for text in ("scheme: bf16, fp16, powersgd", "model: cnn, gpt, mlp, mlp_20m, resnet20",
+    for text in ("scheme: bf16, ef_signsgd, fp16, onebit, powersgd, qsgd, signsgd, ternary_grad", "model: cnn, gpt, mlp, mlp_20m, resnet20",
                  "data: cifar10, digits, mnist, synthetic, text", "torchrun --nproc_per_node"):
         assert text in p.stdout

@@ -225,3 +225,36 @@ def test_report_table_and_plots(two_rank_run, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "launch/report.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no metrics.jsonl" in bad.stderr
+
+
+def test_compressed_resume_restores_error_feedback_exactly(tmp_path):
+    """20 steps + resume to 40 == 40 steps: parameters and per-rank residuals, bitwise."""
+    common = ["+scheme=onebit", "scheme.block_size=256", "optim.schedule=constant",
+              "eval_every=0", "deterministic=true"]
+    for args in ([*common, "steps=40", f"hydra.run.dir={tmp_path}/full"],
+                 [*common, "steps=20", f"hydra.run.dir={tmp_path}/split"],
+                 [*common, "steps=40", f"hydra.run.dir={tmp_path}/split"]):
+        p = run_train(*args, nproc=2)
+        assert p.returncode == 0, p.stderr[-3000:]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert "resumed from step 20" in (split / "train_rank0.log").read_text()
+    assert _sha256(_final_model(full)) == _sha256(_final_model(split))
+    for r in range(2):
+        a, b = (torch.load(checkpoints(d)[-1] / f"rank{r}.pt", weights_only=False)["scheme"]
+                for d in (full, split))
+        assert a["step"] == b["step"] == 40
+        for key in ("worker_residual", "server_residual"):
+            assert a[key].abs().sum() > 0
+            assert torch.equal(a[key], b[key]), f"rank {r} {key} not restored exactly"
+
+
+def test_the_first_line_users_type(tmp_path):
+    """`torchrun --nproc_per_node=2 launch/train.py +scheme=ternary_grad` on the default data."""
+    p = run_train("+scheme=ternary_grad", f"hydra.run.dir={tmp_path}", nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = summary(tmp_path)
+    assert s["eval/acc"] >= 0.95 and s["params_in_sync"] is True
+    assert s["comm/ratio"] > 15  # 2-bit codes + one fp32 scale per 2048 values
+    done = [line for line in (tmp_path / "train_rank0.log").read_text().splitlines()
+            if "done:" in line][-1]
+    assert "eval/acc" in done and "saved" in done

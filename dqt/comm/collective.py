@@ -88,6 +88,14 @@ def _decode_all(comp: Compressor, msgs: torch.Tensor, count: int, c: int,
     return out
 
 
+def _all_gather(msg: torch.Tensor, ctx: BucketContext) -> torch.Tensor:
+    """Every rank's message, rank order, counted on the meter."""
+    gathered = torch.empty(ctx.world * msg.numel(), dtype=torch.uint8, device=msg.device)
+    dist.all_gather_into_tensor(gathered, msg, group=ctx.group)
+    ctx.meter.record("all_gather", msg, ctx.world)
+    return gathered
+
+
 def two_phase_allreduce(comp: Compressor, v: torch.Tensor, ctx: BucketContext,
                         worker_ef: bool, server_residual: torch.Tensor | None,
                         majority_vote: bool = False
@@ -121,9 +129,7 @@ def two_phase_allreduce(comp: Compressor, v: torch.Tensor, ctx: BucketContext,
     if majority_vote:
         msg = _flagged(msg, total, True)
     t3 = time.perf_counter()
-    gathered = torch.empty(N * msg.numel(), dtype=torch.uint8, device=v.device)
-    dist.all_gather_into_tensor(gathered, msg, group=ctx.group)
-    ctx.meter.record("all_gather", msg, N)
+    gathered = _all_gather(msg, ctx)
     t4 = time.perf_counter()
     out = torch.cat(_decode_all(comp, gathered, N, c, flag=majority_vote))[:n]
     t5 = time.perf_counter()
@@ -146,9 +152,7 @@ def allgather_allreduce(comp: Compressor, v: torch.Tensor, ctx: BucketContext, w
         msg, local = comp.encode(v, seed), None
     msg = _flagged(msg, v, majority_vote)
     t1 = time.perf_counter()
-    gathered = torch.empty(N * msg.numel(), dtype=torch.uint8, device=v.device)
-    dist.all_gather_into_tensor(gathered, msg, group=ctx.group)
-    ctx.meter.record("all_gather", msg, N)
+    gathered = _all_gather(msg, ctx)
     t2 = time.perf_counter()
     total = torch.stack(_decode_all(comp, gathered, N, n, flag=majority_vote)).sum(0)
     out = torch.where(total >= 0, 1.0, -1.0) if majority_vote else total / N

@@ -5,8 +5,10 @@ Per bucket and step:
 
 * warm-up (``scheme.warmup_steps``) and small buckets (< ``scheme.min_bucket_numel``) go through
   a plain fp32 all-reduce on the scheme's own group — the same decision on every rank;
-* otherwise ``v = g + S·e`` (worker error feedback, S = current loss scale), the compressed
-  all-reduce of :mod:`dqt.comm.collective`, and ``e ← (v − C(v))/S``;
+* otherwise the bucket is put into parameter order (so chunks and scale blocks do not depend
+  on DDP's bucket layout, which changes after the first iteration and across a resume),
+  ``v = g + S·e`` (worker error feedback, S = current loss scale), the compressed all-reduce
+  of :mod:`dqt.comm.collective`, ``e ← (v − C(v))/S``, and the result back in bucket order;
 * a bucket holding inf/nan on any rank is not sanitized: the non-finite values propagate to
   every rank (so GradScaler skips the step) and no residual is updated from it.
 
@@ -40,6 +42,8 @@ class CompressedScheme(Scheme):
         options: dict[str, Any] = {}
         if cfg.block_size is not None:
             options["block_size"] = cfg.block_size
+        if cfg.scale_dtype is not None:
+            options["scale_dtype"] = cfg.scale_dtype
         if cfg.name == "ternary_grad":
             options.update(format=cfg.format, clip_sigma=cfg.clip_sigma)
         if cfg.name == "qsgd":
@@ -59,6 +63,7 @@ class CompressedScheme(Scheme):
 
     def attach(self, model: DistributedDataParallel) -> None:
         params = [p for p in model.module.parameters() if p.requires_grad]
+        self.layout = FlatResidual(params, allocate=False)
         self.worker = FlatResidual(params) if self.error_feedback else None
         self.server = FlatResidual(params) if self.error_feedback and self.two_phase else None
         model.register_comm_hook(None, self._hook)
@@ -87,18 +92,19 @@ class CompressedScheme(Scheme):
         return t.to(buf.dtype)
 
     def _compressed(self, buf: torch.Tensor, bucket: dist.GradBucket) -> torch.Tensor:
-        g = buf.float()
-        idx = None
-        if self.worker is not None:
-            idx = self.worker.index(bucket.parameters())
-            v = g + self.grad_scale * self.worker.get(idx)
-        else:
-            v = g
+        params = bucket.parameters()
+        order = self.layout.canonical_order(params)  # compress in parameter order
+        g = buf.float() if order is None else buf.float().index_select(0, order)
+        idx = self.layout.index(params)
+        if order is not None:
+            idx = idx.index_select(0, order)
+        v = g if self.worker is None else g + self.grad_scale * self.worker.get(idx)
         ctx = BucketContext(self.process_group, self.rank, self.world_size, self.cfg.seed,
                             self.step, bucket.index(), self.meter)
+        comp = self._compressor_for(v)
         new_server, owned = None, None
         if not self.two_phase:
-            out, local = allgather_allreduce(self.compressor, v, ctx, self.worker is not None,
+            out, local = allgather_allreduce(comp, v, ctx, self.worker is not None,
                                              self.majority_vote)
         else:
             server_e = None
@@ -107,7 +113,7 @@ class CompressedScheme(Scheme):
                 server_e = self.server.get(owned) if owned.numel() else None
                 server_e = _pad_to(server_e, -(-v.numel() // self.world_size))
             out, local, new_server = two_phase_allreduce(
-                self.compressor, v, ctx, self.worker is not None, server_e, self.majority_vote)
+                comp, v, ctx, self.worker is not None, server_e, self.majority_vote)
         # The output is identical on every rank: if it is not finite, GradScaler skips the
         # step everywhere, so no rank may fold this bucket into its residuals.
         if bool(torch.isfinite(out).all()):
@@ -115,7 +121,18 @@ class CompressedScheme(Scheme):
                 self.server.put(owned, new_server[:owned.numel()])
             if self.worker is not None and local is not None:
                 self.worker.put(idx, (v - local) / self.grad_scale)
+        if order is not None:  # back to the bucket's own layout
+            out = torch.empty_like(out).index_copy_(0, order, out)
         return out.to(buf.dtype)
+
+    def _compressor_for(self, v: torch.Tensor) -> Any:
+        """The compiled CPU path for large buckets (same bytes as the reference)."""
+        limit = self.cfg.fused_min_numel
+        if v.device.type == "cpu" and limit >= 0 and v.numel() >= limit:
+            from dqt.comm.fused import fuse
+
+            return fuse(self.compressor)
+        return self.compressor
 
     def _owned_index(self, idx: torch.Tensor, n: int) -> torch.Tensor:
         """Flat positions of this rank's chunk of the bucket (server-side residual)."""

@@ -18,15 +18,20 @@ import torch
 
 
 class FlatResidual:
-    def __init__(self, params: list[torch.Tensor]) -> None:
+    """A flat fp32 buffer over all trainable parameters, plus the bucket → flat index maps.
+    ``allocate=False`` keeps only the index maps (schemes without error feedback use them to
+    put a bucket into canonical parameter order)."""
+
+    def __init__(self, params: list[torch.Tensor], allocate: bool = True) -> None:
         self.offsets: dict[int, tuple[int, int]] = {}
         total = 0
         for p in params:
             self.offsets[p.data_ptr()] = (total, p.numel())
             total += p.numel()
         device = params[0].device if params else torch.device("cpu")
-        self.buffer = torch.zeros(total, dtype=torch.float32, device=device)
+        self.buffer = torch.zeros(total if allocate else 0, dtype=torch.float32, device=device)
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._order_cache: dict[tuple[int, ...], torch.Tensor | None] = {}
 
     def index(self, bucket_params: list[torch.Tensor]) -> torch.Tensor:
         """Positions in the flat buffer of a bucket's elements, in bucket order (cached)."""
@@ -40,6 +45,21 @@ class FlatResidual:
             idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
             self._index_cache[key] = idx
         return idx
+
+    def canonical_order(self, bucket_params: list[torch.Tensor]) -> torch.Tensor | None:
+        """Permutation of a bucket's elements into parameter order (None if already so).
+
+        DDP orders a bucket's parameters by gradient-ready order after its first iteration,
+        and by reverse registration order before it — so a resumed process's first step sees
+        another layout than the uninterrupted run. Compressing in parameter order makes chunk
+        ownership and scale blocks independent of that (and of ``bucket_cap_mb`` ordering)."""
+        key = tuple(p.data_ptr() for p in bucket_params)
+        if key not in self._order_cache:
+            idx = self.index(bucket_params)
+            order = torch.argsort(idx)
+            identity = bool(torch.equal(order, torch.arange(idx.numel(), device=idx.device)))
+            self._order_cache[key] = None if identity else order
+        return self._order_cache[key]
 
     def get(self, idx: torch.Tensor) -> torch.Tensor:
         return self.buffer.index_select(0, idx)

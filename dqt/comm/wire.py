@@ -74,8 +74,12 @@ def _pack_fields(codes: Tensor, width: int) -> Tensor:
     n = codes.numel()
     nbytes = (n + per - 1) // per
     c = F.pad(codes & ((1 << width) - 1), (0, nbytes * per - n)).view(nbytes, per)
-    shifts = torch.arange(0, 8, width, dtype=torch.uint8, device=codes.device)
-    return (c << shifts).sum(dim=1, dtype=torch.uint8)  # disjoint bits: sum == bitwise or
+    # OR of the shifted columns, written out: a pointwise expression that torch.compile fuses
+    # into one loop (a multiply-sum reduction over the 8/width columns compiles ~3x slower)
+    out = c[:, 0]
+    for f in range(1, per):
+        out = out | (c[:, f] << (f * width))
+    return out
 
 
 def _unpack_fields(buf: Tensor, width: int, n: int) -> Tensor:
