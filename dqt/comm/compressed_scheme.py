@@ -92,12 +92,8 @@ class CompressedScheme(Scheme):
         return t.to(buf.dtype)
 
     def _compressed(self, buf: torch.Tensor, bucket: dist.GradBucket) -> torch.Tensor:
-        params = bucket.parameters()
-        order = self.layout.canonical_order(params)  # compress in parameter order
+        order, idx = self.layout.canonical(bucket.parameters())  # compress in parameter order
         g = buf.float() if order is None else buf.float().index_select(0, order)
-        idx = self.layout.index(params)
-        if order is not None:
-            idx = idx.index_select(0, order)
         v = g if self.worker is None else g + self.grad_scale * self.worker.get(idx)
         ctx = BucketContext(self.process_group, self.rank, self.world_size, self.cfg.seed,
                             self.step, bucket.index(), self.meter)

@@ -32,6 +32,7 @@ class FlatResidual:
         self.buffer = torch.zeros(total if allocate else 0, dtype=torch.float32, device=device)
         self._index_cache: dict[tuple[int, ...], torch.Tensor] = {}
         self._order_cache: dict[tuple[int, ...], torch.Tensor | None] = {}
+        self._canonical_index: dict[tuple[int, ...], torch.Tensor] = {}
 
     def index(self, bucket_params: list[torch.Tensor]) -> torch.Tensor:
         """Positions in the flat buffer of a bucket's elements, in bucket order (cached)."""
@@ -45,6 +46,17 @@ class FlatResidual:
             idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
             self._index_cache[key] = idx
         return idx
+
+    def canonical(self, bucket_params: list[torch.Tensor]
+                  ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(permutation into parameter order or None, flat positions in that order) — both
+        cached per bucket layout, so the hot path does no index arithmetic."""
+        order = self.canonical_order(bucket_params)
+        key = tuple(p.data_ptr() for p in bucket_params)
+        if key not in self._canonical_index:
+            idx = self.index(bucket_params)
+            self._canonical_index[key] = idx if order is None else idx.index_select(0, order)
+        return order, self._canonical_index[key]
 
     def canonical_order(self, bucket_params: list[torch.Tensor]) -> torch.Tensor | None:
         """Permutation of a bucket's elements into parameter order (None if already so).

@@ -70,8 +70,8 @@ class MetricLogger:
         if not os.path.exists(self.path):
             return
         with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step
-                    and json.loads(line)["kind"] != "summary"]
+            records = [(line, json.loads(line)) for line in f if line.strip()]
+        kept = [line for line, r in records if r["step"] <= step and r["kind"] != "summary"]
         tmp = self.path + ".partial"
         with open(tmp, "w") as f:
             f.writelines(kept)

@@ -8,6 +8,7 @@ its own randomness (dropout). After the run all ranks compare a hash of their pa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -189,7 +190,7 @@ class Trainer:
             if sync:
                 self.scheme.set_grad_scale(self.scaler.get_scale() if self.scaler.is_enabled()
                                            else 1.0)
-            with (self.model.no_sync() if not sync else _nullcontext()):
+            with (self.model.no_sync() if not sync else contextlib.nullcontext()):
                 loss, correct = self._loss(x, y)
                 t2 = time.perf_counter()
                 self.scaler.scale(loss / cfg.grad_accum).backward()
@@ -322,14 +323,6 @@ def _write_atomic(path: str, text: str) -> None:
     with open(path + ".partial", "w") as f:
         f.write(text)
     os.replace(path + ".partial", path)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _fmt_bytes(n: float) -> str:
