@@ -314,11 +314,12 @@ class PowerSGDSchemeConfig(SchemeConfig):
 class CompressedSchemeConfig(SchemeConfig):
     """dqt's compressed all-reduce (``dqt.comm``): onebit, signsgd, ef_signsgd, ternary_grad, qsgd.
 
-    ``block_size``: values per scale (null = the compressor's default; 0 = one scale per chunk);
-    ``error_feedback``: worker + server residuals (biased schemes); ``warmup_steps``: steps of
-    plain fp32 all-reduce first; ``min_bucket_numel``: smaller buckets go uncompressed;
-    ``collective``: two_phase (all_to_all + all_gather) or allgather; ``seed``: stochastic rounding;
-    ``fused_min_numel``: buckets of at least this many values use the compiled CPU path.
+    ``block_size``: values per scale, a multiple of 8 (null = the compressor's default); blocks
+    never cross a parameter tensor; ``error_feedback``: worker + server residuals (biased
+    schemes); ``warmup_steps``: steps of plain fp32 all-reduce first; ``min_bucket_numel``:
+    smaller buckets go uncompressed; ``collective``: two_phase (all_to_all + all_gather) or
+    allgather; ``seed``: the Philox key of stochastic rounding; ``kernel``: auto (C on CPU,
+    Triton on CUDA), c, triton or reference (the pure-torch reference, slow).
     """
 
     block_size: Optional[int] = None
@@ -327,12 +328,12 @@ class CompressedSchemeConfig(SchemeConfig):
     min_bucket_numel: int = 1024
     collective: str = "two_phase"
     seed: int = 0
-    fused_min_numel: int = 1_000_000  # buckets this large use the compiled (fused) CPU path; -1 = never
+    kernel: str = "auto"
     scale_dtype: Optional[str] = None  # onebit/ef_signsgd: fp32 or bf16 scales (null = default)
 
     def __post_init__(self) -> None:
-        check(self.block_size is None or self.block_size >= 0, "scheme.block_size",
-              f"must be >= 0 (0 = one scale per chunk); got {self.block_size}")
+        check(self.block_size is None or (self.block_size >= 8 and self.block_size % 8 == 0),
+              "scheme.block_size", f"must be a positive multiple of 8; got {self.block_size}")
         check(self.warmup_steps >= 0, "scheme.warmup_steps", f"must be >= 0; got {self.warmup_steps}")
         check(self.min_bucket_numel >= 0, "scheme.min_bucket_numel",
               f"must be >= 0; got {self.min_bucket_numel}")
@@ -341,8 +342,7 @@ class CompressedSchemeConfig(SchemeConfig):
               f"must be fp32 or bf16; got {self.scale_dtype}")
         check(self.scale_dtype is None or self.name in ("onebit", "ef_signsgd"),
               "scheme.scale_dtype", f"only onebit and ef_signsgd take it, not {self.name}")
-        check(self.fused_min_numel >= -1, "scheme.fused_min_numel",
-              f"must be >= 0, or -1 for never; got {self.fused_min_numel}")
+        _choice(self.kernel, ("auto", "c", "triton", "reference"), "scheme.kernel")
         check(not (self.name == "signsgd" and self.error_feedback), "scheme.error_feedback",
               "signsgd is plain majority-vote signSGD; use scheme=ef_signsgd for error feedback")
 

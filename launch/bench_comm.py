@@ -1,17 +1,11 @@
-"""Communication benchmark: bytes on the wire and compress/decompress throughput per scheme.
+"""Communication benchmark: bytes on the wire per scheme, counted by the hooks.
 
-    python launch/bench_comm.py                       # 1M..64M-element buckets, all schemes
-    python launch/bench_comm.py --sizes 1M 16M --no-fused
+    python launch/bench_comm.py                      # one 16.8M-value bucket, 2 ranks
+    python launch/bench_comm.py --bytes-size 4M --world 4
 
-Part 1 — bytes sent per rank per step, *counted by the hooks* on a real 2-rank gloo group
-(a DDP model holding one bucket of the given size): fp32 all-reduce (DDP's default), PyTorch's
-bf16 and PowerSGD (rank 1 and 4) hooks, and every dqt scheme.
-
-Part 2 — throughput in GB/s of fp32 gradient on this machine, one process:
-  compress   = worker side of phase 1: v = g + e, quantize + pack every chunk, new residual
-  decompress = owner side: decode N peer messages and sum, plus the final decode of N chunks
-for the eager reference and the fused CPU path (dqt.kernels.cpu_fused). Not a test: numbers
-depend on the machine; compare ratios within one run.
+Bytes sent per rank per step on a real gloo group (a DDP model holding one bucket of the given
+size): fp32 all-reduce (DDP's default), PyTorch's bf16 and PowerSGD (rank 1 and 4) hooks, and
+every dqt scheme. Compress/decompress throughput is ``launch/bench_kernels.py``.
 """
 
 from __future__ import annotations
@@ -20,15 +14,12 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
-
-from dqt.comm.compressors import build_compressor  # noqa: E402
 
 VARIANTS = {  # label -> (scheme name, compressor options)
     "onebit": ("onebit", {}),
@@ -102,58 +93,11 @@ def bytes_table(n: int, world: int = 2) -> tuple[int, dict[str, int]]:
     return res["numel"], res["rows"]
 
 
-# ------------------------------------------------------------------ part 2: throughput
-def _time(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def throughput(label: str, n: int, world: int, fused: bool, reps: int) -> tuple[float, float]:
-    name, opts = VARIANTS[label]
-    comp = build_compressor(name, **opts)
-    if fused:
-        from dqt.comm.fused import fuse
-
-        comp = fuse(comp)
-    c = n // world
-    g = torch.randn(n)
-    e = torch.randn(n) * 1e-3
-
-    def compress() -> None:
-        v = g + e
-        for i in range(world):
-            x = v[i * c:(i + 1) * c]
-            if comp.biased:
-                _, d = comp.encode_decode(x, seed=i)
-                e[i * c:(i + 1) * c] = x - d
-            else:
-                comp.encode(x, seed=i)
-
-    msgs = [comp.encode(g[i * c:(i + 1) * c], seed=i) for i in range(world)]
-
-    def decompress() -> None:
-        torch.stack([comp.decode(m, c) for m in msgs]).sum(0)  # owner: N peers' chunks
-        torch.cat([comp.decode(m, c) for m in msgs])  # final phase: N owned chunks
-
-    gb = 4 * n / 1e9
-    return gb / _time(compress, reps), gb / _time(decompress, reps)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["1M", "4M", "16M", "64M"])
-    ap.add_argument("--bytes-size", default="16M", help="bucket size for the bytes table")
-    ap.add_argument("--world", type=int, default=2, help="ranks (bytes) / chunks (throughput)")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--no-fused", action="store_true", help="skip the fused CPU path")
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--bytes-size", default="16M", help="bucket size (values)")
+    ap.add_argument("--world", type=int, default=2, help="ranks")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
     numel, rows = bytes_table(_size(args.bytes_size), args.world)
     base = rows["fp32 all-reduce"]
@@ -163,19 +107,6 @@ def main() -> None:
     print("|---|---|---|---|")
     for label, b in rows.items():
         print(f"| {label} | {b:,} | {base / b:.1f}x fewer | {rows['bf16 (torch hook)'] / b:.1f}x fewer |")
-
-    modes = ["eager"] + ([] if args.no_fused else ["fused"])
-    print(f"\n## throughput, GB/s of fp32 gradient ({args.threads} threads, {args.world} chunks)\n")
-    print("| scheme | elements | " + " | ".join(f"{m} compress | {m} decompress" for m in modes) + " |")
-    print("|---|---|" + "---|---|" * len(modes))
-    for label in VARIANTS:
-        for s in args.sizes:
-            n = _size(s)
-            cells = []
-            for m in modes:
-                comp_gbs, dec_gbs = throughput(label, n, args.world, m == "fused", args.reps)
-                cells += [f"{comp_gbs:.2f}", f"{dec_gbs:.2f}"]
-            print(f"| {label} | {s} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Shared helpers: run the real CLI (python or torchrun) in a subprocess, compose configs with
-Hydra's compose API, read metrics and checkpoints of a run directory."""
+Hydra's compose API, read metrics and checkpoints of a run directory.
+
+Without a GPU, Triton kernels are tested through Triton's interpreter, which must be switched on
+before triton is first imported: this file sets ``TRITON_INTERPRET=1`` then (kernels.md §3).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DQT_TRITON_AUTOTUNE", "0")  # tests check correctness, not tile choices
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"

@@ -1,10 +1,12 @@
 """dqt's compressed all-reduce on real gloo groups of 2, 3 and 4 ranks.
 
-* the two-phase collective equals a single-process simulation of its two phases built from
-  the compressor alone (the reference average of the decoded contributions), on every rank,
-  bitwise, for bucket sizes the world size does not divide; bytes = 2(N−1)·message size;
+* the two-phase collective equals a single-process simulation of its two phases built from the
+  layout and the reference kernels alone (the reference average of the decoded contributions),
+  on every rank, bitwise, for buckets the world size does not divide, with error feedback;
+  bytes = 2(N−1)·M; the allgather mode likewise;
 * the DDP hook: identical gradients on every rank, warm-up and small buckets uncompressed,
-  non-finite buckets propagate without touching the residuals, state round-trips.
+  non-finite gradients reach every rank and leave the residuals of their blocks untouched,
+  state round-trips.
 """
 
 from __future__ import annotations
@@ -19,18 +21,32 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dqt.comm import build_scheme
-from dqt.comm.collective import SERVER, WORKER, BucketContext, two_phase_allreduce
-from dqt.comm.compressors import build_compressor, mix_seed
+from dqt.comm.collective import (SERVER, WORKER, BucketContext, allgather_allreduce,
+                                 two_phase_allreduce)
+from dqt.comm.compressors import build_compressor
+from dqt.comm.layout import ParamSlot, build_layout
 from dqt.comm.meter import CommMeter
 from dqt.config import CompressedSchemeConfig, QSGDConfig, TernaryGradConfig
+from dqt.kernels import blockq
+from dqt.kernels.philox import mix_seed
 
 SEED, STEP, BUCKET = 7, 3, 1
 TESTED = ("onebit", "signsgd", "ef_signsgd", "ternary_grad", "qsgd")  # the DDP hook tests below
 VARIANTS: dict[str, dict[str, Any]] = {
     "onebit": {}, "signsgd": {}, "ef_signsgd": {}, "ternary_grad": {},
-    "ternary_grad/base3": {"format": "base3"}, "qsgd": {"bits": 4}, "qsgd/2": {"bits": 2},
-    "qsgd/8": {"bits": 8},
+    "ternary_grad/base3": {"format": "base3"}, "qsgd": {"bits": 4}, "qsgd/3": {"bits": 3},
 }
+# a bucket of five parameters (flat offsets in a bigger model), in DDP's (reverse) order
+SIZES = [517, 3, 1000, 64, 77]
+FLAT = [10, 600, 700, 1800, 1900]
+
+
+def _slots() -> list[ParamSlot]:
+    slots, pos = [], 0
+    for i in reversed(range(len(SIZES))):  # the bucket buffer holds the last parameter first
+        slots.append(ParamSlot(FLAT[i], pos, SIZES[i]))
+        pos += SIZES[i]
+    return slots
 
 
 def _compressor(variant: str):
@@ -41,70 +57,104 @@ def _input(rank: int, n: int) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(1000 + rank))
 
 
-def _collective_worker(rank: int, world: int, store: str, n: int, out: str) -> None:
+def _residual(rank: int) -> torch.Tensor:
+    return 0.01 * torch.randn(2000, generator=torch.Generator().manual_seed(2000 + rank))
+
+
+def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    n = sum(SIZES)
     results = {}
     for variant in VARIANTS:
         comp = _compressor(variant)
-        meter = CommMeter()
-        ctx = BucketContext(dist.group.WORLD, rank, world, SEED, STEP, BUCKET, meter)
-        c = -(-n // world)
-        server = torch.zeros(c) if comp.biased and variant != "signsgd" else None
-        got, _, _ = two_phase_allreduce(comp, _input(rank, n), ctx, worker_ef=comp.biased,
-                                        server_residual=server,
-                                        majority_vote=variant == "signsgd")
-        results[variant] = {"out": got, "stats": meter.pop()}
+        ef = comp.biased and not comp.vote
+        for mode in ("two_phase", "allgather"):
+            meter = CommMeter()
+            ctx = BucketContext(dist.group.WORLD, rank, world, SEED, STEP, BUCKET, meter, "auto")
+            layout = build_layout(_slots(), world if mode == "two_phase" else 1, rank, comp.spec,
+                                  flag=comp.vote)
+            worker = _residual(rank) if ef else None
+            server = _residual(100 + rank) if ef else None
+            if mode == "two_phase":
+                got = two_phase_allreduce(comp.spec, _input(rank, n), layout, ctx, worker,
+                                          server, 2.0, comp.vote)
+            else:
+                got = allgather_allreduce(comp.spec, _input(rank, n), layout, ctx, worker, 2.0,
+                                          comp.vote)
+            results[(variant, mode)] = {"out": got, "stats": meter.pop(), "worker": worker,
+                                        "server": server, "M": layout.msg_nbytes}
     torch.save(results, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def _simulate(variant: str, n: int, world: int) -> torch.Tensor:
-    """Both phases in one process, from the compressor and the documented seeds alone."""
-    comp, c = _compressor(variant), -(-n // world)
-    vote = variant == "signsgd"
-    msgs = []
+def _simulate(variant: str, world: int) -> tuple[torch.Tensor, list[Any], list[Any]]:
+    """Both phases in one process from the layout, the reference kernels and the documented
+    keys: (average in bucket order, worker residuals, server residuals) per rank."""
+    comp, n = _compressor(variant), sum(SIZES)
+    ef = comp.biased and not comp.vote
+    lays = [build_layout(_slots(), world, r, comp.spec, flag=comp.vote) for r in range(world)]
+    M = lays[0].msg_nbytes
+    sends, workers, servers = [], [], []
     for r in range(world):
-        v = torch.zeros(world * c)
-        v[:n] = _input(r, n)
-        msgs.append([comp.encode(v[i * c:(i + 1) * c], mix_seed(SEED, STEP, r, BUCKET, i, WORKER))
-                     for i in range(world)])
-    owned_msgs = []
-    for r in range(world):
-        total = torch.stack([comp.decode(msgs[p][r], c) for p in range(world)]).sum(0)
-        owned = torch.where(total >= 0, 1.0, -1.0) if vote else total / world
-        owned_msgs.append(comp.encode(owned, mix_seed(SEED, STEP, r, BUCKET, r, SERVER)))
-    return torch.cat([comp.decode(m, c) for m in owned_msgs])[:n]
-
-
-def _message_bytes(variant: str, c: int) -> int:
-    return _compressor(variant).wire_nbytes(c) + (variant == "signsgd")  # + vote flag byte
+        send = torch.zeros(world * M, dtype=torch.uint8)
+        w = _residual(r) if ef else None
+        bad = torch.zeros(lays[r].nblocks, dtype=torch.int32)
+        blockq.encode(comp.spec, _input(r, n), lays[r].all_blocks, send, w, 2.0,
+                      mix_seed(SEED, STEP, r, BUCKET, WORKER), bad, impl="reference")
+        sends.append(send)
+        workers.append(w)
+    finals = []
+    for r in range(world):  # owner r: chunk r of every peer, in peer order
+        recv = torch.cat([sends[p][r * M:(r + 1) * M] for p in range(world)])
+        owned = torch.empty(lays[r].own_len)
+        blockq.decode(comp.spec, recv, lays[r].own_blocks, owned, npeers=world, peer_stride=M,
+                      flag_off=lays[r].flag_off, mode="vote" if comp.vote else "mean",
+                      impl="reference")
+        msg = torch.zeros(M, dtype=torch.uint8)
+        s = _residual(100 + r) if ef else None
+        blockq.encode(comp.spec, owned, lays[r].own_blocks, msg, s, 2.0,
+                      mix_seed(SEED, STEP, r, BUCKET, SERVER), impl="reference")
+        finals.append(msg)
+        servers.append(s)
+    out = torch.empty(n)
+    blockq.decode(comp.spec, torch.cat(finals), lays[0].all_blocks, out,
+                  flag_off=lays[0].flag_off, impl="reference")
+    return out, workers, servers
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_two_phase_equals_simulation_on_every_rank(world, tmp_path):
-    n = 517 * world + 13  # not divisible by the world size, the block size or 8
-    mp.spawn(_collective_worker, args=(world, str(tmp_path / "store"), n, str(tmp_path)),
+    mp.spawn(_collective_worker, args=(world, str(tmp_path / "store"), str(tmp_path)),
              nprocs=world, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
     for variant in VARIANTS:
-        expected = _simulate(variant, n, world)
+        expected, workers, servers = _simulate(variant, world)
         for r in range(world):
-            got = ranks[r][variant]["out"]
-            assert torch.equal(got, ranks[0][variant]["out"]), f"{variant}: rank {r} differs"
-            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6,
-                                       msg=f"{variant} != simulated two-phase average")
-        m = _message_bytes(variant, -(-n // world))
-        assert ranks[0][variant]["stats"]["comm/bytes_sent"] == 2 * (world - 1) * m
+            res = ranks[r][(variant, "two_phase")]
+            assert torch.equal(res["out"], ranks[0][(variant, "two_phase")]["out"]), \
+                f"{variant}: rank {r} differs"
+            assert torch.equal(res["out"], expected), f"{variant} != simulated two-phase average"
+            if workers[r] is not None:
+                assert torch.equal(res["worker"], workers[r]) and torch.equal(res["server"], servers[r])
+        M = ranks[0][(variant, "two_phase")]["M"]
+        assert ranks[0][(variant, "two_phase")]["stats"]["comm/bytes_sent"] == 2 * (world - 1) * M
+        # allgather mode: every rank decodes the same N messages; O(N) bytes
+        ag = [ranks[r][(variant, "allgather")] for r in range(world)]
+        assert all(torch.equal(a["out"], ag[0]["out"]) for a in ag)
+        assert ag[0]["stats"]["comm/bytes_sent"] == (world - 1) * ag[0]["M"]
 
 
-def test_two_phase_average_is_close_to_the_true_average():
-    """Sanity of the maths without processes: more bits, smaller error."""
-    n, world = 4096, 4
-    exact = torch.stack([_input(r, n) for r in range(world)]).mean(0)
-    errs = {v: ((_simulate(v, n, world) - exact).norm() / exact.norm()).item()
-            for v in ("qsgd/2", "qsgd", "qsgd/8")}
-    assert errs["qsgd/8"] < errs["qsgd"] < errs["qsgd/2"]
-    assert errs["qsgd/8"] < 0.05
+def test_two_phase_average_error_shrinks_with_bits():
+    errs = {}
+    n = sum(SIZES)
+    exact = torch.stack([_input(r, n) for r in range(4)]).mean(0)
+    for bits in (2, 4, 8):
+        VARIANTS[f"qsgd/{bits}b"] = {"bits": bits}
+        try:
+            errs[bits] = float((_simulate(f"qsgd/{bits}b", 4)[0] - exact).norm() / exact.norm())
+        finally:
+            del VARIANTS[f"qsgd/{bits}b"]
+    assert errs[8] < errs[4] < errs[2] and errs[8] < 0.05
 
 
 # ---------------------------------------------------------------- the DDP hook
@@ -140,7 +190,8 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
             with torch.no_grad():
                 for p in model.parameters():
                     p -= 0.05 * p.grad
-        # a non-finite gradient on rank 1 only: every rank must see it, residuals untouched
+        # a non-finite gradient on rank 1 only: every rank must see it; rank 1's residuals
+        # (every block non-finite there) and the server residuals stay as they were
         before = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
                   for k, v in scheme.state_dict().items()}
         model.zero_grad(set_to_none=True)
@@ -182,14 +233,17 @@ def test_hook_warmup_then_compressed(ddp_runs, name):
 
 
 @pytest.mark.parametrize("name", TESTED)
-def test_non_finite_bucket_propagates_and_spares_the_residuals(ddp_runs, name):
+def test_non_finite_gradient_reaches_every_rank_and_spares_its_residuals(ddp_runs, name):
     world, ranks = ddp_runs
-    for r in ranks:
-        assert not torch.isfinite(r[name]["inf_grads"]).all(), "inf must reach every rank"
-        state, before = r[name]["state"], r[name]["before_inf"]
+    for r, res in enumerate(ranks):
+        assert not torch.isfinite(res[name]["inf_grads"]).all(), "inf must reach every rank"
+        state, before = res[name]["state"], res[name]["before_inf"]
         for key in ("worker_residual", "server_residual"):
-            if before[key] is not None:
-                assert torch.equal(state[key], before[key]), f"{key} polluted by inf"
+            if before[key] is None:
+                continue
+            assert torch.isfinite(state[key]).all(), f"{key} polluted by inf"
+            if key == "server_residual" or r == 1:
+                assert torch.equal(state[key], before[key]), f"rank {r}: {key} was updated"
 
 
 @pytest.mark.parametrize("name", TESTED)
@@ -213,3 +267,4 @@ def test_residual_state_is_per_rank_and_round_trips(ddp_runs, name):
         assert torch.equal(again["worker_residual"], state["worker_residual"])
     finally:
         dist.destroy_process_group()
+

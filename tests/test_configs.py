@@ -102,7 +102,9 @@ BAD_VALUES = [
      "scheme.collective: must be one of two_phase, allgather; got 'ring'"),
     (["+scheme=signsgd", "scheme.error_feedback=true"], "use scheme=ef_signsgd"),
     (["+scheme=qsgd", "scheme.scale_dtype=bf16"], "scheme.scale_dtype: only onebit"),
-    (["+scheme=onebit", "scheme.block_size=-1"], "scheme.block_size: must be >= 0"),
+    (["+scheme=onebit", "scheme.block_size=-1"], "scheme.block_size: must be a positive multiple of 8"),
+    (["+scheme=onebit", "scheme.block_size=100"], "scheme.block_size: must be a positive multiple of 8"),
+    (["+scheme=onebit", "scheme.kernel=cuda"], "scheme.kernel: must be one of auto, c, triton, reference"),
 ]
 
 

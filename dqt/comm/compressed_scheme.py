@@ -5,12 +5,12 @@ Per bucket and step:
 
 * warm-up (``scheme.warmup_steps``) and small buckets (< ``scheme.min_bucket_numel``) go through
   a plain fp32 all-reduce on the scheme's own group — the same decision on every rank;
-* otherwise the bucket is put into parameter order (so chunks and scale blocks do not depend
-  on DDP's bucket layout, which changes after the first iteration and across a resume),
-  ``v = g + S·e`` (worker error feedback, S = current loss scale), the compressed all-reduce
-  of :mod:`dqt.comm.collective`, ``e ← (v − C(v))/S``, and the result back in bucket order;
-* a bucket holding inf/nan on any rank is not sanitized: the non-finite values propagate to
-  every rank (so GradScaler skips the step) and no residual is updated from it.
+* otherwise the compressed all-reduce of :mod:`dqt.comm.collective` over the bucket's layout
+  (:mod:`dqt.comm.layout`: blocks in parameter order that never cross a tensor), with worker
+  and server error feedback for biased schemes, through the fused kernels (``scheme.kernel``:
+  ``auto`` = C on CPU, Triton on CUDA; ``reference`` = the pure-torch reference);
+* a block holding inf/nan is not sanitized: NaN reaches every rank (so GradScaler skips the
+  step) and that block's residual is not updated.
 
 The work runs inline in the hook and the hook returns a completed future. All ranks therefore
 issue their collectives in DDP's bucket order from one thread, which cannot deadlock the way
@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dqt.comm.collective import BucketContext, allgather_allreduce, two_phase_allreduce
 from dqt.comm.compressors import build_compressor
 from dqt.comm.error_feedback import FlatResidual
+from dqt.comm.layout import BucketLayout, ParamSlot, build_layout
 from dqt.comm.scheme import SCHEMES, Scheme
 
 NAMES = ("onebit", "signsgd", "ef_signsgd", "ternary_grad", "qsgd")
@@ -49,21 +50,23 @@ class CompressedScheme(Scheme):
         if cfg.name == "qsgd":
             options["bits"] = cfg.bits
         self.compressor = build_compressor(cfg.name, **options)
+        self.spec = self.compressor.spec
+        self.vote = self.compressor.vote
         self.error_feedback = bool(cfg.error_feedback)
-        self.majority_vote = cfg.name == "signsgd"
         self.two_phase = cfg.collective == "two_phase"
         self.rank = dist.get_rank(self.process_group)
         self.step = 0
         self.grad_scale = 1.0
         self.worker: FlatResidual | None = None
         self.server: FlatResidual | None = None
+        self._layouts: dict[tuple[Any, ...], BucketLayout] = {}
 
     def set_grad_scale(self, scale: float) -> None:
         self.grad_scale = float(scale)
 
     def attach(self, model: DistributedDataParallel) -> None:
         params = [p for p in model.module.parameters() if p.requires_grad]
-        self.layout = FlatResidual(params, allocate=False)
+        self.index = FlatResidual(params, allocate=False)  # parameter → flat offset
         self.worker = FlatResidual(params) if self.error_feedback else None
         self.server = FlatResidual(params) if self.error_feedback and self.two_phase else None
         model.register_comm_hook(None, self._hook)
@@ -91,50 +94,35 @@ class CompressedScheme(Scheme):
         self.meter.record("all_reduce", t, self.world_size)
         return t.to(buf.dtype)
 
+    def layout(self, bucket: dist.GradBucket, buf: torch.Tensor) -> BucketLayout:
+        """The bucket's block layout, built once per bucket composition (DDP rebuilds buckets
+        once, after the first iteration)."""
+        grads, params = bucket.gradients(), bucket.parameters()
+        base, size = buf.data_ptr(), buf.element_size()
+        key = tuple((p.data_ptr(), (g.data_ptr() - base) // size, g.numel())
+                    for p, g in zip(params, grads))
+        if key not in self._layouts:
+            slots = [ParamSlot(self.index.offset(p), off, numel) for (_, off, numel), p
+                     in zip(key, params)]
+            chunks = self.world_size if self.two_phase else 1
+            self._layouts[key] = build_layout(slots, chunks, self.rank, self.spec,
+                                              flag=self.vote, device=buf.device)
+        return self._layouts[key]
+
     def _compressed(self, buf: torch.Tensor, bucket: dist.GradBucket) -> torch.Tensor:
-        order, idx = self.layout.canonical(bucket.parameters())  # compress in parameter order
-        g = buf.float() if order is None else buf.float().index_select(0, order)
-        v = g if self.worker is None else g + self.grad_scale * self.worker.get(idx)
+        layout = self.layout(bucket, buf)
+        x = buf if buf.dtype == torch.float32 else buf.float()
         ctx = BucketContext(self.process_group, self.rank, self.world_size, self.cfg.seed,
-                            self.step, bucket.index(), self.meter)
-        comp = self._compressor_for(v)
-        new_server, owned = None, None
-        if not self.two_phase:
-            out, local = allgather_allreduce(comp, v, ctx, self.worker is not None,
-                                             self.majority_vote)
+                            self.step, layout.first_param, self.meter, self.cfg.kernel)
+        worker = self.worker.buffer if self.worker is not None else None
+        if self.two_phase:
+            server = self.server.buffer if self.server is not None else None
+            out = two_phase_allreduce(self.spec, x.contiguous(), layout, ctx, worker, server,
+                                      self.grad_scale, self.vote)
         else:
-            server_e = None
-            if self.server is not None:
-                owned = self._owned_index(idx, v.numel())
-                server_e = self.server.get(owned) if owned.numel() else None
-                server_e = _pad_to(server_e, -(-v.numel() // self.world_size))
-            out, local, new_server = two_phase_allreduce(
-                comp, v, ctx, self.worker is not None, server_e, self.majority_vote)
-        # The output is identical on every rank: if it is not finite, GradScaler skips the
-        # step everywhere, so no rank may fold this bucket into its residuals.
-        if bool(torch.isfinite(out).all()):
-            if new_server is not None and owned is not None and owned.numel():
-                self.server.put(owned, new_server[:owned.numel()])
-            if self.worker is not None and local is not None:
-                self.worker.put(idx, (v - local) / self.grad_scale)
-        if order is not None:  # back to the bucket's own layout
-            out = torch.empty_like(out).index_copy_(0, order, out)
+            out = allgather_allreduce(self.spec, x.contiguous(), layout, ctx, worker,
+                                      self.grad_scale, self.vote)
         return out.to(buf.dtype)
-
-    def _compressor_for(self, v: torch.Tensor) -> Any:
-        """The compiled CPU path for large buckets (same bytes as the reference)."""
-        limit = self.cfg.fused_min_numel
-        if v.device.type == "cpu" and limit >= 0 and v.numel() >= limit:
-            from dqt.comm.fused import fuse
-
-            return fuse(self.compressor)
-        return self.compressor
-
-    def _owned_index(self, idx: torch.Tensor, n: int) -> torch.Tensor:
-        """Flat positions of this rank's chunk of the bucket (server-side residual)."""
-        c = -(-n // self.world_size)
-        lo, hi = min(n, self.rank * c), min(n, (self.rank + 1) * c)
-        return idx[lo:hi]
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -148,16 +136,6 @@ class CompressedScheme(Scheme):
             self.worker.load_state_dict(state["worker_residual"])
         if self.server is not None and state.get("server_residual") is not None:
             self.server.load_state_dict(state["server_residual"])
-
-
-def _pad_to(x: torch.Tensor | None, c: int) -> torch.Tensor | None:
-    if x is None:
-        return None
-    if x.numel() == c:
-        return x
-    out = torch.zeros(c, dtype=x.dtype, device=x.device)
-    out[:x.numel()] = x
-    return out
 
 
 def _builder(cfg: Any, pg: dist.ProcessGroup | None) -> Scheme:

@@ -55,8 +55,5 @@ SCHEMES: Registry[SchemeBuilder] = Registry("scheme.name")
 
 def build_scheme(cfg: Any, process_group: dist.ProcessGroup | None = None) -> Scheme:
     """``cfg`` is a SchemeConfig, or None for plain (counted) DDP all-reduce."""
-    import dqt.comm.compressed_scheme  # noqa: F401  (registers dqt's schemes)
-    import dqt.comm.torch_hooks  # noqa: F401  (registers the baselines)
-
     name = "allreduce" if cfg is None else cfg.name
     return SCHEMES.get(name)(cfg, process_group)

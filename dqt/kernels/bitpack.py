@@ -1,4 +1,5 @@
-"""Bit packing for the wire: exact, vectorized, pure torch, any device.
+"""Bit packing for the wire: exact, vectorized, pure torch, any device (the reference the fused
+kernels of :mod:`dqt.kernels.blockq` are checked against).
 
 Every function takes and returns 1-D tensors; packed buffers are ``torch.uint8``. Bit order is
 LSB-first within a byte, and whatever pads the last byte (bits or trits) is 0, so a message is a

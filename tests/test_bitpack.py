@@ -1,4 +1,4 @@
-"""dqt.comm.wire: golden bytes for every packer (written out by hand from the documented
+"""dqt.kernels.bitpack: golden bytes for every packer (written out by hand from the documented
 formats), property-based round trips at arbitrary lengths, zero padding, sizes."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dqt.comm import wire
+from dqt.kernels import bitpack as wire
 
 U8 = torch.uint8
 

@@ -1,0 +1,325 @@
+/* Fused CPU kernels of dqt.kernels.blockq: one pass per block for encode (gather, error
+ * feedback, block statistic, quantize, pack, residual update) and decode (unpack, dequantize,
+ * reduce over peers, write). The maths and its order of IEEE operations are those of the
+ * pure-torch reference in blockq.py; see its docstring for the formats. Compiled with
+ * -ffp-contract=off (no fused multiply-add) so every product and sum rounds like the reference.
+ * Blocks run in parallel (OpenMP); a block is independent of every other block. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { DATA, RES, LEN, MSG, SCALE, CODE, CTR, NCOL = 8 };
+enum { SIGN_MEAN = 0, SIGN = 1, TERNARY = 2, QSGD = 3 };
+enum { SCALE_NONE = 0, SCALE_FP32 = 1, SCALE_BF16 = 2 };
+enum { MODE_COPY = 0, MODE_MEAN = 1, MODE_VOTE = 2 };
+
+typedef struct {
+    int32_t kind, block, code_bits, scale_fmt, levels, pad;
+    double clip;
+} spec_t;
+
+static const uint32_t POW3[5] = {1, 3, 9, 27, 81};
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+static inline uint32_t bf16_bits(float s) {
+    if (isnan(s)) return 0x7FC0u;
+    uint32_t b = f2u(s);
+    return ((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16) & 0xFFFFu;
+}
+
+/* uniforms u[j] = (philox(key, (j/4, ctr, 0, 0))[j%4] >> 8) * 2^-24 for j < n; eight counters
+ * at a time so the compiler vectorizes the 32x32->64 multiplies */
+static void uniforms(float* u, int64_t n, uint64_t key, uint32_t ctr) {
+    const int64_t nq = (n + 3) / 4;
+    for (int64_t q0 = 0; q0 < nq; q0 += 8) {
+        uint32_t c0[8], c1[8], c2[8], c3[8];
+        uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+        for (int l = 0; l < 8; l++) { c0[l] = (uint32_t)(q0 + l); c1[l] = ctr; c2[l] = 0; c3[l] = 0; }
+        for (int r = 0; r < 10; r++) {
+            for (int l = 0; l < 8; l++) {
+                uint64_t pb = (uint64_t)0xCD9E8D57u * c2[l], pa = (uint64_t)0xD2511F53u * c0[l];
+                uint32_t n0 = (uint32_t)(pb >> 32) ^ c1[l] ^ k0;
+                uint32_t n2 = (uint32_t)(pa >> 32) ^ c3[l] ^ k1;
+                c0[l] = n0; c1[l] = (uint32_t)pb; c2[l] = n2; c3[l] = (uint32_t)pa;
+            }
+            k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+        }
+        for (int l = 0; l < 8 && q0 + l < nq; l++) {
+            const uint32_t w[4] = {c0[l], c1[l], c2[l], c3[l]};
+            for (int t = 0; t < 4; t++) {
+                int64_t j = 4 * (q0 + l) + t;
+                if (j < n) u[j] = (float)(w[t] >> 8) * 5.9604644775390625e-08f;
+            }
+        }
+    }
+}
+
+static inline int64_t code_nbytes(const spec_t* sp, int64_t n) {
+    return sp->code_bits == 0 ? (n + 4) / 5 : (n * sp->code_bits + 7) / 8;
+}
+
+static void pack_codes(const spec_t* sp, const uint8_t* code, int64_t n, uint8_t* out) {
+    const int64_t nb = code_nbytes(sp, n);
+    if (sp->code_bits == 0) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint32_t acc = 0;
+            for (int m = 0; m < 5; m++) acc += POW3[m] * code[5 * b + m];  /* code[] zero-padded */
+            out[b] = (uint8_t)acc;
+        }
+        return;
+    }
+    /* eight values → k bytes: their k-bit codes as one little-endian 64-bit word */
+    const int k = sp->code_bits;
+    for (int64_t g = 0; 8 * g < n; g++) {
+        uint64_t word = 0;
+        for (int t = 0; t < 8; t++) word |= (uint64_t)code[8 * g + t] << (k * t);
+        for (int t = 0; t < k && g * k + t < nb; t++) out[g * k + t] = (uint8_t)(word >> (8 * t));
+    }
+}
+
+/* codes of one message block → code[0..n) (k-bit stream or base-3); reads stay inside it */
+static void unpack_codes(const spec_t* sp, const uint8_t* c, int64_t n, uint8_t* code) {
+    const int64_t nb = code_nbytes(sp, n);
+    if (sp->code_bits == 0) {
+        for (int64_t b = 0; b < nb; b++) {
+            uint32_t x = c[b];
+            for (int m = 0; m < 5; m++) { code[5 * b + m] = (uint8_t)(x % 3u); x /= 3u; }
+        }
+        return;
+    }
+    const int k = sp->code_bits;
+    const uint64_t mask = (1u << k) - 1u;
+    for (int64_t g = 0; 8 * g < n; g++) {
+        uint64_t word = 0;
+        for (int t = 0; t < k && g * k + t < nb; t++) word |= (uint64_t)c[g * k + t] << (8 * t);
+        for (int t = 0; t < 8; t++) code[8 * g + t] = (uint8_t)((word >> (k * t)) & mask);
+    }
+}
+
+static void encode_block(const spec_t* sp, const float* x, const int64_t* row, uint8_t* msg,
+                         float* res, float S, float invS, uint64_t key, int32_t* bad_out, float* v,
+                         float* w, float* u, uint8_t* code) {
+    const int64_t n = row[LEN];
+    const float* xs = x + row[DATA];
+    float* rs = res ? res + row[RES] : NULL;
+    if (!rs) for (int64_t i = 0; i < n; i++) v[i] = xs[i];
+    else if (S == 1.0f) for (int64_t i = 0; i < n; i++) v[i] = xs[i] + rs[i];
+    else for (int64_t i = 0; i < n; i++) v[i] = xs[i] + rs[i] * S;
+    /* v·0 is NaN exactly for inf/NaN values; eight lanes so the loops vectorize (the order of
+     * a NaN-propagating sum does not matter, and an fp64 sum of fp32 values rounds back to the
+     * same fp32 statistic in any order except with probability ~2^-29) */
+    float nz[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t n8 = n & ~(int64_t)7;
+    if (sp->kind == SIGN_MEAN) {
+        for (int64_t i = 0; i < n8; i += 8)
+            for (int l = 0; l < 8; l++) {
+                nz[l] += v[i + l] * 0.0f;
+                lane[l] += fabs((double)v[i + l]);
+            }
+        for (int64_t i = n8; i < n; i++) { nz[0] += v[i] * 0.0f; lane[0] += fabs((double)v[i]); }
+    } else if (sp->kind == QSGD) {
+        for (int64_t i = 0; i < n8; i += 8)
+            for (int l = 0; l < 8; l++) {
+                const double d = (double)v[i + l];
+                nz[l] += v[i + l] * 0.0f;
+                lane[l] += d * d;
+            }
+        for (int64_t i = n8; i < n; i++) {
+            const double d = (double)v[i];
+            nz[0] += v[i] * 0.0f;
+            lane[0] += d * d;
+        }
+    } else {
+        for (int64_t i = 0; i < n8; i += 8)
+            for (int l = 0; l < 8; l++) nz[l] += v[i + l] * 0.0f;
+        for (int64_t i = n8; i < n; i++) nz[0] += v[i] * 0.0f;
+    }
+    const int finite =
+        (((nz[0] + nz[1]) + (nz[2] + nz[3])) + ((nz[4] + nz[5]) + (nz[6] + nz[7]))) == 0.0f;
+    const double acc = ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
+                       ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+    float raw = 1.0f;
+    const float* wv = v;
+    if (sp->kind == SIGN_MEAN) {
+        raw = (float)(acc / (double)n);
+    } else if (sp->kind == QSGD) {
+        raw = (float)sqrt(acc);
+    } else if (sp->kind == TERNARY) {
+        if (sp->clip > 0 && finite) {
+            double sm = 0;
+            for (int64_t i = 0; i < n; i++) sm += (double)v[i];
+            const float mean = (float)(sm / (double)n);
+            double var = 0;
+            for (int64_t i = 0; i < n; i++) {
+                const double d = (double)(v[i] - mean);
+                var += d * d;
+            }
+            const float bound = (float)(sp->clip * sqrt(var / (double)n));
+            for (int64_t i = 0; i < n; i++) w[i] = fminf(fmaxf(v[i], -bound), bound);
+            wv = w;
+        }
+        float mx[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < n8; i += 8)
+            for (int l = 0; l < 8; l++) {
+                const float a = fabsf(wv[i + l]);
+                mx[l] = a > mx[l] ? a : mx[l];
+            }
+        for (int64_t i = n8; i < n; i++) {
+            const float a = fabsf(wv[i]);
+            mx[0] = a > mx[0] ? a : mx[0];
+        }
+        raw = 0.0f;
+        for (int l = 0; l < 8; l++) raw = mx[l] > raw ? mx[l] : raw;
+    }
+    float s = raw;
+    if (sp->scale_fmt == SCALE_BF16) s = u2f(bf16_bits(raw) << 16);
+    const int bad = !finite || !isfinite(s);
+    if (bad_out) *bad_out = bad;
+    uint8_t* mp = msg + row[MSG];
+    const int64_t nb = code_nbytes(sp, n);
+    if (sp->scale_fmt != SCALE_NONE) {
+        const uint32_t bits = sp->scale_fmt == SCALE_BF16 ? (bad ? 0x7FC0u : bf16_bits(raw))
+                                                           : (bad ? 0x7FC00000u : f2u(s));
+        const int nbytes = sp->scale_fmt == SCALE_BF16 ? 2 : 4;
+        for (int t = 0; t < nbytes; t++) mp[row[SCALE] + t] = (uint8_t)(bits >> (8 * t));
+    }
+    if (bad) {  /* NaN scale, zero codes, residual untouched */
+        memset(mp + row[CODE], 0, (size_t)nb);
+        return;
+    }
+    const int64_t npad = (n + 39) / 40 * 40;  /* codes zero-padded to whole bytes */
+    for (int64_t i = n; i < npad; i++) code[i] = 0;
+    float* d = u;  /* the decoded values, written over the uniforms as they are used */
+    switch (sp->kind) {
+    case SIGN_MEAN:
+        for (int64_t i = 0; i < n; i++) {
+            code[i] = v[i] >= 0.0f;
+            d[i] = v[i] >= 0.0f ? s : -s;
+        }
+        break;
+    case SIGN:
+        for (int64_t i = 0; i < n; i++) {
+            code[i] = v[i] >= 0.0f;
+            d[i] = v[i] >= 0.0f ? 1.0f : -1.0f;
+        }
+        break;
+    case TERNARY:
+        uniforms(u, n, key, (uint32_t)row[CTR]);
+        for (int64_t i = 0; i < n; i++) {
+            const float wi = wv[i];
+            const int keep = (u[i] * s) < fabsf(wi);
+            const uint8_t c = keep ? (wi > 0.0f ? 2 : 0) : 1;
+            code[i] = c;
+            d[i] = c == 2 ? s : (c == 0 ? -s : 0.0f);
+        }
+        break;
+    default: { /* QSGD */
+        uniforms(u, n, key, (uint32_t)row[CTR]);
+        const float L = (float)sp->levels;
+        float r = s > 0.0f ? 1.0f / s : 0.0f;  /* one reciprocal and one step per block */
+        r = isfinite(r) ? r : 0.0f;
+        const float step = s / L;
+        for (int64_t i = 0; i < n; i++) {
+            const float ell = (fabsf(v[i]) * r) * L;
+            const float lo = (float)(int32_t)ell;  /* = floor: 0 <= ell <= L(1 + 2^-22) */
+            float level = lo + ((u[i] < ell - lo) ? 1.0f : 0.0f);
+            level = level >= 0.0f ? level : 0.0f;
+            level = level > L ? L : level;
+            w[i] = level;
+            const float mag = level * step;
+            d[i] = v[i] < 0.0f ? -mag : mag;
+        }
+        for (int64_t i = 0; i < n; i++) code[i] = (uint8_t)(2 * (int32_t)w[i] + (v[i] < 0.0f));
+    }
+    }
+    if (rs) {
+        if (S == 1.0f) for (int64_t i = 0; i < n; i++) rs[i] = v[i] - d[i];
+        else for (int64_t i = 0; i < n; i++) rs[i] = (v[i] - d[i]) * invS;
+    }
+    pack_codes(sp, code, n, mp + row[CODE]);
+}
+
+void dqt_encode(const spec_t* sp, const float* x, const int64_t* table, int64_t nblocks,
+                uint8_t* msg, float* res, float S, float invS, uint64_t key, int32_t* bad,
+                int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* v = (float*)malloc(sizeof(float) * 3 * (size_t)sp->block);
+        uint8_t* code = (uint8_t*)malloc((size_t)sp->block + 40);
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t k = 0; k < nblocks; k++)
+            encode_block(sp, x, table + NCOL * k, msg, res, S, invS, key, bad ? bad + k : NULL, v,
+                         v + sp->block, v + 2 * sp->block, code);
+        free(v);
+        free(code);
+    }
+}
+
+static void decode_block(const spec_t* sp, const uint8_t* msg, const int64_t* row,
+                         int64_t npeers, int64_t stride, int64_t flag_off, int mode, float* out,
+                         float* acc, uint8_t* code) {
+    const int64_t n = row[LEN];
+    const float L = (float)sp->levels;
+    float* a = acc + sp->block;  /* peer p > 0 decodes here, then acc += a (peer order) */
+    for (int64_t p = 0; p < npeers; p++) {
+        const uint8_t* mp = msg + row[MSG] + p * stride;
+        const int flagged = flag_off >= 0 && mp[flag_off] != 0;
+        float s = 1.0f;
+        if (sp->scale_fmt == SCALE_FP32) {
+            uint32_t b = 0;
+            for (int t = 0; t < 4; t++) b |= (uint32_t)mp[row[SCALE] + t] << (8 * t);
+            s = u2f(b);
+        } else if (sp->scale_fmt == SCALE_BF16) {
+            const uint32_t b = (uint32_t)mp[row[SCALE]] | ((uint32_t)mp[row[SCALE] + 1] << 8);
+            s = u2f(b << 16);
+        }
+        unpack_codes(sp, mp + row[CODE], n, code);
+        float* dst = p == 0 ? acc : a;
+        switch (sp->kind) {
+        case SIGN_MEAN: case SIGN:
+            for (int64_t i = 0; i < n; i++) dst[i] = code[i] == 1 ? s : -s;
+            break;
+        case TERNARY:
+            for (int64_t i = 0; i < n; i++) dst[i] = code[i] == 2 ? s : (code[i] == 0 ? -s : 0.0f);
+            break;
+        default: {
+            const float step = s / L;
+            for (int64_t i = 0; i < n; i++) {
+                const float mag = (float)(code[i] >> 1) * step;
+                dst[i] = (code[i] & 1u) ? -mag : mag;
+            }
+        }
+        }
+        if (flagged) for (int64_t i = 0; i < n; i++) dst[i] = NAN;
+        if (p > 0) for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + a[i];
+    }
+    float* o = out + row[DATA];
+    if (mode == MODE_MEAN) {
+        const float inv = 1.0f / (float)npeers;
+        for (int64_t i = 0; i < n; i++) o[i] = acc[i] * inv;
+    } else if (mode == MODE_VOTE) {
+        for (int64_t i = 0; i < n; i++)
+            o[i] = isnan(acc[i]) ? acc[i] : (acc[i] >= 0.0f ? 1.0f : -1.0f);
+    } else {
+        for (int64_t i = 0; i < n; i++) o[i] = acc[i];
+    }
+}
+
+void dqt_decode(const spec_t* sp, const uint8_t* msg, const int64_t* table, int64_t nblocks,
+                int64_t npeers, int64_t stride, int64_t flag_off, int mode, float* out,
+                int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        float* acc = (float*)malloc(sizeof(float) * 2 * (size_t)sp->block);
+        uint8_t* code = (uint8_t*)malloc((size_t)sp->block + 40);
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t k = 0; k < nblocks; k++)
+            decode_block(sp, msg, table + NCOL * k, npeers, stride, flag_off, mode, out, acc, code);
+        free(acc);
+        free(code);
+    }
+}

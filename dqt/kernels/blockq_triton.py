@@ -1,0 +1,346 @@
+"""The Triton implementation of :mod:`dqt.kernels.blockq`: one program per block.
+
+``encode``: load the block (+ S·residual), reduce its statistic (fp64 sums), round the scale,
+quantize with Philox uniforms (``tl.philox``, the counters of :mod:`dqt.kernels.philox`), pack
+the codes into bytes and store them, the scale bytes and the new residual — one pass over
+the data. ``decode``: for each block, unpack and dequantize the block from every peer's message,
+sum in peer order, reduce (copy/mean/vote) and store — the fp32 result is written once.
+
+The arithmetic is the reference's, operation for operation: divisions use ``tl.math.div_rn``
+(IEEE round-to-nearest; Triton's ``/`` on fp32 is approximate on NVIDIA GPUs) and kernels are
+launched with ``enable_fp_fusion=False`` so ``x + e·S`` is not contracted into an FMA. Under
+``TRITON_INTERPRET=1`` (set before triton is imported) the same kernels run on CPU tensors,
+which is how CI checks them against the reference without a GPU.
+
+Importing this module never touches a device; if triton is missing, :func:`available` and
+:func:`interpreting` are False.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from dqt.kernels.blockq import f32_recip
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is an optional extra
+    triton = None
+    tl = None
+
+# Triton decides interpreter vs GPU when a kernel is decorated, i.e. at this import.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_KINDS = {"sign_mean": 0, "sign": 1, "ternary": 2, "qsgd": 3}
+_SCALES = {"none": 0, "fp32": 1, "bf16": 2}
+_MODES = {"copy": 0, "mean": 1, "vote": 2}
+
+
+def available() -> bool:
+    """Triton kernels can run on CUDA tensors here."""
+    return triton is not None and not _INTERPRET and torch.cuda.is_available()
+
+
+def interpreting() -> bool:
+    """Triton kernels run through the interpreter on CPU tensors here."""
+    return triton is not None and _INTERPRET
+
+
+if triton is not None:
+
+    @triton.jit
+    def _philox_u(key, ctr, q):
+        """The four uniforms of counters (q, ctr): value 4q + t gets output t (t = 0..3)."""
+        q = q.to(tl.uint32)
+        c1 = q * 0 + ctr.to(tl.uint32)
+        z = q * 0
+        r0, r1, r2, r3 = tl.philox(key, q, c1, z, z)
+        return r0, r1, r2, r3
+
+    @triton.jit
+    def _to_uniform(r):
+        return (r >> 8).to(tl.float32) * 5.9604644775390625e-08
+
+    @triton.jit
+    def _pow3(mm):
+        return tl.where(mm == 0, 1, tl.where(mm == 1, 3, tl.where(mm == 2, 9,
+                        tl.where(mm == 3, 27, tl.where(mm == 4, 81, 1)))))  # 1: unused lanes
+
+    @triton.jit
+    def _bf16_bits(x):
+        b = x.to(tl.uint32, bitcast=True)
+        r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+        return tl.where(x != x, 0x7FC0, r)
+
+    @triton.jit
+    def _code_and_decode(v, w, u, s, r, step, KIND: tl.constexpr, LEVELS: tl.constexpr):
+        """codes (int32) and the decoded values of a block's values v (w: clipped v)."""
+        if KIND == 0:
+            c = (v >= 0).to(tl.int32)
+            d = tl.where(c == 1, s, -s)
+        elif KIND == 1:
+            c = (v >= 0).to(tl.int32)
+            d = tl.where(c == 1, 1.0, -1.0)
+        elif KIND == 2:
+            keep = (u * s) < tl.abs(w)
+            c = tl.where(keep, tl.where(w > 0, 2, 0), 1)
+            d = tl.where(c == 2, s, tl.where(c == 0, -s, 0.0))
+        else:
+            ell = (tl.abs(v) * r) * LEVELS
+            lo = tl.floor(ell)
+            level = lo + tl.where(u < ell - lo, 1.0, 0.0)
+            level = tl.where(level >= 0, level, 0.0)
+            level = tl.minimum(level, LEVELS * 1.0)
+            neg = v < 0
+            c = 2 * level.to(tl.int32) + neg.to(tl.int32)
+            mag = level * step
+            d = tl.where(neg, -mag, mag)
+        return c, d
+
+    @triton.jit
+    def _encode_kernel(x_ptr, tab_ptr, msg_ptr, res_ptr, bad_ptr, S, inv_s, key,
+                       KIND: tl.constexpr, CODE_BITS: tl.constexpr, SCALE_FMT: tl.constexpr,
+                       LEVELS: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+                       NB3: tl.constexpr, KB: tl.constexpr, HAS_RES: tl.constexpr,
+                       HAS_BAD: tl.constexpr, UNIT: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        row = tab_ptr + pid * 8
+        data = tl.load(row + 0)
+        roff = tl.load(row + 1)
+        n = tl.load(row + 2)
+        mbase = tl.load(row + 3)
+        soff = mbase + tl.load(row + 4)
+        coff = mbase + tl.load(row + 5)
+        ctr = tl.load(row + 6)
+        # lanes (g, h, i) hold value e = 8g + 4h + i: a group of 8 values packs into whole
+        # bytes, and (2g + h, i) is its Philox (counter, output) — no shuffles needed
+        G: tl.constexpr = BLOCK // 8
+        g = tl.arange(0, G)[:, None, None]
+        h = tl.arange(0, 2)[None, :, None]
+        i = tl.arange(0, 4)[None, None, :]
+        e = 8 * g + 4 * h + i
+        m = e < n
+        v = tl.load(x_ptr + data + e, mask=m, other=0.0)
+        if HAS_RES:
+            res = tl.load(res_ptr + roff + e, mask=m, other=0.0)
+            if UNIT:
+                v = v + res
+            else:
+                v = v + res * S
+        finite = tl.min(tl.where(m, (tl.abs(v) < float("inf")).to(tl.int32), 1))
+        n64 = n.to(tl.float64)
+        w = v
+        bound = 0.0
+        if KIND == 0:
+            raw = (tl.sum(tl.where(m, tl.abs(v), 0.0).to(tl.float64)) / n64).to(tl.float32)
+        elif KIND == 1:
+            raw = tl.sum(v * 0) + 1.0
+        elif KIND == 2:
+            if CLIP > 0:
+                mean = (tl.sum(v.to(tl.float64)) / n64).to(tl.float32)
+                dv = tl.where(m, v - mean, 0.0).to(tl.float64)
+                bound = (CLIP * tl.sqrt(tl.sum(dv * dv) / n64)).to(tl.float32)
+                w = tl.minimum(tl.maximum(v, -bound), bound)
+            raw = tl.max(tl.where(m, tl.abs(w), 0.0))
+        else:
+            v64 = v.to(tl.float64)
+            raw = tl.sqrt(tl.sum(v64 * v64)).to(tl.float32)
+        if SCALE_FMT == 2:
+            sbits = _bf16_bits(raw)
+            s = (sbits << 16).to(tl.float32, bitcast=True)
+        else:
+            sbits = raw.to(tl.uint32, bitcast=True)
+            s = raw
+        bad = (finite == 0) | (tl.abs(s) >= float("inf")) | (s != s)
+        r = s * 0.0
+        step = s * 0.0
+        if KIND == 3:
+            pos = s > 0
+            r = tl.where(pos, tl.math.div_rn(s * 0 + 1.0, tl.where(pos, s, 1.0)), 0.0)
+            r = tl.where(tl.abs(r) < float("inf"), r, 0.0)
+            step = tl.math.div_rn(s, s * 0 + LEVELS)
+        if SCALE_FMT == 1:
+            t4 = tl.arange(0, 4)
+            sb = tl.where(bad, 0x7FC00000, sbits)
+            tl.store(msg_ptr + soff + t4, ((sb >> (8 * t4)) & 0xFF).to(tl.uint8))
+        elif SCALE_FMT == 2:
+            t2 = tl.arange(0, 2)
+            sb = tl.where(bad, 0x7FC0, sbits)
+            tl.store(msg_ptr + soff + t2, ((sb >> (8 * t2)) & 0xFF).to(tl.uint8))
+        if HAS_BAD:
+            tl.store(bad_ptr + pid, bad.to(tl.int32))
+        good = e * 0 + (1 - bad.to(tl.int32)) > 0  # the block is finite
+        if CODE_BITS > 0:
+            if KIND >= 2:
+                r0, r1, r2, r3 = _philox_u(key, ctr, 2 * g + h)
+                u = _to_uniform(tl.where(i == 0, r0, tl.where(i == 1, r1,
+                                                              tl.where(i == 2, r2, r3))))
+            else:
+                u = v * 0
+            c, d = _code_and_decode(v, w, u, s, r, step, KIND, LEVELS)
+            c = tl.where(m & good, c, 0)  # padding lanes and non-finite blocks code 0
+            if HAS_RES:
+                if UNIT:
+                    enew = v - d
+                else:
+                    enew = (v - d) * inv_s
+                tl.store(res_ptr + roff + e, enew, mask=m & good)
+            word = tl.sum(tl.sum(c.to(tl.uint64) << (CODE_BITS * (4 * h + i)).to(tl.uint64),
+                                 axis=2), axis=1)  # (G,): the group's k bytes, little-endian
+            tb = tl.arange(0, KB)[None, :]  # KB = next power of two >= k: dense byte tiles
+            by = ((word[:, None] >> (8 * tb).to(tl.uint64)) & 0xFF).to(tl.uint8)
+            posb = tl.arange(0, G)[:, None] * CODE_BITS + tb
+            nbytes = (n * CODE_BITS + 7) // 8
+            tl.store(msg_ptr + coff + posb, by, mask=(tb < CODE_BITS) & (posb < nbytes))
+        else:  # base-3: lanes (byte b, trit mm) hold value 5b + mm
+            b = tl.arange(0, NB3)[:, None]
+            mm = tl.arange(0, 8)[None, :]
+            ev = 5 * b + mm
+            ok = (mm < 5) & (ev < n)
+            v2 = tl.load(x_ptr + data + ev, mask=ok, other=0.0)
+            if HAS_RES:
+                e2 = tl.load(res_ptr + roff + ev, mask=ok, other=0.0)
+                if UNIT:
+                    v2 = v2 + e2
+                else:
+                    v2 = v2 + e2 * S
+            w2 = v2
+            if CLIP > 0:
+                w2 = tl.minimum(tl.maximum(v2, -bound), bound)
+            q0, q1, q2, q3 = _philox_u(key, ctr, ev // 4)
+            t = ev % 4
+            u2 = _to_uniform(tl.where(t == 0, q0, tl.where(t == 1, q1, tl.where(t == 2, q2, q3))))
+            c2, d2 = _code_and_decode(v2, w2, u2, s, r, step, KIND, LEVELS)
+            good2 = ev * 0 + (1 - bad.to(tl.int32)) > 0
+            c2 = tl.where(ok & good2, c2, 0)
+            if HAS_RES:
+                if UNIT:
+                    enew2 = v2 - d2
+                else:
+                    enew2 = (v2 - d2) * inv_s
+                tl.store(res_ptr + roff + ev, enew2, mask=ok & good2)
+            byte = tl.sum(c2 * _pow3(mm), axis=1)
+            bidx = tl.arange(0, NB3)
+            tl.store(msg_ptr + coff + bidx, byte.to(tl.uint8), mask=bidx < (n + 4) // 5)
+
+    @triton.jit
+    def _decode_kernel(msg_ptr, tab_ptr, out_ptr, stride, flag_off, inv_n,
+                       NPEERS: tl.constexpr, KIND: tl.constexpr, CODE_BITS: tl.constexpr,
+                       SCALE_FMT: tl.constexpr, LEVELS: tl.constexpr, BLOCK: tl.constexpr,
+                       NB3: tl.constexpr, KB: tl.constexpr, MODE: tl.constexpr,
+                       HAS_FLAG: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        row = tab_ptr + pid * 8
+        data = tl.load(row + 0)
+        n = tl.load(row + 2)
+        mbase = tl.load(row + 3)
+        srel = tl.load(row + 4)
+        crel = tl.load(row + 5)
+        if CODE_BITS == 0:  # lanes (byte b, trit mm): value 5b + mm
+            G: tl.constexpr = NB3
+            gg = tl.arange(0, NB3)[:, None]
+            mm = tl.arange(0, 8)[None, :]
+            e = 5 * gg + mm
+            m = (mm < 5) & (e < n)
+            p3 = _pow3(mm)
+            acc = tl.zeros((NB3, 8), dtype=tl.float32)
+        else:  # lanes (g, h, i): value 8g + 4h + i; a group of 8 values is CODE_BITS bytes
+            G: tl.constexpr = BLOCK // 8
+            gg = tl.arange(0, G)[:, None, None]
+            h = tl.arange(0, 2)[None, :, None]
+            i = tl.arange(0, 4)[None, None, :]
+            e = 8 * gg + 4 * h + i
+            m = e < n
+            tb = tl.arange(0, KB)[None, :]  # KB = next power of two >= k: dense byte tiles
+            posb = tl.arange(0, G)[:, None] * CODE_BITS + tb
+            nbytes = (n * CODE_BITS + 7) // 8
+            bmask = (tb < CODE_BITS) & (posb < nbytes)
+            acc = tl.zeros((G, 2, 4), dtype=tl.float32)
+        for p in tl.static_range(NPEERS):  # unrolled: every peer's loads in flight at once
+            base = mbase + p * stride
+            if SCALE_FMT == 1:
+                t4 = tl.arange(0, 4)
+                sb = tl.load(msg_ptr + base + srel + t4).to(tl.uint32)
+                s = tl.sum(sb << (8 * t4).to(tl.uint32), axis=0).to(tl.float32, bitcast=True)
+            elif SCALE_FMT == 2:
+                t2 = tl.arange(0, 2)
+                sb = tl.load(msg_ptr + base + srel + t2).to(tl.uint32)
+                s = (tl.sum(sb << (8 * t2).to(tl.uint32), axis=0) << 16).to(tl.float32,
+                                                                          bitcast=True)
+            else:
+                s = 1.0
+            cp = msg_ptr + base + crel
+            if CODE_BITS == 0:
+                cb = tl.load(cp + gg, mask=(gg < (n + 4) // 5), other=0).to(tl.int32)
+                c = (cb // p3) % 3
+            else:
+                by = tl.load(cp + posb, mask=bmask, other=0).to(tl.uint64)
+                word = tl.sum(by << (8 * tb).to(tl.uint64), axis=1)
+                c = ((word[:, None, None] >> (CODE_BITS * (4 * h + i)).to(tl.uint64))
+                     & ((1 << CODE_BITS) - 1)).to(tl.int32)
+            if KIND <= 1:
+                d = tl.where(c == 1, s, -s)
+            elif KIND == 2:
+                d = tl.where(c == 2, s, tl.where(c == 0, -s, 0.0))
+            else:
+                step = tl.math.div_rn(s, s * 0 + LEVELS)
+                mag = (c >> 1).to(tl.float32) * step
+                d = tl.where((c & 1) == 1, -mag, mag)
+            if HAS_FLAG:
+                f = tl.load(msg_ptr + base + flag_off)
+                d = tl.where(f != 0, float("nan"), d)
+            if p == 0:
+                acc = d
+            else:
+                acc = acc + d
+        if MODE == 1:
+            acc = acc * inv_n
+        elif MODE == 2:
+            acc = tl.where(acc != acc, acc, tl.where(acc >= 0, 1.0, -1.0))
+        tl.store(out_ptr + data + e, acc, mask=m)
+
+
+def _block(spec) -> int:
+    return max(16, triton.next_power_of_2(spec.block))  # lanes: 16 .. next power of two
+
+
+def _kb(spec) -> int:
+    return triton.next_power_of_2(max(1, spec.code_bits))
+
+
+def _warps(block: int) -> int:
+    return max(1, min(8, block // 256))
+
+
+def encode(spec, x: Tensor, table: Tensor, msg: Tensor, residual: Tensor | None,
+           grad_scale: float, key: int, bad: Tensor | None) -> None:
+    nblocks = table.shape[0]
+    if nblocks == 0:
+        return
+    BLOCK = _block(spec)
+    nb3 = triton.next_power_of_2(-(-spec.block // 5))
+    dummy = x
+    _encode_kernel[(nblocks,)](
+        x, table, msg, residual if residual is not None else dummy,
+        bad if bad is not None else table, float(grad_scale), f32_recip(grad_scale), int(key),
+        KIND=_KINDS[spec.kind], CODE_BITS=spec.code_bits, SCALE_FMT=_SCALES[spec.scale],
+        LEVELS=spec.levels, CLIP=float(spec.clip), BLOCK=BLOCK, NB3=nb3, KB=_kb(spec),
+        HAS_RES=residual is not None, HAS_BAD=bad is not None, UNIT=float(grad_scale) == 1.0,
+        num_warps=_warps(BLOCK), **({} if _INTERPRET else {"enable_fp_fusion": False}))
+
+
+def decode(spec, msg: Tensor, table: Tensor, out: Tensor, npeers: int, peer_stride: int,
+           flag_off: int, mode: str) -> None:
+    nblocks = table.shape[0]
+    if nblocks == 0:
+        return
+    BLOCK = _block(spec)
+    _decode_kernel[(nblocks,)](
+        msg, table, out, int(peer_stride), int(flag_off), f32_recip(npeers),
+        NPEERS=int(npeers), KIND=_KINDS[spec.kind], CODE_BITS=spec.code_bits, SCALE_FMT=_SCALES[spec.scale],
+        LEVELS=spec.levels, BLOCK=BLOCK, NB3=triton.next_power_of_2(-(-spec.block // 5)),
+        KB=_kb(spec), MODE=_MODES[mode], HAS_FLAG=flag_off >= 0,
+        num_warps=_warps(BLOCK), **({} if _INTERPRET else {"enable_fp_fusion": False}))

@@ -1,0 +1,225 @@
+"""dqt.kernels.blockq: every implementation (C on CPU, Triton — through the interpreter on CPU,
+on the GPU when there is one — and the pure-torch reference) produces the same message bytes,
+the same residuals, the same non-finite flags and the same decoded values (DESIGN invariant 2),
+parametrized over every kind, code width, scale format and block size, on tables whose blocks
+sit at arbitrary offsets (as bucket layouts make them), with error feedback and a loss scale.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dqt.kernels import blockq
+from dqt.kernels.blockq import BlockSpec, available_impls, table_from_rows
+
+# the interpreter computes NaN·0 and NaN − x of non-finite blocks in numpy, which warns
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+FAST = [i for i in available_impls("cpu") if i != "reference"]
+SPECS = {
+    "onebit/bf16": BlockSpec("sign_mean", 64, 1, "bf16"),
+    "sign_mean/fp32": BlockSpec("sign_mean", 128, 1, "fp32"),
+    "sign": BlockSpec("sign", 64, 1, "none"),
+    "ternary/2bit": BlockSpec("ternary", 64, 2, "fp32"),
+    "ternary/base3": BlockSpec("ternary", 64, 0, "fp32"),
+    "ternary/2bit/clip": BlockSpec("ternary", 96, 2, "fp32", clip=2.5),
+    "ternary/base3/clip/bf16": BlockSpec("ternary", 64, 0, "bf16", clip=1.7),
+    "qsgd/2": BlockSpec("qsgd", 64, 2, "fp32", levels=1),
+    "qsgd/3": BlockSpec("qsgd", 64, 3, "fp32", levels=3),
+    "qsgd/4": BlockSpec("qsgd", 2048, 4, "fp32", levels=7),
+    "qsgd/8": BlockSpec("qsgd", 64, 8, "fp32", levels=127),
+}
+
+
+def _scattered_table(spec: BlockSpec, lengths: list[int], gen: torch.Generator):
+    """Blocks at shuffled, gapped data/residual offsets, two messages with their own scale and
+    code areas — the shape of a real bucket layout. Returns (table, data size, message bytes)."""
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    data_off, pos = {}, 0
+    for k in order:  # data in another order than the blocks, with 3-value gaps
+        data_off[k] = pos
+        pos += lengths[k] + 3
+    half = (len(lengths) + 1) // 2
+    msgs = [list(range(half)), list(range(half, len(lengths)))]
+    sizes = [spec.message_nbytes([lengths[k] for k in m]) for m in msgs]
+    M = max(sizes) + 5
+    rows = []
+    for r, blocks in enumerate(msgs):
+        code = spec.scale_nbytes * len(blocks)
+        for i, k in enumerate(blocks):
+            rows.append((data_off[k], data_off[k] + 1, lengths[k], r * M, i * spec.scale_nbytes,
+                         code, 100 + k))
+            code += spec.code_nbytes(lengths[k])
+    return table_from_rows(rows), pos + 1, 2 * M
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equal, NaN == NaN (NaN payloads differ between CPUs and GPUs)."""
+    nan = torch.isnan(a)
+    return bool(torch.equal(nan, torch.isnan(b)) and torch.equal(a[~nan], b[~nan]))
+
+
+def _run_encode(spec, x, table, nbytes, res, scale, key, impl, device="cpu"):
+    msg = torch.full((nbytes,), 0xAB, dtype=torch.uint8, device=device)  # poison: gaps stay
+    r = res.clone().to(device)
+    bad = torch.full((table.shape[0],), -1, dtype=torch.int32, device=device)
+    blockq.encode(spec, x.to(device), table.to(device), msg, r, scale, key, bad, impl=impl)
+    return msg.cpu(), r.cpu(), bad.cpu()
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.75, 1024.0])
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("impl", FAST)
+def test_encode_matches_reference(impl, name, scale):
+    spec = SPECS[name]
+    g = torch.Generator().manual_seed(hash(name) % 1000)
+    B = spec.block
+    lengths = [B, 1, 7, 8, B - 1, 13, B, 40, 3, B]
+    table, n, nbytes = _scattered_table(spec, lengths, g)
+    x = torch.randn(n, generator=g) * torch.logspace(-3, 1, n)[torch.randperm(n, generator=g)]
+    x[torch.randint(0, n, (n // 20,), generator=g)] = 0.0
+    x[table[1, 0]] = math.inf  # block 1 is non-finite
+    x[table[8, 0] + 2] = math.nan  # so is block 8
+    res = torch.randn(n, generator=g) * 0.01
+    key = 0x5DEECE66D ^ hash(name) % 10000
+    ref = _run_encode(spec, x, table, nbytes, res, scale, key, "reference")
+    got = _run_encode(spec, x, table, nbytes, res, scale, key, impl)
+    assert torch.equal(got[0], ref[0]), "message bytes differ"
+    assert torch.equal(got[2], ref[2]) and ref[2].tolist().count(1) == 2, "non-finite flags"
+    assert _equal(got[1], ref[1]), "residuals differ"
+    # the residual of a non-finite block is untouched, the gaps between blocks too
+    assert torch.equal(ref[1][table[1, 1]:table[1, 1] + 1], res[table[1, 1]:table[1, 1] + 1])
+    gaps = torch.ones(n, dtype=torch.bool)
+    for d, r_, ln in table[:, :3].tolist():
+        gaps[r_:r_ + ln] = False
+    assert torch.equal(ref[1][gaps], res[gaps])
+    covered = torch.zeros(nbytes, dtype=torch.bool)
+    for row in table.tolist():
+        covered[row[3] + row[4]:row[3] + row[4] + spec.scale_nbytes] = True
+        covered[row[3] + row[5]:row[3] + row[5] + spec.code_nbytes(row[2])] = True
+    assert torch.all(ref[0][~covered] == 0xAB), "bytes outside the blocks were written"
+
+
+@pytest.mark.parametrize("mode", ["copy", "mean", "vote"])
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("impl", FAST)
+def test_decode_matches_reference(impl, name, mode):
+    spec = SPECS[name]
+    g = torch.Generator().manual_seed(7 + hash(name) % 1000)
+    lengths = [spec.block, 5, 24, spec.block - 3]
+    table, n, nbytes = _scattered_table(spec, lengths, g)
+    npeers = 1 if mode == "copy" else 3
+    msgs = []
+    for p in range(npeers):
+        x = torch.randn(n, generator=g)
+        if p == 1:
+            x[table[2, 0]] = math.nan
+        msgs.append(_run_encode(spec, x, table, nbytes, torch.zeros(n), 1.0, p, "reference")[0])
+    M = nbytes // 2  # each peer sends two messages of M bytes; the last byte is free
+    flag_off = M - 1 if mode == "vote" else -1
+    if mode == "vote":
+        msgs[2][M - 1] = msgs[2][2 * M - 1] = 1  # peer 2 flags its messages: NaN everywhere
+    wire = torch.cat(msgs)
+    outs = {}
+    for which in ("reference", impl):
+        out = torch.full((n,), 7.5)  # poison: the gaps keep it
+        blockq.decode(spec, wire, table, out, npeers=npeers, peer_stride=nbytes,
+                      flag_off=flag_off, mode=mode, impl=which)
+        outs[which] = out
+    assert _equal(outs[impl], outs["reference"])
+    assert (outs["reference"] == 7.5).sum() == n - sum(lengths)
+    if mode == "vote":
+        assert torch.isnan(outs["reference"][table[0, 0]:table[0, 0] + lengths[0]]).all()
+
+
+def test_decode_sums_in_peer_order_then_averages():
+    """mean of N peers = (d₀ + d₁ + …)/N in fp32, exactly: checked against the formula."""
+    spec = BlockSpec("sign_mean", 16, 1, "fp32")
+    table, _ = blockq.linear_table(spec, 16)
+    xs = [torch.full((16,), v) for v in (1e8, 1.0, -1e8)]
+    msgs = []
+    for x in xs:
+        m = torch.zeros(spec.message_nbytes([16]), dtype=torch.uint8)
+        blockq.encode(spec, x, table, m, impl="reference")
+        msgs.append(m)
+    for impl in available_impls("cpu"):
+        out = torch.empty(16)
+        blockq.decode(spec, torch.cat(msgs), table, out, npeers=3, peer_stride=msgs[0].numel(),
+                      mode="mean", impl=impl)
+        expected = ((torch.tensor(1e8) + 1.0) + -1e8) / 3  # fp32: 1e8 + 1 rounds to 1e8
+        assert torch.equal(out, torch.full((16,), float(expected))), impl
+
+
+def test_stochastic_rounding_depends_on_key_and_counter():
+    spec = SPECS["ternary/2bit"]
+    x = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    rows = lambda ctr: table_from_rows([(0, 0, 64, 0, 0, 4, ctr)])  # noqa: E731
+    enc = {}
+    for key, ctr in [(1, 0), (1, 0), (2, 0), (1, 1)]:
+        m = torch.zeros(20, dtype=torch.uint8)
+        blockq.encode(spec, x, rows(ctr), m, key=key)
+        enc.setdefault((key, ctr), []).append(m)
+    assert torch.equal(*enc[(1, 0)])
+    assert not torch.equal(enc[(1, 0)][0], enc[(2, 0)][0])
+    assert not torch.equal(enc[(1, 0)][0], enc[(1, 1)][0])
+
+
+def test_bad_arguments():
+    spec = SPECS["onebit/bf16"]
+    table, nbytes = blockq.linear_table(spec, 10)
+    msg = torch.zeros(nbytes, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="fp32"):
+        blockq.encode(spec, torch.zeros(10, dtype=torch.float16), table, msg)
+    with pytest.raises(ValueError, match="table must be int64"):
+        blockq.encode(spec, torch.zeros(10), table[:, :7].contiguous(), msg)
+    with pytest.raises(ValueError, match="mode"):
+        blockq.decode(spec, msg, table, torch.zeros(10), mode="median")
+    with pytest.raises(ValueError, match="impl"):
+        blockq.encode(spec, torch.zeros(10), table, msg, impl="cuda")
+    with pytest.raises(ValueError, match="block must be a positive multiple of 8"):
+        BlockSpec("sign_mean", 12, 1, "bf16")
+    with pytest.raises(ValueError, match="levels"):
+        BlockSpec("qsgd", 64, 2, "fp32", levels=3)
+
+
+def test_import_touches_no_device_and_needs_no_triton():
+    """``import dqt.kernels.blockq`` works without CUDA and without triton: checked in a child
+    process where importing triton fails and CUDA is hidden."""
+    import subprocess
+    import sys
+
+    code = ("import sys, builtins; real = builtins.__import__\n"
+            "def imp(name, *a, **k):\n"
+            "    if name.split('.')[0] == 'triton': raise ImportError('no triton')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = imp\n"
+            "import torch, dqt, dqt.comm, dqt.kernels.blockq as b\n"
+            "from dqt.kernels import blockq_triton as t\n"
+            "assert not t.available() and not t.interpreting()\n"
+            "assert 'triton' not in b.available_impls('cpu')\n"
+            "print('ok')\n")
+    env = {"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(SPECS))
+def test_triton_on_gpu_matches_reference(name):
+    spec = SPECS[name]
+    g = torch.Generator().manual_seed(11)
+    lengths = [spec.block, 1, 7, spec.block - 1, 40]
+    table, n, nbytes = _scattered_table(spec, lengths, g)
+    x = torch.randn(n, generator=g)
+    x[table[1, 0]] = math.inf
+    res = torch.randn(n, generator=g) * 0.01
+    ref = _run_encode(spec, x, table, nbytes, res, 2.0, 99, "reference")
+    got = _run_encode(spec, x, table, nbytes, res, 2.0, 99, "triton", device="cuda")
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2]) and _equal(got[1], ref[1])
+    out_ref, out_gpu = torch.zeros(n), torch.zeros(n, device="cuda")
+    blockq.decode(spec, ref[0], table, out_ref, impl="reference")
+    blockq.decode(spec, ref[0].cuda(), table.cuda(), out_gpu, impl="triton")
+    assert _equal(out_gpu.cpu(), out_ref)
