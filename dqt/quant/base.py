@@ -129,7 +129,7 @@ class _QuantizeGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, q: Quantizer) -> Tensor:
         ctx.q = q
-        return x.view_as(x)
+        return x.clone()  # a fresh tensor: the next layer may modify it in place (ReLU)
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
