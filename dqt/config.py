@@ -242,6 +242,7 @@ class QuantizerConfig:
     init: Optional[float] = None  # PACT α₀, LSQ s₀, TTQ W_p/W_n (null = derived from data)
     history: Optional[int] = None  # Autoflex: maxima kept per tensor
     order: Optional[int] = None  # HORQ residual order
+    rescale: Optional[bool] = None  # DoReFa k>1: scale the weights by mean|W| (no BatchNorm)
 
 
 @dataclass

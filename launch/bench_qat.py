@@ -46,6 +46,10 @@ DEFAULT = [m for m in METHODS if not m.startswith(("LSQ", "PACT"))]  # the issue
 def run(label: str, seed: int, nproc: int, extra: list[str], out_root: str) -> dict:
     slug = label.split(" (")[0].replace(" ", "_").replace("+", "p")
     run_dir = os.path.join(out_root, slug, f"seed{seed}")
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.isfile(metrics) and '"summary"' in open(metrics).read():  # finished: reuse
+        with open(metrics) as f:
+            return [json.loads(line) for line in f if '"summary"' in line][-1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", os.path.join(ROOT, "launch", "train.py"),
            *BASE, *METHODS[label], f"seed={seed}", f"hydra.run.dir={run_dir}", *extra]

@@ -4,6 +4,10 @@
 * ``dorefa_w`` (weights): k > 1: w_q = 2·quantize_k(tanh(w) / (2·max|tanh(w)|) + ½) − 1, the max
   over the whole tensor *not* stop-gradiented (tensorpack); k = 1: w_q = E(|w|)·sign(w), E the
   layer mean with stop-gradient, sign(0) = +1, identity STE.
+  ``rescale: true`` multiplies the k > 1 weights by E(|w|) (stop-gradient) as the k = 1 case
+  does: DoReFa's ±1-range weights assume a BatchNorm after the layer; without one (the repo's
+  MLP/CNN) the activations blow up and training collapses (measured: chance accuracy on the
+  digits CNN). The affine export then has scale 2·E/(2^k − 1).
 * ``dorefa_a`` (input activations): a_q = quantize_k(clip(a, 0, 1)) — DoReFa's ``nonlin`` clip
   fused in, since the layer input here is the output of the model's own ReLU; gradient 1{0≤a≤1}.
 * ``dorefa_g`` (gradient of the layer output, identity forward): per sample, M = max|g| over
@@ -53,9 +57,9 @@ class DoReFaWeight(Quantizer):
     name = "dorefa_w"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 2) -> None:
+    def __init__(self, kind: str, bits: int = 2, rescale: bool = False) -> None:
         super().__init__(kind)
-        self.bits = bits
+        self.bits, self.rescale = bits, rescale
 
     @classmethod
     def check(cls, kind: str, args: dict[str, Any]) -> None:
@@ -69,7 +73,10 @@ class DoReFaWeight(Quantizer):
         n = float(2 ** self.bits - 1)
         t = torch.tanh(w)
         r = t / (2 * t.abs().amax()) + 0.5
-        return round_ste(r * n), torch.tensor(2.0 / n), torch.tensor(n / 2)
+        s = torch.tensor(2.0 / n)
+        if self.rescale:  # w_q·E(|w|), E stop-gradient (as DoReFa's own k = 1 case)
+            s = s * w.detach().abs().mean()
+        return round_ste(r * n), s, torch.tensor(n / 2)
 
     def quantize(self, w: Tensor) -> Tensor:
         q, s, z = self._affine(w)
