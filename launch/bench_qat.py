@@ -8,7 +8,8 @@ runs (like launch/bench_accuracy.py).
 Prints a markdown table: mean ± std of the final test accuracy over seeds, the difference to
 fp32, the per-seed values and the packed model size (from the run's QAT summary). Every method
 runs the same config (``experiment=digits_cnn``: LeNet CNN, SGD lr 0.05, 300 steps) — only the
-``qat`` / ``precision`` group differs. Run directories: ``outputs/bench_qat/<method>/seed<k>``.
+``qat`` / ``precision`` group differs. Run directories: ``outputs/bench_qat/<method>/seed<k>``;
+a finished one is reused (delete ``outputs/bench_qat`` to start over).
 """
 
 from __future__ import annotations
