@@ -221,10 +221,72 @@ class OptimConfig:
 
 # --------------------------------------------------------------------------- qat
 @dataclass
+class QuantizerConfig:
+    """One tensor's quantizer: ``name`` from the quantizer registry (``dqt.quant.QUANTIZERS``)
+    and its arguments. A null argument takes the quantizer's default; setting an argument the
+    quantizer does not take is an error naming the key (``qat.rules[1].weight.t...``)."""
+
+    name: str = MISSING
+    bits: Optional[int] = None  # bit-width (mantissa bits for flex)
+    per_channel: Optional[bool] = None  # one scale per output channel (weights)
+    frac_bits: Optional[int] = None  # fixed point: fractional bits (the seed's ``sf``)
+    exp_bits: Optional[int] = None  # minifloat / flex exponent bits
+    mant_bits: Optional[int] = None  # minifloat mantissa bits
+    step: Optional[float] = None  # QNN LinearQuant step s
+    min_val: Optional[float] = None  # QNN clip minV
+    max_val: Optional[float] = None  # QNN clip maxV
+    fsr: Optional[int] = None  # log quantizer full-scale range (exponent of the largest level)
+    momentum: Optional[float] = None  # EMA range observer: weight of the new batch
+    stochastic: Optional[bool] = None  # BNN / BinaryConnect stochastic binarization
+    threshold: Optional[float] = None  # TWN Δ factor (0.7), TTQ t (0.05)
+    init: Optional[float] = None  # PACT α₀, LSQ s₀, TTQ W_p/W_n (null = derived from data)
+    history: Optional[int] = None  # Autoflex: maxima kept per tensor
+    order: Optional[int] = None  # HORQ residual order
+    rescale: Optional[bool] = None  # DoReFa k>1: scale the weights by mean|W| (no BatchNorm)
+
+
+@dataclass
+class QATSlotsConfig:
+    """The quantizers of one layer: its weight, its input activation, and the gradient flowing
+    back into its output (identity forward). null = full precision."""
+
+    weight: Optional[QuantizerConfig] = None
+    act: Optional[QuantizerConfig] = None
+    grad: Optional[QuantizerConfig] = None
+
+
+@dataclass
+class QATRuleConfig(QATSlotsConfig):
+    """``match``: exact module name, glob (``layer2.*``) or ``re:<regex>`` (full match);
+    ``type``: module class name (``Linear``, ``Conv2d``, ``torch.nn.Embedding``). With both, both
+    must hold. The first matching rule is the layer's whole plan (slots it omits stay fp)."""
+
+    match: Optional[str] = None
+    type: Optional[str] = None
+
+
+@dataclass
 class QATConfig:
-    """Quantization-aware training; ``none`` trains in full precision."""
+    """Quantization-aware training: ordered ``rules`` (first match wins), then the ``default``
+    for every other quantizable layer (``types``); ``keep_first_last`` leaves the first and last
+    quantizable layers in full precision unless a rule names them; ``strict`` makes a rule that
+    matches no layer an error. ``fold_bn`` folds BatchNorm into the preceding conv during QAT;
+    ``replace_relu`` swaps ``nn.ReLU`` modules (hardtanh/identity: binary activations need a
+    signed input). ``none`` (no quantizer anywhere) trains in full precision."""
 
     name: str = "none"
+    default: QATSlotsConfig = field(default_factory=QATSlotsConfig)
+    rules: list[QATRuleConfig] = field(default_factory=list)
+    keep_first_last: bool = True
+    strict: bool = False
+    types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Embedding"])
+    fold_bn: bool = False
+    replace_relu: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        from dqt.quant.validate import validate_qat  # lazy: dqt.quant imports torch
+
+        validate_qat(self)
 
 
 # --------------------------------------------------------------------------- precision

@@ -1,9 +1,11 @@
 """Print a results table for dqt runs and write loss plots.
 
     python launch/report.py RUN_DIR [RUN_DIR ...] [--out DIR]
+    python launch/report.py --model RUN_DIR_OR_CHECKPOINT     # QAT size summary of one model
 
 Writes DIR/results.md, DIR/loss_vs_step.png and DIR/loss_vs_bytes.png (DIR defaults to
-``reports``).
+``reports``). ``--model`` prints the parameters per bit-width, packed size, fp32-equivalent size
+and compression ratio of a trained (QAT) model instead.
 """
 
 import argparse
@@ -17,9 +19,24 @@ from dqt.train.report import load_run, plot, results_table  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    ap.add_argument("runs", nargs="*", help="run directories (each with metrics.jsonl)")
     ap.add_argument("--out", default="reports", help="output directory (default: reports)")
+    ap.add_argument("--model", help="print the QAT size summary of this run / checkpoint")
     args = ap.parse_args(argv)
+    if args.model:
+        from dqt.quant.summary import format_summary, summarize
+        from dqt.train.export import load_trained
+
+        try:
+            model, info = load_trained(args.model)
+        except FileNotFoundError as e:
+            print(f"report: {e}", file=sys.stderr)
+            return 2
+        print(f"{info['checkpoint']} (step {info['step']}, qat {info['qat']['name']})")
+        print(format_summary(summarize(model)))
+        return 0
+    if not args.runs:
+        ap.error("give run directories, or --model RUN_DIR")
     try:
         runs = [load_run(p) for p in args.runs]
     except FileNotFoundError as e:

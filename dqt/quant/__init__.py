@@ -1,21 +1,48 @@
-"""Quantization-aware training (the model side). ``QAT`` maps ``qat.name`` to a function that
-attaches quantizers to a model in place; ``none`` leaves it in full precision."""
+"""Quantization-aware training (the model side of dqt).
+
+``apply_qat(cfg.qat, model)`` attaches the quantizers that the ``qat`` config assigns to each
+layer (``dqt.quant.rules``, ``dqt.quant.prepare``); ``qat: none`` (no quantizer anywhere) leaves
+the model untouched. The quantizers themselves are registered by name in :data:`QUANTIZERS`:
+
+=================  ============================================================  ===========
+module             quantizers                                                     kinds
+=================  ============================================================  ===========
+``integer``        ``int`` (symmetric INT-k), ``uint`` (affine r = S(q − Z))      weight, act
+``fixed_point``    ``linear`` (the seed's), ``dynamic_fixed``, ``qnn_linear``     weight, act
+``minifloat``      ``minifloat`` (exp/mantissa bits)                              weight, act
+``learned``        ``lsq`` (weight, act), ``pact`` (act)
+``log_quant``      ``log_linear`` (the seed's), ``ap2``, ``log2`` (weight, act), ``pow2`` (weight)
+``tanh_quant``     ``tanh`` (the seed's)                                          weight, act
+``dorefa``         ``dorefa_w``, ``dorefa_a``, ``dorefa_g``                       w / a / grad
+``binary``         ``bnn_sign``, ``binary_connect``, ``bwn``, ``xnor``, ``horq``
+``ternary``        ``twn``, ``ttq``                                               weight
+``flexpoint``      ``flex`` (flex16+5 with Autoflex)                              w / a / grad
+=================  ============================================================  ===========
+
+``dqt.quant`` never imports ``dqt.train`` or ``dqt.comm``; it imports ``dqt.kernels`` for the
+packed weight layout.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from dqt.registry import Registry
+from dqt.quant import (binary, dorefa, fixed_point, flexpoint, integer, learned,  # noqa: F401
+                       log_quant, minifloat, tanh_quant, ternary)
+from dqt.quant.base import QUANTIZERS, Quantizer
+from dqt.quant.prepare import prepare, qat_step
 
-QAT: Registry[Callable[[Any, nn.Module], nn.Module]] = Registry("qat.name")
+__all__ = ["QUANTIZERS", "Quantizer", "apply_qat", "is_active", "prepare", "qat_step"]
 
 
-@QAT.register("none")
-def _no_qat(cfg: Any, model: nn.Module) -> nn.Module:
-    return model
+def is_active(cfg: Any) -> bool:
+    """Does this ``qat`` config attach anything (or change the model)?"""
+    slots = (cfg.default.weight, cfg.default.act, cfg.default.grad)
+    return bool(cfg.rules) or any(s is not None for s in slots) or bool(cfg.replace_relu)
 
 
 def apply_qat(cfg: Any, model: nn.Module) -> nn.Module:
-    return QAT.get(cfg.name)(cfg, model)
+    """Attach ``cfg``'s quantizers to ``model`` in place (before DDP wraps it)."""
+    return prepare(model, cfg) if is_active(cfg) else model

@@ -9,6 +9,7 @@ its own randomness (dropout). After the run all ranks compare a hash of their pa
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -27,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dqt.comm import build_scheme
 from dqt.config import OptimConfig, TrainConfig
-from dqt.quant import apply_qat
+from dqt.quant import apply_qat, is_active, qat_step
+from dqt.quant.summary import format_summary, summarize
 from dqt.train import distributed
 from dqt.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from dqt.train.data import ShardedLoader, build_dataset, eval_shard
@@ -71,7 +73,7 @@ def params_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -111,6 +113,7 @@ class Trainer:
         self.data = build_dataset(cfg.data)
         torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
         model = apply_qat(cfg.qat, build_model(cfg.model, self.data.meta)).to(self.device)
+        self.qat_active = is_active(cfg.qat)
         self.model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.scheme = build_scheme(cfg.scheme)
         self.scheme.attach(self.model)
@@ -161,7 +164,7 @@ class Trainer:
     def save(self) -> str:
         shared = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                   "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                  "step": self.step}
+                  "step": self.step, "data_meta": dataclasses.asdict(self.data.meta)}
         per_rank = {"rng": rng_state(), "scheme": self.scheme.state_dict(),
                     "params_sha256": params_digest(self.model.module)}  # this rank's own copy
         path = self.checkpointer.save(self.step, shared, per_rank)
@@ -207,6 +210,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.qat_active:  # quantizer statistics (EMA, Autoflex) synced over ranks, BNN clip
+            qat_step(self.model.module)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sync_device()
@@ -307,6 +312,13 @@ class Trainer:
         }
         if meter.total_sent:
             summary["comm/ratio"] = meter.total_raw / meter.total_sent
+        if self.qat_active:
+            size = summarize(self.model.module)
+            summary.update({"qat/packed_bytes": size["packed_bytes"],
+                            "qat/fp32_bytes": size["fp32_bytes"],
+                            "qat/compression": size["compression"],
+                            "qat/params_by_bits": size["params_by_bits"]})
+            log.info("qat size summary\n%s", format_summary(size))
         if not summary["params_in_sync"]:
             log.error("parameters differ across ranks at the end of the run: %s", digests)
         sent, raw = meter.total_sent, meter.total_raw

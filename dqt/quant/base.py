@@ -1,0 +1,164 @@
+"""The quantizer base class and the registry that names every quantizer.
+
+A :class:`Quantizer` is an ``nn.Module`` that fake-quantizes one tensor of a layer:
+
+* ``kind="weight"``: registered as a parametrization of the layer's ``weight``;
+* ``kind="act"``: applied to the layer's input by a forward pre-hook;
+* ``kind="grad"``: identity in the forward pass; in the backward pass it quantizes the gradient
+  flowing into the layer's *output* (DoReFa's ``fg``), attached by a forward hook.
+
+The maths always runs in fp32 with autocast disabled and the result is cast back to the input
+dtype, so QAT works under ``precision=bf16|fp16`` (the complaint of pytorch#42351/#94371).
+
+State that must survive a checkpoint lives in buffers or parameters. State computed from
+per-rank data (EMA ranges, Autoflex maxima, LSQ's first-batch init) is never written in
+``forward``: the quantizer records ``stats()`` and :func:`dqt.quant.prepare.qat_step` all-reduces
+them (MAX) over the ranks once per optimizer step and calls ``commit`` with the result, so the
+state is identical on every rank.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import Tensor, nn
+
+from dqt.registry import Registry
+
+QUANTIZERS: Registry[type["Quantizer"]] = Registry("quantizer name")
+KINDS = ("weight", "act", "grad")
+
+
+class ArgError(ValueError):
+    """A bad quantizer argument; ``field`` is the argument name (``bits``), or "" for the spec."""
+
+    def __init__(self, field: str, msg: str) -> None:
+        self.field, self.msg = field, msg
+        super().__init__(f"{field}: {msg}" if field else msg)
+
+
+def need(ok: bool, field: str, msg: str) -> None:
+    if not ok:
+        raise ArgError(field, msg)
+
+
+class Quantizer(nn.Module):
+    """Base class. Subclasses set ``name`` (registry key), ``kinds`` and implement
+    :meth:`quantize` (fp32 in → fp32 out, with its straight-through estimator)."""
+
+    name: ClassVar[str] = ""
+    kinds: ClassVar[tuple[str, ...]] = ("weight", "act")
+    stateful: ClassVar[bool] = False  # True: implements stats() / commit()
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.layer: Optional[nn.Module] = None  # set by prepare (not a submodule)
+
+    # ---------------------------------------------------------------- arguments
+    @classmethod
+    def arg_names(cls) -> list[str]:
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kind")]
+
+    @classmethod
+    def check(cls, kind: str, args: dict[str, Any]) -> None:
+        """Raise :class:`ArgError` for an out-of-range argument (subclasses extend)."""
+
+    def extra_repr(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.arg_names() if hasattr(self, k))
+        return f"{self.kind}, {args}" if args else self.kind
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)}" for k in self.arg_names() if hasattr(self, k))
+        return f"{self.name}({args})"
+
+    # ---------------------------------------------------------------- the maths
+    def quantize(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "grad":
+            return _QuantizeGrad.apply(x, self)
+        if not x.is_floating_point():
+            return x
+        with torch.autocast(x.device.type, enabled=False):
+            y = self.quantize(x.float())
+        return y.to(x.dtype)
+
+    # ---------------------------------------------------------------- export / summary
+    def storage_bits(self) -> Optional[float]:
+        """Bits per weight in the export (None: not exportable as codes)."""
+        return getattr(self, "bits", None)
+
+    def encode(self, w: Tensor) -> Any:
+        """Weight → codes (a ``dqt.quant.codes`` format) whose decode equals ``quantize(w)``
+        bit for bit. Weight quantizers implement it."""
+        raise NotImplementedError(f"{self.name} does not export weights")
+
+    # ---------------------------------------------------------------- cross-rank state
+    def stats(self) -> Optional[Tensor]:
+        """Statistics recorded since the last commit (fixed size; −inf where nothing was
+        recorded); MAX-reduced over ranks before :meth:`commit`."""
+        return None
+
+    def commit(self, stats: Tensor) -> None:
+        """Update the state from the rank-reduced statistics (identical on every rank)."""
+
+    def after_step(self, weight: Optional[Tensor]) -> None:
+        """Called after every optimizer step with the layer's real weight (BNN clipping)."""
+
+    @property
+    def recording(self) -> bool:
+        return self.training and torch.is_grad_enabled()
+
+    # ---------------------------------------------------------------- attaching
+    def bind(self, layer: nn.Module) -> None:
+        """Remember the layer (not as a submodule: no cycle in ``named_modules``)."""
+        self.__dict__["layer"] = layer
+
+    def init_from(self, weight: Tensor) -> None:
+        """Weight quantizers: initialise learned parameters from the (initial) weight."""
+
+
+class _QuantizeGrad(torch.autograd.Function):
+    """Identity forward; the backward pass quantizes the incoming gradient with ``q.quantize``
+    (fp32, autocast off). Non-finite gradients stay non-finite so GradScaler still skips."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, q: Quantizer) -> Tensor:
+        ctx.q = q
+        return x.clone()  # a fresh tensor: the next layer may modify it in place (ReLU)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None]:
+        with torch.autocast(g.device.type, enabled=False):
+            out = ctx.q.quantize(g.float())
+        out = torch.where(torch.isfinite(g), out.to(g.dtype), g)
+        return out, None
+
+
+def register(cls: type[Quantizer]) -> type[Quantizer]:
+    """Class decorator: add a quantizer to :data:`QUANTIZERS` under ``cls.name``."""
+    assert cls.name, cls
+    QUANTIZERS.register(cls.name)(cls)
+    return cls
+
+
+def per_channel_dims(x: Tensor) -> tuple[int, ...]:
+    """Every dim but the first (output channels of Linear/Conv, rows of Embedding)."""
+    return tuple(range(1, x.dim()))
+
+
+def amax(x: Tensor, per_channel: bool) -> Tensor:
+    """max|x| over the tensor, or per output channel (keepdim, broadcastable to x)."""
+    if per_channel and x.dim() > 1:
+        return x.abs().amax(dim=per_channel_dims(x), keepdim=True)
+    return x.abs().amax()
+
+
+def to_rows(t: Tensor, w: Tensor) -> Tensor:
+    """A per-tensor or per-channel (keepdim) quantity → one fp32 value per output row (N,)."""
+    return t.detach().float().reshape(-1).expand(w.shape[0]).clone() if t.numel() == 1 \
+        else t.detach().float().reshape(w.shape[0])

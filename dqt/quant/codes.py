@@ -1,0 +1,218 @@
+"""Export formats of quantized weights: integer codes plus the few numbers that decode them.
+
+Every weight quantizer's ``encode(w)`` returns one of these for the weight viewed as (N, K)
+(N = output channels / embedding rows, K = everything else, conv weights flattened to
+in·kh·kw). ``decode()`` rebuilds the fake-quantized weight **bit for bit**: quantizers compute
+their forward value with the same fp32 operations, so an exported model's outputs equal the
+fake-quant model's (tested). ``tensors()`` gives what goes into safetensors, ``meta()`` the JSON.
+
+Formats
+-------
+``affine``   W[n,k] = scale[n]·(code[n,k] − zero[n]), codes in [0, 2^bits), packed along K into
+             int32 by ``dqt.kernels.lowbit_pack.pack_weight`` (the packed-GEMM layout) at
+             ``storage_bits`` ∈ {1, 2, 4, 8} (bits rounded up: 3 → 4, 5..7 → 8).
+             1-bit ±α: code = [w ≥ 0], zero = ½, scale = 2α. Ternary: code = t + 1, zero = 1.
+``ternary2`` TTQ {−W_n, 0, +W_p}: 2-bit codes t + 1 packed as above, W = pos[n] if code = 2,
+             −neg[n] if code = 0, else 0 (not affine in one code when W_p ≠ W_n).
+``log``      one int8 (int16 if the range needs it) code per weight: 0 → 0, else
+             W = sign(code) · base^((|code| − 1 + e_min) · step), e_min one int per tensor
+             (power-of-two weights: base 2, step 1; the seed's log-linear: base e, step 2^−sf).
+``minifloat`` IEEE-style bit patterns (sign | exponent | mantissa, subnormals, no inf/NaN) in
+             int16/int32, ``exp_bits``, ``mant_bits``, bias 2^(exp_bits−1) − 1.
+``flex``     Flexpoint: int16 mantissas M and one shared exponent κ per tensor: W = M · 2^κ.
+``tanh``     the seed's tanh quantizer: codes q ∈ [0, n], n = 2^bits − 1, packed as ``affine``;
+             W = atanh(clamp(2q/n − 1, ±(1 − 1/n))).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dqt.kernels.lowbit_pack import BITS, dequantize_weight, pack_weight, unpack_weight
+
+
+def storage_bits(bits: int) -> int:
+    """Smallest packed-GEMM width that holds ``bits``-bit codes."""
+    for b in BITS:
+        if bits <= b:
+            return b
+    raise ValueError(f"codes of {bits} bits do not fit the packed layouts {BITS}")
+
+
+@dataclass
+class Affine:
+    codes: Tensor  # uint8 (N, K)
+    scale: Tensor  # fp32 (N,)
+    zero: Tensor  # fp32 (N,)
+    bits: int
+    format = "affine"
+
+    def decode(self) -> Tensor:
+        # the kernels' torch reference: scale[n]·(code − zero[n]) in fp32
+        return self.scale[:, None] * (self.codes.float() - self.zero[:, None])
+
+    def tensors(self) -> dict[str, Tensor]:
+        sb = storage_bits(self.bits)
+        return {"packed": pack_weight(self.codes, sb), "scale": self.scale.float().contiguous(),
+                "zero": self.zero.float().contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"bits": self.bits, "storage_bits": storage_bits(self.bits)}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return dequantize_weight(t["packed"], t["scale"], t["zero"], meta["storage_bits"], k)
+
+
+@dataclass
+class Ternary2:
+    codes: Tensor  # uint8 (N, K): t + 1
+    pos: Tensor  # fp32 (N,)
+    neg: Tensor  # fp32 (N,)
+    format = "ternary2"
+
+    def decode(self) -> Tensor:
+        return _ternary2(self.codes, self.pos, self.neg)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"packed": pack_weight(self.codes, 2), "pos": self.pos.float().contiguous(),
+                "neg": self.neg.float().contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"bits": 2, "storage_bits": 2}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return _ternary2(unpack_weight(t["packed"], 2, k), t["pos"], t["neg"])
+
+
+def _ternary2(codes: Tensor, pos: Tensor, neg: Tensor) -> Tensor:
+    zero = torch.zeros((), dtype=torch.float32, device=codes.device)
+    p = torch.where(codes == 2, pos[:, None].float(), zero)
+    n = torch.where(codes == 0, neg[:, None].float(), zero)
+    return p - n
+
+
+@dataclass
+class Log:
+    code: Tensor  # int8 / int16 (N, K): 0 = zero, else sign · (e − e_min + 1)
+    e_min: int
+    base: float
+    step: float
+    format = "log"
+
+    def decode(self) -> Tensor:
+        return log_decode(self.code, self.e_min, self.base, self.step)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"code": self.code.contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"e_min": self.e_min, "base": self.base, "step": self.step,
+                "bits": 8 * self.code.element_size(), "storage_bits": 8 * self.code.element_size()}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return log_decode(t["code"], meta["e_min"], meta["base"], meta["step"])
+
+
+def log_value(s: Tensor, e: Tensor, base: float, step: float) -> Tensor:
+    """sign · base^(e·step) in fp32 — the one formula the log quantizers and decode share."""
+    e = e * step if step != 1.0 else e
+    return (torch.exp2(e) if base == 2.0 else torch.exp(e)) * s
+
+
+def log_decode(code: Tensor, e_min: int, base: float, step: float) -> Tensor:
+    c = code.to(torch.int32)
+    e = (c.abs() - 1 + e_min).float()
+    return log_value(torch.sign(c).float(), e, base, step)
+
+
+@dataclass
+class Minifloat:
+    codes: Tensor  # int16 / int32 bit patterns (N, K)
+    exp_bits: int
+    mant_bits: int
+    format = "minifloat"
+
+    def decode(self) -> Tensor:
+        return minifloat_decode(self.codes, self.exp_bits, self.mant_bits)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"codes": self.codes.contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"exp_bits": self.exp_bits, "mant_bits": self.mant_bits,
+                "bits": 1 + self.exp_bits + self.mant_bits}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return minifloat_decode(t["codes"], meta["exp_bits"], meta["mant_bits"])
+
+
+def minifloat_decode(codes: Tensor, exp_bits: int, mant_bits: int) -> Tensor:
+    c = codes.to(torch.int64)
+    bias = (1 << (exp_bits - 1)) - 1
+    mant = (c & ((1 << mant_bits) - 1)).float()
+    e = (c >> mant_bits) & ((1 << exp_bits) - 1)
+    s = 1.0 - 2.0 * ((c >> (mant_bits + exp_bits)) & 1).float()
+    normal = e > 0
+    frac = torch.where(normal, 1.0 + mant * 2.0 ** -mant_bits, mant * 2.0 ** -mant_bits)
+    ex = torch.where(normal, e - bias, torch.full_like(e, 1 - bias)).float()
+    return s * torch.ldexp(frac, ex.to(torch.int32)).float()
+
+
+@dataclass
+class Flex:
+    mantissa: Tensor  # int16 (N, K)
+    exponent: int
+    format = "flex"
+
+    def decode(self) -> Tensor:
+        return self.mantissa.float() * (2.0 ** self.exponent)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"mantissa": self.mantissa.contiguous(),
+                "exponent": torch.tensor([self.exponent], dtype=torch.int8)}
+
+    def meta(self) -> dict[str, Any]:
+        return {"bits": 16, "exponent_bits": 5}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return t["mantissa"].float() * (2.0 ** int(t["exponent"][0]))
+
+
+@dataclass
+class Tanh:
+    codes: Tensor  # uint8 (N, K) in [0, 2^bits − 1]
+    bits: int
+    format = "tanh"
+
+    def decode(self) -> Tensor:
+        return tanh_decode(self.codes, self.bits)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"packed": pack_weight(self.codes, storage_bits(self.bits))}
+
+    def meta(self) -> dict[str, Any]:
+        return {"bits": self.bits, "storage_bits": storage_bits(self.bits)}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return tanh_decode(unpack_weight(t["packed"], meta["storage_bits"], k), meta["bits"])
+
+
+def tanh_decode(codes: Tensor, bits: int) -> Tensor:
+    n = 2.0 ** bits - 1
+    v = 2 * (codes.float() / n) - 1
+    lim = 1 - 1 / n
+    v = v.clamp(-lim, lim)
+    return 0.5 * torch.log((1 + v) / (1 - v))
+
+
+FORMATS = {c.format: c for c in (Affine, Ternary2, Log, Minifloat, Flex, Tanh)}

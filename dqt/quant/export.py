@@ -1,0 +1,152 @@
+"""Convert a fake-quant model to packed integer weights, save it, load it back for inference.
+
+``convert(model)`` walks the layers whose weight carries a quantizer and asks the quantizer to
+``encode`` the weight it sees (after BN folding, if any) into one of the formats of
+``dqt.quant.codes`` — for affine codes exactly the packed-GEMM layout of
+``dqt.kernels.lowbit_pack`` (``W[n,k] = scale[n]·(code[n,k] − zero[n])``, codes packed along K
+into int32). Every other entry of the state dict (biases, BatchNorm, fp32 layers, activation
+quantizer state) is kept as it is. ``save_export`` writes::
+
+    <dir>/model.safetensors   {layer}.weight.{packed,scale,zero | code | mantissa,exponent ...}
+                              + the remaining state-dict entries under their own names
+    <dir>/model.json          format/version, per-layer format + shape + bits (+ folded BN),
+                              the caller's metadata (config, data shape), the size summary
+
+``load_packed(model, dir)`` takes a model *prepared with the same qat config* and swaps each
+weight quantizer for a :class:`PackedWeight` that dequantizes the stored codes at every forward
+(the reference inference path: dequantize, then the layer's own matmul/conv). Because every
+quantizer computes its forward value with the same fp32 operations as the decoder, the outputs
+equal the fake-quant model's bit for bit (``tests/test_quant_export.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dqt.quant.bn_fold import FoldScale, folded_bias
+from dqt.quant.codes import FORMATS
+from dqt.quant.prepare import weight_quantizer
+
+FORMAT, VERSION = "dqt.qat-export", 1
+ORIGINAL = "parametrizations.weight.original"
+
+
+def _quantizer_input(m: nn.Module) -> tuple[Tensor, int]:
+    """The tensor the weight quantizer sees (after FoldScale) and its index in the chain."""
+    plist = m.parametrizations.weight
+    x = plist.original
+    for i, p in enumerate(plist):
+        if p is weight_quantizer(m):
+            return x, i
+        x = p(x)
+    raise AssertionError("weight quantizer not found")
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, per-layer metadata) of the export; does not modify ``model``."""
+    tensors: dict[str, Tensor] = {}
+    layers: dict[str, Any] = {}
+    skip: set[str] = set()
+    for name, m in model.named_modules():
+        q = weight_quantizer(m)
+        if q is None:
+            continue
+        w, _ = _quantizer_input(m)
+        was = q.training
+        q.eval()
+        codes = q.encode(w.detach().float())
+        q.train(was)
+        for key, t in codes.tensors().items():
+            tensors[f"{name}.weight.{key}"] = t
+        meta = {"quantizer": q.name, "describe": q.describe(), "format": codes.format,
+                "shape": list(w.shape), "n": int(w.shape[0]), "k": int(w[0].numel()),
+                **codes.meta()}
+        fold = m.parametrizations.weight[0]
+        if isinstance(fold, FoldScale):
+            bn_name = next(n for n, mod in model.named_modules() if mod is fold.bn)
+            meta["bn_folded"] = bn_name
+            tensors[f"{name}.bias_folded"] = folded_bias(m, fold.bn).float()
+        layers[name] = meta
+        skip.add(f"{name}.{ORIGINAL}")
+    for key, t in model.state_dict().items():
+        if key not in skip and key not in tensors:
+            tensors[key] = t
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+    return tensors, layers
+
+
+def save_export(model: nn.Module, out_dir: str, meta: dict[str, Any] | None = None) -> str:
+    """Write ``model.safetensors`` + ``model.json`` into ``out_dir``; returns the json path."""
+    from safetensors.torch import save_file
+
+    from dqt.quant.summary import summarize
+
+    tensors, layers = convert(model)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, ".model.safetensors.partial")
+    save_file(tensors, tmp, metadata={"format": FORMAT})
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
+    doc = {"format": FORMAT, "version": VERSION, "layers": layers, **(meta or {}),
+           "summary": summarize(model, (tensors, layers))}
+    path = os.path.join(out_dir, "model.json")
+    with open(path + ".partial", "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(path + ".partial", path)
+    return path
+
+
+def read_export(out_dir: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    with open(os.path.join(out_dir, "model.json")) as f:
+        doc = json.load(f)
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{out_dir}/model.json: not a dqt QAT export (format {doc.get('format')!r})")
+    return load_file(os.path.join(out_dir, "model.safetensors")), doc
+
+
+class PackedWeight(nn.Module):
+    """Weight parametrization of a converted layer: ignores its input and returns the weight
+    dequantized from the stored codes (its buffers)."""
+
+    def __init__(self, fmt: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        super().__init__()
+        self.fmt, self.meta = fmt, meta
+        for k, t in tensors.items():
+            self.register_buffer(k, t)
+
+    def forward(self, _: Tensor) -> Tensor:
+        t = {k: b for k, b in self.named_buffers(recurse=False)}
+        w = FORMATS[self.fmt].load(t, self.meta, self.meta["k"])
+        return w.reshape(self.meta["shape"])
+
+
+@torch.no_grad()
+def load_packed(model: nn.Module, tensors: dict[str, Tensor], doc: dict[str, Any]) -> nn.Module:
+    """Install the export into ``model`` (prepared with the same qat config), in place."""
+    own: set[str] = set()
+    for name, meta in doc["layers"].items():
+        m = model.get_submodule(name)
+        q = weight_quantizer(m)
+        if q is None:
+            raise ValueError(f"layer {name} has no weight quantizer; prepare the model with the "
+                             "export's qat config first")
+        _, idx = _quantizer_input(m)
+        prefix = f"{name}.weight."
+        mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        m.parametrizations.weight[idx] = PackedWeight(meta["format"], mine, meta)
+        own |= {prefix + k for k in mine} | {f"{name}.{ORIGINAL}"}
+    state = model.state_dict()
+    rest = {k: v for k, v in tensors.items() if k in state and k not in own}
+    missing = [k for k in state if k not in rest and k not in own
+               and ".parametrizations.weight." not in k]
+    if missing:
+        raise ValueError(f"export lacks {len(missing)} entries of this model, e.g. {missing[:3]}")
+    model.load_state_dict(rest, strict=False)
+    return model

@@ -1,0 +1,152 @@
+"""Attach quantizers to a model in place — no tracing, so any model whose layers are (subclasses
+of) ``nn.Linear`` / ``nn.Conv{1,2,3}d`` / ``nn.Embedding`` works:
+
+* weight: ``torch.nn.utils.parametrize.register_parametrization(layer, "weight", quantizer)``
+  (with BN folding, ``FoldScale`` first, then the quantizer);
+* input activation: a forward pre-hook through ``layer.input_quantizer`` (not on Embedding,
+  whose input is integer ids);
+* gradient: a forward hook wrapping the output in ``layer.grad_quantizer`` (identity forward,
+  quantized backward).
+
+Quantizers are submodules of their layer, so their parameters (LSQ s, PACT α, TTQ W_p/W_n) and
+buffers (EMA ranges, Autoflex state) are in ``state_dict`` and in checkpoints. ``qat_step``
+runs after every optimizer step: it all-reduces (MAX) the statistics recorded by stateful
+quantizers in one collective and commits them, so their state is identical on every rank, and
+applies per-step weight constraints (BNN / BinaryConnect clipping).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.utils import parametrize
+
+from dqt.quant.base import QUANTIZERS, Quantizer
+from dqt.quant.bn_fold import FoldScale, find_conv_bn, unfold_output
+from dqt.quant.rules import SLOTS, LayerPlan, resolve
+from dqt.quant.validate import spec_args
+
+log = logging.getLogger("dqt")
+
+
+def build_quantizer(spec: Any, kind: str) -> Quantizer:
+    return QUANTIZERS.get(spec.name)(kind, **spec_args(spec))
+
+
+def _quantize_input(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_quantizer(args[0]), *args[1:])
+
+
+def _quantize_output_grad(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return module.grad_quantizer(out)
+
+
+def _scale_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    k = module.input_quantizer.output_scale()
+    if k is None:
+        return out
+    if module.bias is None:
+        return out * k.to(out.dtype)
+    b = module.bias.reshape(-1, *([1] * (out.dim() - 2))) if out.dim() > 2 and isinstance(
+        module, nn.modules.conv._ConvNd) else module.bias
+    return (out - b) * k.to(out.dtype) + b
+
+
+def replace_relu(model: nn.Module, to: str) -> list[str]:
+    """Swap every ``nn.ReLU`` module for ``nn.Hardtanh()`` or ``nn.Identity()``."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    for n in names:
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, nn.Hardtanh() if to == "hardtanh" else nn.Identity())
+    return names
+
+
+def prepare(model: nn.Module, cfg: Any) -> nn.Module:
+    """Attach the quantizers that ``cfg`` (a ``QATConfig``) assigns; log the plan."""
+    plan = resolve(cfg, model)
+    folds = find_conv_bn(model) if cfg.fold_bn else {}
+    folded: list[str] = []
+    for lp in plan:
+        m = lp.module
+        if lp.specs["weight"] is not None:
+            q = build_quantizer(lp.specs["weight"], "weight")
+            q.bind(m)
+            if m in folds:
+                parametrize.register_parametrization(m, "weight", FoldScale(folds[m][1]))
+                m.register_forward_hook(unfold_output)
+                folded.append(f"{lp.name}+{folds[m][0]}")
+            with torch.no_grad():
+                q.init_from(m.weight)
+            parametrize.register_parametrization(m, "weight", q)
+        if lp.specs["act"] is not None and not isinstance(m, nn.Embedding):
+            q = build_quantizer(lp.specs["act"], "act")
+            q.bind(m)
+            m.add_module("input_quantizer", q)
+            m.register_forward_pre_hook(_quantize_input)
+            if hasattr(q, "output_scale"):
+                m.register_forward_hook(_scale_output)
+        if lp.specs["grad"] is not None:
+            q = build_quantizer(lp.specs["grad"], "grad")
+            q.bind(m)
+            m.add_module("grad_quantizer", q)
+            m.register_forward_hook(_quantize_output_grad)
+    relus = replace_relu(model, cfg.replace_relu) if cfg.replace_relu else []
+    model.__dict__["_dqt_plan"] = plan
+    log.info("qat %s: per-layer plan\n%s%s%s", cfg.name, format_plan(plan),
+             f"\nBN folded: {', '.join(folded)}" if cfg.fold_bn else "",
+             f"\nReLU → {cfg.replace_relu}: {', '.join(relus)}" if relus else "")
+    return model
+
+
+def weight_quantizer(module: nn.Module) -> Optional[Quantizer]:
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    qs = [p for p in module.parametrizations.weight if isinstance(p, Quantizer)]
+    return qs[-1] if qs else None
+
+
+def layer_quantizers(module: nn.Module) -> dict[str, Optional[Quantizer]]:
+    return {"weight": weight_quantizer(module),
+            "act": getattr(module, "input_quantizer", None),
+            "grad": getattr(module, "grad_quantizer", None)}
+
+
+def format_plan(plan: list[LayerPlan]) -> str:
+    rows = [("layer", "type", "weight", "act", "grad", "why")]
+    for lp in plan:
+        qs = layer_quantizers(lp.module)
+        desc = [qs[s].describe() if qs[s] is not None else "fp32" for s in SLOTS]
+        if lp.specs["act"] is not None and qs["act"] is None:
+            desc[1] = "— (integer ids)"
+        cls = type(lp.module)
+        if parametrize.is_parametrized(lp.module):
+            cls = cls.__bases__[0]  # ParametrizedLinear -> Linear
+        rows.append((lp.name, cls.__name__, *desc, lp.source))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+@torch.no_grad()
+def qat_step(model: nn.Module) -> None:
+    """After an optimizer step: sync + commit quantizer statistics, apply weight constraints."""
+    stateful = [m for m in model.modules() if isinstance(m, Quantizer) and m.stateful]
+    pending = [(q, s) for q in stateful if (s := q.stats()) is not None]
+    if pending:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        flat = torch.cat([s.detach().float().reshape(-1).to(device) for _, s in pending])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+        flat = flat.cpu()
+        i = 0
+        for q, s in pending:
+            q.commit(flat[i:i + s.numel()])
+            i += s.numel()
+    for m in model.modules():
+        q = weight_quantizer(m)
+        if q is not None:
+            q.after_step(m.parametrizations.weight.original)

@@ -1,0 +1,111 @@
+"""Which quantizers go on which layer: ordered rules, first match wins.
+
+A layer is any module that is an instance of a supported type (``Linear``, ``Conv1d``,
+``Conv2d``, ``Conv3d``, ``Embedding`` or a subclass — users' own models work, no tracing).
+For each layer, in ``model.named_modules()`` order:
+
+1. the first rule of ``qat.rules`` that matches it gives its whole plan (a slot the rule leaves
+   out stays full precision). ``match`` is an exact module name, a glob (``*``, ``?``, ``[``:
+   ``layer2.*``) or ``re:<regex>`` (``re.fullmatch``); ``type`` is a class name (``Linear``) or
+   a dotted path (``torch.nn.Linear``) matched against the module's class and its bases; a
+   rule with both needs both;
+2. otherwise, with ``keep_first_last``, the first and the last layer whose type is in
+   ``qat.types`` stay full precision (DoReFa, XNOR, TTQ all do this);
+3. otherwise a layer whose type is in ``qat.types`` gets ``qat.default``.
+
+With ``strict``, a rule that matches no layer is an error naming ``qat.rules[i]``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch import nn
+
+from dqt.config import ConfigError
+
+SUPPORTED: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d,
+    "Embedding": nn.Embedding,
+}
+SLOTS = ("weight", "act", "grad")
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    module: nn.Module
+    specs: dict[str, Any]  # slot -> QuantizerConfig (or None)
+    source: str  # "rules[1]", "default", "first layer", "last layer", "not in qat.types"
+
+    @property
+    def quantized(self) -> bool:
+        return any(v is not None for v in self.specs.values())
+
+
+def is_layer(module: nn.Module) -> bool:
+    return isinstance(module, tuple(SUPPORTED.values()))
+
+
+def type_matches(type_name: str, module: nn.Module) -> bool:
+    for cls in type(module).__mro__:
+        if type_name in (cls.__name__, f"{cls.__module__}.{cls.__qualname__}"):
+            return True
+    return type_name.startswith("torch.nn.") and any(
+        c.__name__ == type_name.rsplit(".", 1)[1] and c.__module__.startswith("torch.nn")
+        for c in type(module).__mro__)
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if any(ch in pattern for ch in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern == name
+
+
+def rule_matches(rule: Any, name: str, module: nn.Module) -> bool:
+    if rule.match is not None and not name_matches(rule.match, name):
+        return False
+    if rule.type is not None and not type_matches(rule.type, module):
+        return False
+    return True
+
+
+def _slots(x: Any) -> dict[str, Any]:
+    return {s: getattr(x, s, None) for s in SLOTS}
+
+
+def resolve(cfg: Any, model: nn.Module) -> list[LayerPlan]:
+    """The plan for every layer of ``model`` (see the module docstring)."""
+    layers = [(n, m) for n, m in model.named_modules() if n and is_layer(m)]
+    in_types = [n for n, m in layers if any(type_matches(t, m) for t in cfg.types)]
+    ends = {in_types[0]: "first layer", in_types[-1]: "last layer"} if (
+        cfg.keep_first_last and in_types) else {}
+    used = [False] * len(cfg.rules)
+    plan: list[LayerPlan] = []
+    for name, module in layers:
+        hit: Optional[int] = next((i for i, r in enumerate(cfg.rules)
+                                   if rule_matches(r, name, module)), None)
+        if hit is not None:
+            used[hit] = True
+            plan.append(LayerPlan(name, module, _slots(cfg.rules[hit]), f"rules[{hit}]"))
+        elif name in ends:
+            plan.append(LayerPlan(name, module, _slots(None), f"{ends[name]} (keep_first_last)"))
+        elif name in in_types:
+            plan.append(LayerPlan(name, module, _slots(cfg.default), "default"))
+        else:
+            plan.append(LayerPlan(name, module, _slots(None), "not in qat.types"))
+    if cfg.strict:
+        for i, ok in enumerate(used):
+            if not ok:
+                r = cfg.rules[i]
+                what = " and ".join(f"{k}={v!r}" for k, v in (("match", r.match), ("type", r.type))
+                                    if v is not None)
+                names = ", ".join(n for n, _ in layers)
+                raise ConfigError(f"qat.rules[{i}]", f"{what} matches no layer (qat.strict=true); "
+                                  f"the layers are: {names}")
+    return plan
