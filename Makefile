@@ -7,6 +7,9 @@ PY     := $(VENV)/bin/python
 # On CPU-only machines install the CPU build of torch first (the CUDA build is several GB).
 # GPU users: `make TORCH_SPEC= train` keeps the torch already in the environment.
 TORCH_SPEC ?= torch==2.13.0
+# The Triton version the CPU test suite runs its kernels with (through the interpreter).
+# GPU users: `make TRITON_SPEC= test` keeps the triton that came with their torch.
+TRITON_SPEC ?= triton==3.9.0
 NPROC  ?= 2
 ARGS   ?=
 SCHEME ?= +scheme=ternary_grad
@@ -21,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[dev,triton]" || $(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,triton]" $(TRITON_SPEC) || $(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed

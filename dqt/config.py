@@ -391,7 +391,7 @@ class CompressedSchemeConfig(SchemeConfig):
     collective: str = "two_phase"
     seed: int = 0
     kernel: str = "auto"
-    scale_dtype: Optional[str] = None  # onebit/ef_signsgd: fp32 or bf16 scales (null = default)
+    scale_dtype: Optional[str] = None  # onebit/ef_signsgd: fp32, bf16 or e8m0 (null = default)
 
     def __post_init__(self) -> None:
         check(self.block_size is None or (self.block_size >= 8 and self.block_size % 8 == 0),
@@ -400,8 +400,8 @@ class CompressedSchemeConfig(SchemeConfig):
         check(self.min_bucket_numel >= 0, "scheme.min_bucket_numel",
               f"must be >= 0; got {self.min_bucket_numel}")
         _choice(self.collective, ("two_phase", "allgather"), "scheme.collective")
-        check(self.scale_dtype in (None, "fp32", "bf16"), "scheme.scale_dtype",
-              f"must be fp32 or bf16; got {self.scale_dtype}")
+        check(self.scale_dtype in (None, "fp32", "bf16", "e8m0"), "scheme.scale_dtype",
+              f"must be fp32, bf16 or e8m0; got {self.scale_dtype}")
         check(self.scale_dtype is None or self.name in ("onebit", "ef_signsgd"),
               "scheme.scale_dtype", f"only onebit and ef_signsgd take it, not {self.name}")
         _choice(self.kernel, ("auto", "c", "triton", "reference"), "scheme.kernel")

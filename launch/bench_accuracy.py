@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ SCHEMES = {
 
 def run(label: str, seed: int, nproc: int, extra: list[str], out_root: str) -> dict:
     run_dir = os.path.join(out_root, label.split()[0], f"seed{seed}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: an old one would be resumed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", os.path.join(ROOT, "launch", "train.py"),
            *SCHEMES[label], f"seed={seed}", f"hydra.run.dir={run_dir}", *extra]

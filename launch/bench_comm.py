@@ -1,11 +1,15 @@
-"""Communication benchmark: bytes on the wire per scheme, counted by the hooks.
+"""Communication benchmark: bytes on the wire and compress/decompress throughput per scheme.
 
-    python launch/bench_comm.py                      # one 16.8M-value bucket, 2 ranks
-    python launch/bench_comm.py --bytes-size 4M --world 4
+    python launch/bench_comm.py                      # 16.8M-value bucket, 2 ranks; 1M..64M
+    python launch/bench_comm.py --bytes-size 4M --world 4 --sizes 1M 16M
 
-Bytes sent per rank per step on a real gloo group (a DDP model holding one bucket of the given
-size): fp32 all-reduce (DDP's default), PyTorch's bf16 and PowerSGD (rank 1 and 4) hooks, and
-every dqt scheme. Compress/decompress throughput is ``launch/bench_kernels.py``.
+Part 1 — bytes sent per rank per step on a real gloo group (a DDP model holding one bucket of
+the given size), counted by the hooks: fp32 all-reduce (DDP's default), PyTorch's bf16 and
+PowerSGD (rank 1 and 4) hooks, and every dqt scheme.
+
+Part 2 — CPU throughput in GB/s of fp32 gradient of the fused C kernel and the torch reference
+(compress with error feedback; decompress-and-reduce of 4 peers), with ``clone()`` as the
+roofline: the CPU table of ``launch/bench_kernels.py``, which also has the GPU tables.
 """
 
 from __future__ import annotations
@@ -97,6 +101,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--bytes-size", default="16M", help="bucket size (values)")
     ap.add_argument("--world", type=int, default=2, help="ranks")
+    ap.add_argument("--sizes", nargs="+", default=["1M", "16M", "64M"], help="part 2 buckets")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-throughput", action="store_true", help="part 1 only")
     args = ap.parse_args()
 
     numel, rows = bytes_table(_size(args.bytes_size), args.world)
@@ -107,6 +114,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for label, b in rows.items():
         print(f"| {label} | {b:,} | {base / b:.1f}x fewer | {rows['bf16 (torch hook)'] / b:.1f}x fewer |")
+    if not args.no_throughput:
+        from bench_kernels import cpu_tables  # launch/ is on sys.path when run as a script
+
+        print("\n" + cpu_tables([_size(s) for s in args.sizes], args.reps, _size("16M")))
 
 
 if __name__ == "__main__":

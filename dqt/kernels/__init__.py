@@ -1,2 +1,14 @@
-"""Fused kernels (Triton on CUDA, a fused CPU path) with their pure-torch references.
-Nothing here queries a device or imports triton at import time."""
+"""Kernels with their pure-torch references (Liger-Kernel style: one file per op family).
+
+* :mod:`dqt.kernels.blockq` — the wire formats of every gradient compressor: encode (quantize +
+  pack + error feedback in one pass) and decode-and-reduce, as a torch reference, a fused C
+  kernel for CPU tensors (:mod:`~dqt.kernels.blockq_c`) and Triton kernels for CUDA tensors
+  (:mod:`~dqt.kernels.blockq_triton`), all producing the same bytes;
+* :mod:`dqt.kernels.philox` — the counter-based random numbers they share;
+* :mod:`dqt.kernels.bitpack` — pure-torch bit packing;
+* :mod:`dqt.kernels.lowbit_pack`, :mod:`dqt.kernels.lowbit_gemm` — packed low-bit weights and
+  the GEMV/GEMM that multiplies them (Triton on CUDA).
+
+This package imports neither ``dqt.comm`` nor ``dqt.quant``, and nothing here queries a device
+or imports triton at import time.
+"""

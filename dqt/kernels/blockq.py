@@ -14,7 +14,8 @@ an int64 tensor (nblocks, 8), one row per block::
     CTR   the block's Philox counter (its index in the bucket)
 
 **The message of a block** is its scale (``scale`` = fp32: 4 bytes little-endian; bf16: 2
-bytes, rounded to nearest even; none) and its codes packed on their own, starting at a byte:
+bytes, rounded to nearest even; e8m0: 1 byte, a power of two — see below; none) and its codes
+packed on their own, starting at a byte:
 ``code_bits`` = k ∈ 1..8 is a little-endian bit stream (value j at bits [jk, jk+k), bit b in
 byte b//8 at b%8), ceil(LEN·k/8) bytes; ``code_bits = 0`` is base-3, byte b = Σ_{m<5} 3^m·code[5b+m],
 ceil(LEN/5) bytes. Padding bits and trits are 0.
@@ -34,6 +35,14 @@ ceil(LEN/5) bytes. Padding bits and trits are 0.
   [uᵢ < ℓᵢ − ⌊ℓᵢ⌋], clamped to [0, L]; code = 2·level + [vᵢ < 0]; decode ±level·fp32(ν/L).
   E[level] = ℓ, so unbiased (up to the rounding of r).
 
+**e8m0 scales** (the shared-exponent scale of the OCP Microscaling formats): byte e encodes
+2^(e − 127) for 1 ≤ e ≤ 254, 0 for e = 0 (here exactly zero) and NaN for 255. A statistic
+a = m·2^E (1 ≤ m < 2) is rounded to the nearest power of two in the log domain — e = E + 127
++ [m ≥ √2], i.e. fp32 mantissa bits ≥ 3474676 — with integer operations only; subnormal a
+becomes 0 and e is capped at 254. One byte per block lets blocks be small (1-bit SGD: 128
+values at 1.0625 bits per value) — what matters for accuracy — at the price of a coarser scale,
+whose error the error feedback absorbs.
+
 u is the Philox uniform of :mod:`dqt.kernels.philox` for (key, CTR, value index). The scale
 used for coding and for the local decode is the *transmitted* (rounded) one, so the sender's
 error feedback e' = (v − decode)·fp32(1/S) matches what every receiver decodes.
@@ -43,11 +52,10 @@ as scale NaN and all-zero codes, decodes to NaN everywhere, and leaves its resid
 ``bad[k]`` reports it (``sign`` has no scale, so callers carry a flag byte).
 
 **Decode** reads, for each block, ``npeers`` messages ``peer_stride`` bytes apart, sums their
-decodes in peer order (d₀ + d₁ + …, fp32), then ``mode``: ``copy``, ``mean`` (÷ npeers) or
-``vote`` (sign of the sum, majority vote; NaN stays NaN); a message whose byte at
-``flag_off`` (≥ 0) is non-zero decodes to NaN. The result lands at DATA. (``mean``
-multiplies by fp32(1/npeers): one rounding, like every per-block reciprocal here, instead of a
-division per value.)
+decodes in peer order (d₀ + d₁ + …, fp32), then ``mode``: ``copy``, ``mean`` (× fp32(1/npeers):
+one reciprocal per call, like the per-block reciprocals above, instead of a division per value)
+or ``vote`` (sign of the sum, majority vote; NaN stays NaN); a message whose byte at
+``flag_off`` (≥ 0) is non-zero decodes to NaN. The result lands at DATA.
 
 Every implementation — this reference, the C kernel, the Triton kernel — performs the same
 IEEE operations in the same order, except the fp64 block sums, whose order differs; an fp64
@@ -70,6 +78,8 @@ __all__ = ["BlockSpec", "COLUMNS", "KINDS", "Impl", "available_impls", "decode",
            "linear_table", "table_from_rows"]
 
 KINDS = ("sign_mean", "sign", "ternary", "qsgd")
+SCALES = {"none": 0, "fp32": 4, "bf16": 2, "e8m0": 1}  # scale format -> bytes per block
+E8M0_ROUND_UP = 3474676  # fp32 mantissa bits of √2 (rounded up): m >= √2 rounds 2^E up
 DATA, RES, LEN, MSG, SCALE, CODE, CTR = range(7)
 COLUMNS = 8  # the 8th column is reserved (0)
 Impl = Literal["auto", "reference", "c", "triton"]
@@ -97,8 +107,8 @@ class BlockSpec:
             raise ValueError(f"block must be a positive multiple of 8; got {self.block!r}")
         if not 0 <= self.code_bits <= 8:
             raise ValueError(f"code_bits must be in 0..8; got {self.code_bits!r}")
-        if self.scale not in ("none", "fp32", "bf16"):
-            raise ValueError(f"scale must be none, fp32 or bf16; got {self.scale!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(SCALES)}; got {self.scale!r}")
         if (self.kind == "sign") != (self.scale == "none"):
             raise ValueError("kind 'sign' and only it has scale 'none'")
         if self.kind == "qsgd" and not (1 <= self.levels and 2 * self.levels < 1 << self.code_bits):
@@ -111,7 +121,7 @@ class BlockSpec:
 
     @property
     def scale_nbytes(self) -> int:
-        return {"none": 0, "fp32": 4, "bf16": 2}[self.scale]
+        return SCALES[self.scale]
 
     def code_nbytes(self, n: int) -> int:
         return (n + 4) // 5 if self.code_bits == 0 else (n * self.code_bits + 7) // 8
@@ -164,11 +174,28 @@ def _bf16_bits(s: Tensor) -> Tensor:
     return torch.where(torch.isnan(s), 0x7FC0, r)
 
 
+def _e8m0_code(s: Tensor) -> Tensor:
+    """Non-negative fp32 → e8m0 byte (int64): nearest power of two in the log domain."""
+    b = s.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    exp, man = (b >> 23) & 0xFF, b & 0x7FFFFF
+    e = torch.clamp(exp + (man >= E8M0_ROUND_UP).to(torch.int64), max=254)
+    e = torch.where(exp == 0, 0, e)
+    return torch.where(torch.isfinite(s), e, 255)
+
+
+def _e8m0_value(e: Tensor) -> Tensor:
+    v = (e.to(torch.int64) << 23).to(torch.int32).view(torch.float32)
+    return torch.where(e == 0, 0.0, torch.where(e == 255, float("nan"), v))
+
+
 def _scale_to_bytes(spec: BlockSpec, s: Tensor) -> tuple[Tensor, Tensor]:
     """(transmitted scale as fp32, its little-endian bytes (K, scale_nbytes))."""
     if spec.scale == "bf16":
         bits = _bf16_bits(s)
         sent = (bits << 16).to(torch.int32).view(torch.float32)
+    elif spec.scale == "e8m0":
+        bits = _e8m0_code(s)
+        sent = _e8m0_value(bits)
     else:
         bits = s.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         sent = s
@@ -180,6 +207,8 @@ def _scale_from_bytes(spec: BlockSpec, b: Tensor) -> Tensor:
     """(K, scale_nbytes) uint8 → fp32 scales."""
     shifts = torch.arange(spec.scale_nbytes, dtype=torch.int64, device=b.device) * 8
     bits = (b.to(torch.int64) << shifts).sum(1)
+    if spec.scale == "e8m0":
+        return _e8m0_value(bits)
     if spec.scale == "bf16":
         bits = bits << 16
     return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)

@@ -11,7 +11,7 @@
 
 enum { DATA, RES, LEN, MSG, SCALE, CODE, CTR, NCOL = 8 };
 enum { SIGN_MEAN = 0, SIGN = 1, TERNARY = 2, QSGD = 3 };
-enum { SCALE_NONE = 0, SCALE_FP32 = 1, SCALE_BF16 = 2 };
+enum { SCALE_NONE = 0, SCALE_FP32 = 1, SCALE_BF16 = 2, SCALE_E8M0 = 3 };
 enum { MODE_COPY = 0, MODE_MEAN = 1, MODE_VOTE = 2 };
 
 typedef struct {
@@ -23,6 +23,20 @@ static const uint32_t POW3[5] = {1, 3, 9, 27, 81};
 
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* e8m0: nearest power of two in the log domain (mantissa >= sqrt 2 rounds up), 0 = zero,
+ * 255 = NaN; see blockq.py */
+static inline uint32_t e8m0_code(float s) {
+    if (!isfinite(s)) return 255u;
+    const uint32_t b = f2u(s), e = (b >> 23) & 0xFFu, m = b & 0x7FFFFFu;
+    if (e == 0) return 0u;
+    const uint32_t r = e + (m >= 3474676u ? 1u : 0u);
+    return r > 254u ? 254u : r;
+}
+
+static inline float e8m0_value(uint32_t e) {
+    return e == 0 ? 0.0f : (e == 255u ? NAN : u2f(e << 23));
+}
 
 static inline uint32_t bf16_bits(float s) {
     if (isnan(s)) return 0x7FC0u;
@@ -177,14 +191,19 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
     }
     float s = raw;
     if (sp->scale_fmt == SCALE_BF16) s = u2f(bf16_bits(raw) << 16);
+    else if (sp->scale_fmt == SCALE_E8M0) s = e8m0_value(e8m0_code(raw));
     const int bad = !finite || !isfinite(s);
     if (bad_out) *bad_out = bad;
     uint8_t* mp = msg + row[MSG];
     const int64_t nb = code_nbytes(sp, n);
     if (sp->scale_fmt != SCALE_NONE) {
-        const uint32_t bits = sp->scale_fmt == SCALE_BF16 ? (bad ? 0x7FC0u : bf16_bits(raw))
-                                                           : (bad ? 0x7FC00000u : f2u(s));
-        const int nbytes = sp->scale_fmt == SCALE_BF16 ? 2 : 4;
+        uint32_t bits;
+        int nbytes;
+        switch (sp->scale_fmt) {
+        case SCALE_BF16: bits = bad ? 0x7FC0u : bf16_bits(raw); nbytes = 2; break;
+        case SCALE_E8M0: bits = bad ? 255u : e8m0_code(raw); nbytes = 1; break;
+        default: bits = bad ? 0x7FC00000u : f2u(s); nbytes = 4;
+        }
         for (int t = 0; t < nbytes; t++) mp[row[SCALE] + t] = (uint8_t)(bits >> (8 * t));
     }
     if (bad) {  /* NaN scale, zero codes, residual untouched */
@@ -276,6 +295,8 @@ static void decode_block(const spec_t* sp, const uint8_t* msg, const int64_t* ro
         } else if (sp->scale_fmt == SCALE_BF16) {
             const uint32_t b = (uint32_t)mp[row[SCALE]] | ((uint32_t)mp[row[SCALE] + 1] << 8);
             s = u2f(b << 16);
+        } else if (sp->scale_fmt == SCALE_E8M0) {
+            s = e8m0_value(mp[row[SCALE]]);
         }
         unpack_codes(sp, mp + row[CODE], n, code);
         float* dst = p == 0 ? acc : a;

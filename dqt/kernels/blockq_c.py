@@ -34,7 +34,7 @@ _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _FAILED: str | None = None
 _KINDS = {"sign_mean": 0, "sign": 1, "ternary": 2, "qsgd": 3}
-_SCALES = {"none": 0, "fp32": 1, "bf16": 2}
+_SCALES = {"none": 0, "fp32": 1, "bf16": 2, "e8m0": 3}
 _MODES = {"copy": 0, "mean": 1, "vote": 2}
 
 

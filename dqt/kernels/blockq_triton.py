@@ -35,7 +35,7 @@ except ImportError:  # triton is an optional extra
 # Triton decides interpreter vs GPU when a kernel is decorated, i.e. at this import.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _KINDS = {"sign_mean": 0, "sign": 1, "ternary": 2, "qsgd": 3}
-_SCALES = {"none": 0, "fp32": 1, "bf16": 2}
+_SCALES = {"none": 0, "fp32": 1, "bf16": 2, "e8m0": 3}
 _MODES = {"copy": 0, "mean": 1, "vote": 2}
 
 
@@ -74,6 +74,19 @@ if triton is not None:
         b = x.to(tl.uint32, bitcast=True)
         r = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
         return tl.where(x != x, 0x7FC0, r)
+
+    @triton.jit
+    def _e8m0_code(x):
+        b = x.to(tl.uint32, bitcast=True)
+        e = (b >> 23) & 0xFF
+        r = tl.minimum(e + ((b & 0x7FFFFF) >= 3474676).to(tl.uint32), 254)
+        r = tl.where(e == 0, 0, r)
+        return tl.where(tl.abs(x) < float("inf"), r, 255)  # NaN compares false: 255
+
+    @triton.jit
+    def _e8m0_value(e):
+        v = (e.to(tl.uint32) << 23).to(tl.float32, bitcast=True)
+        return tl.where(e == 0, 0.0, tl.where(e == 255, float("nan"), v))
 
     @triton.jit
     def _code_and_decode(v, w, u, s, r, step, KIND: tl.constexpr, LEVELS: tl.constexpr):
@@ -151,6 +164,9 @@ if triton is not None:
         if SCALE_FMT == 2:
             sbits = _bf16_bits(raw)
             s = (sbits << 16).to(tl.float32, bitcast=True)
+        elif SCALE_FMT == 3:
+            sbits = _e8m0_code(raw)
+            s = _e8m0_value(sbits)
         else:
             sbits = raw.to(tl.uint32, bitcast=True)
             s = raw
@@ -170,6 +186,8 @@ if triton is not None:
             t2 = tl.arange(0, 2)
             sb = tl.where(bad, 0x7FC0, sbits)
             tl.store(msg_ptr + soff + t2, ((sb >> (8 * t2)) & 0xFF).to(tl.uint8))
+        elif SCALE_FMT == 3:
+            tl.store(msg_ptr + soff, tl.where(bad, 255, sbits).to(tl.uint8))
         if HAS_BAD:
             tl.store(bad_ptr + pid, bad.to(tl.int32))
         good = e * 0 + (1 - bad.to(tl.int32)) > 0  # the block is finite
@@ -270,6 +288,8 @@ if triton is not None:
                 sb = tl.load(msg_ptr + base + srel + t2).to(tl.uint32)
                 s = (tl.sum(sb << (8 * t2).to(tl.uint32), axis=0) << 16).to(tl.float32,
                                                                           bitcast=True)
+            elif SCALE_FMT == 3:
+                s = _e8m0_value(tl.load(msg_ptr + base + srel).to(tl.uint32))
             else:
                 s = 1.0
             cp = msg_ptr + base + crel
