@@ -381,7 +381,10 @@ class CompressedSchemeConfig(SchemeConfig):
     schemes); ``warmup_steps``: steps of plain fp32 all-reduce first; ``min_bucket_numel``:
     smaller buckets go uncompressed; ``collective``: two_phase (all_to_all + all_gather) or
     allgather; ``seed``: the Philox key of stochastic rounding; ``kernel``: auto (C on CPU,
-    Triton on CUDA), c, triton or reference (the pure-torch reference, slow).
+    Triton on CUDA), c, triton or reference (the pure-torch reference, slow); ``auto``: time
+    the compressed and the plain all-reduce of each bucket on the first ``auto_trials``
+    compressed steps and keep the faster (compressed wins if its time × ``auto_margin`` is
+    smaller), the same choice on every rank.
     """
 
     block_size: Optional[int] = None
@@ -391,6 +394,9 @@ class CompressedSchemeConfig(SchemeConfig):
     collective: str = "two_phase"
     seed: int = 0
     kernel: str = "auto"
+    auto: bool = False
+    auto_trials: int = 2
+    auto_margin: float = 1.0
     scale_dtype: Optional[str] = None  # onebit/ef_signsgd: fp32, bf16 or e8m0 (null = default)
 
     def __post_init__(self) -> None:
@@ -405,6 +411,8 @@ class CompressedSchemeConfig(SchemeConfig):
         check(self.scale_dtype is None or self.name in ("onebit", "ef_signsgd"),
               "scheme.scale_dtype", f"only onebit and ef_signsgd take it, not {self.name}")
         _choice(self.kernel, ("auto", "c", "triton", "reference"), "scheme.kernel")
+        check(self.auto_trials >= 1, "scheme.auto_trials", f"must be >= 1; got {self.auto_trials}")
+        check(self.auto_margin > 0, "scheme.auto_margin", f"must be > 0; got {self.auto_margin}")
         check(not (self.name == "signsgd" and self.error_feedback), "scheme.error_feedback",
               "signsgd is plain majority-vote signSGD; use scheme=ef_signsgd for error feedback")
 

@@ -268,3 +268,48 @@ def test_residual_state_is_per_rank_and_round_trips(ddp_runs, name):
     finally:
         dist.destroy_process_group()
 
+
+
+# ---------------------------------------------------------------- scheme.auto
+def _auto_worker(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    for margin in (1e-9, 1e9):  # compressed always wins / always loses the timing
+        model = DDP(_model(), bucket_cap_mb=0.008)
+        scheme = build_scheme(_cfg("onebit", min_bucket_numel=64, block_size=128, auto=True,
+                                   auto_trials=2, auto_margin=margin))
+        scheme.attach(model)
+        steps = []
+        for step in range(4):
+            g = torch.Generator().manual_seed(100 * step + rank)
+            x, y = torch.randn(16, 31, generator=g), torch.randint(0, 5, (16,), generator=g)
+            model.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            steps.append({"grads": torch.cat([p.grad.flatten() for p in model.parameters()]),
+                          "stats": scheme.stats()})
+        results[margin] = {"steps": steps, "choice": dict(scheme.auto_choice),
+                           "state": scheme.state_dict()}
+    torch.save(results, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_auto_keeps_the_faster_path_on_every_rank(tmp_path):
+    world = 2
+    mp.spawn(_auto_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
+             join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for margin, compress in ((1e-9, True), (1e9, False)):
+        choices = [r[margin]["choice"] for r in ranks]
+        assert choices[0] == choices[1] and choices[0], "the same choice on every rank"
+        assert set(choices[0].values()) == {compress}
+        assert ranks[0][margin]["state"]["auto_choice"] == choices[0]  # checkpointed
+        stats = [s["stats"] for s in ranks[0][margin]["steps"]]
+        # trial steps send both the compressed messages and a plain all-reduce
+        assert stats[0]["comm/bytes_sent"] > stats[0]["comm/bytes_raw"]
+        if compress:  # then only the compressed messages
+            assert 0 < stats[3]["comm/bytes_sent"] < stats[3]["comm/bytes_raw"] / 3
+        else:  # then only the plain all-reduce
+            assert stats[3]["comm/bytes_sent"] == stats[3]["comm/bytes_raw"]
+        for step in range(4):
+            assert torch.equal(ranks[0][margin]["steps"][step]["grads"],
+                               ranks[1][margin]["steps"][step]["grads"])

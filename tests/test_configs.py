@@ -105,6 +105,8 @@ BAD_VALUES = [
     (["+scheme=onebit", "scheme.block_size=-1"], "scheme.block_size: must be a positive multiple of 8"),
     (["+scheme=onebit", "scheme.block_size=100"], "scheme.block_size: must be a positive multiple of 8"),
     (["+scheme=onebit", "scheme.kernel=cuda"], "scheme.kernel: must be one of auto, c, triton, reference"),
+    (["+scheme=onebit", "scheme.auto_trials=0"], "scheme.auto_trials: must be >= 1; got 0"),
+    (["+scheme=onebit", "scheme.auto_margin=0"], "scheme.auto_margin: must be > 0; got 0.0"),
 ]
 
 

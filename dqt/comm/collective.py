@@ -71,42 +71,60 @@ def _flag_bytes(msgs: torch.Tensor, bad: torch.Tensor, chunk_of: torch.Tensor,
     msgs[idx] = (flags > 0).to(torch.uint8)
 
 
+def _buffers(layout: BucketLayout, dev: torch.device, nmsgs: int) -> dict[str, torch.Tensor]:
+    """Message buffers kept with the layout and reused every step. Bytes no block writes
+    (message padding) are zeroed once and stay zero."""
+    key = ("buffers", nmsgs, str(dev))
+    if key not in layout.cache:
+        M = layout.msg_nbytes
+        u8 = dict(dtype=torch.uint8, device=dev)
+        layout.cache[key] = {
+            "send": torch.zeros(nmsgs * M, **u8), "recv": torch.zeros(nmsgs * M, **u8),
+            "msg": torch.zeros(M, **u8), "gathered": torch.zeros(nmsgs * M, **u8),
+            "owned": torch.zeros(layout.own_len, dtype=torch.float32, device=dev),
+            "bad": torch.zeros(layout.nblocks, dtype=torch.int32, device=dev),
+            "own_bad": torch.zeros(layout.own_blocks.shape[0], dtype=torch.int32, device=dev)}
+    return layout.cache[key]
+
+
 def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
                         ctx: BucketContext, worker: torch.Tensor | None,
                         server: torch.Tensor | None, grad_scale: float = 1.0,
-                        vote: bool = False) -> torch.Tensor:
+                        vote: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Average (or majority vote) of the fp32 bucket ``x`` over ranks. ``worker`` / ``server``
-    are flat parameter-order residuals (updated in place) or None for no error feedback."""
+    are flat parameter-order residuals (updated in place) or None for no error feedback.
+    ``out`` (may be ``x`` itself: it is read before it is written) receives the result."""
     N, M, dev = ctx.world, layout.msg_nbytes, x.device
     t0 = time.perf_counter()
-    send = torch.zeros(N * M, dtype=torch.uint8, device=dev)
-    bad = torch.zeros(layout.nblocks, dtype=torch.int32, device=dev) if vote else None
+    b = _buffers(layout, dev, N)
+    send = b["send"]
+    bad = b["bad"] if vote else None
     blockq.encode(spec, x, layout.all_blocks, send, worker, grad_scale, ctx.key(WORKER), bad,
                   impl=ctx.impl)
     if vote:
         _flag_bytes(send, bad, layout.block_chunk, layout, N)
     t1 = time.perf_counter()
-    recv = torch.empty_like(send)
+    recv = b["recv"]
     dist.all_to_all_single(recv, send, group=ctx.group)
     ctx.meter.record("all_to_all", send, N)
     t2 = time.perf_counter()
-    owned = torch.empty(layout.own_len, dtype=torch.float32, device=dev)
+    owned = b["owned"]
     blockq.decode(spec, recv, layout.own_blocks, owned, npeers=N, peer_stride=M,
                   flag_off=layout.flag_off, mode="vote" if vote else "mean", impl=ctx.impl)
     t3 = time.perf_counter()
-    msg = torch.zeros(M, dtype=torch.uint8, device=dev)
-    own_bad = (torch.zeros(layout.own_blocks.shape[0], dtype=torch.int32, device=dev)
-               if vote else None)
+    msg = b["msg"]
+    own_bad = b["own_bad"] if vote else None
     blockq.encode(spec, owned, layout.own_blocks, msg, server, grad_scale, ctx.key(SERVER),
                   own_bad, impl=ctx.impl)
     if vote:
         _flag_bytes(msg, own_bad, torch.zeros_like(layout.own_blocks[:, 0]), layout, 1)
     t4 = time.perf_counter()
-    gathered = torch.empty(N * M, dtype=torch.uint8, device=dev)
+    gathered = b["gathered"]
     _all_gather_single(gathered, msg, group=ctx.group)
     ctx.meter.record("all_gather", msg, N)
     t5 = time.perf_counter()
-    out = torch.empty(layout.n, dtype=torch.float32, device=dev)
+    if out is None:
+        out = torch.empty(layout.n, dtype=torch.float32, device=dev)
     blockq.decode(spec, gathered, layout.all_blocks, out, flag_off=layout.flag_off,
                   impl=ctx.impl)
     t6 = time.perf_counter()
@@ -118,23 +136,26 @@ def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
 
 def allgather_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
                         ctx: BucketContext, worker: torch.Tensor | None,
-                        grad_scale: float = 1.0, vote: bool = False) -> torch.Tensor:
+                        grad_scale: float = 1.0, vote: bool = False,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     """Average of ``x`` through one ``all_gather`` of every rank's whole message (``layout``
     built with one chunk)."""
     N, M, dev = ctx.world, layout.msg_nbytes, x.device
     t0 = time.perf_counter()
-    msg = torch.zeros(M, dtype=torch.uint8, device=dev)
-    bad = torch.zeros(layout.nblocks, dtype=torch.int32, device=dev) if vote else None
+    b = _buffers(layout, dev, N)
+    msg = b["msg"]
+    bad = b["bad"] if vote else None
     blockq.encode(spec, x, layout.all_blocks, msg, worker, grad_scale, ctx.key(WORKER), bad,
                   impl=ctx.impl)
     if vote:
         _flag_bytes(msg, bad, layout.block_chunk, layout, 1)
     t1 = time.perf_counter()
-    gathered = torch.empty(N * M, dtype=torch.uint8, device=dev)
+    gathered = b["gathered"]
     _all_gather_single(gathered, msg, group=ctx.group)
     ctx.meter.record("all_gather", msg, N)
     t2 = time.perf_counter()
-    out = torch.empty(layout.n, dtype=torch.float32, device=dev)
+    if out is None:
+        out = torch.empty(layout.n, dtype=torch.float32, device=dev)
     blockq.decode(spec, gathered, layout.all_blocks, out, npeers=N, peer_stride=M,
                   flag_off=layout.flag_off, mode="vote" if vote else "mean", impl=ctx.impl)
     ctx.meter.add_time("compress", t1 - t0)

@@ -10,7 +10,11 @@ Per bucket and step:
   and server error feedback for biased schemes, through the fused kernels (``scheme.kernel``:
   ``auto`` = C on CPU, Triton on CUDA; ``reference`` = the pure-torch reference);
 * a block holding inf/nan is not sanitized: NaN reaches every rank (so GradScaler skips the
-  step) and that block's residual is not updated.
+  step) and that block's residual is not updated;
+* with ``scheme.auto``, each bucket's first ``auto_trials`` compressed steps also time a plain
+  fp32 all-reduce of a copy of the bucket; the slowest rank's times decide, for good and on
+  every rank alike, whether the bucket stays compressed or falls back to the plain all-reduce
+  (compression loses on fast links, where encoding costs more than the bytes it saves).
 
 The work runs inline in the hook and the hook returns a completed future. All ranks therefore
 issue their collectives in DDP's bucket order from one thread, which cannot deadlock the way
@@ -19,6 +23,7 @@ callback-chained hooks can on gloo.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -33,6 +38,7 @@ from dqt.comm.layout import BucketLayout, ParamSlot, build_layout
 from dqt.comm.scheme import SCHEMES, Scheme
 
 NAMES = ("onebit", "signsgd", "ef_signsgd", "ternary_grad", "qsgd")
+log = logging.getLogger("dqt")
 
 
 class CompressedScheme(Scheme):
@@ -60,6 +66,8 @@ class CompressedScheme(Scheme):
         self.worker: FlatResidual | None = None
         self.server: FlatResidual | None = None
         self._layouts: dict[tuple[Any, ...], BucketLayout] = {}
+        self.auto_choice: dict[int, bool] = {}  # bucket id -> compress (scheme.auto)
+        self._auto_times: dict[int, list[torch.Tensor]] = {}
 
     def set_grad_scale(self, scale: float) -> None:
         self.grad_scale = float(scale)
@@ -79,6 +87,8 @@ class CompressedScheme(Scheme):
         self.meter.record_raw(n, world)
         if self.step < self.cfg.warmup_steps or n < self.cfg.min_bucket_numel or world == 1:
             out = self._plain_allreduce(buf)
+        elif self.cfg.auto:
+            out = self._auto(buf, bucket)
         else:
             out = self._compressed(buf, bucket)
         if bucket.is_last():
@@ -93,6 +103,39 @@ class CompressedScheme(Scheme):
         dist.all_reduce(t, group=self.process_group)
         self.meter.record("all_reduce", t, self.world_size)
         return t.to(buf.dtype)
+
+    def _auto(self, buf: torch.Tensor, bucket: dist.GradBucket) -> torch.Tensor:
+        """scheme.auto: trial both paths on the first compressed steps, then keep the faster."""
+        bid = self.layout(bucket, buf).first_param
+        if bid in self.auto_choice:
+            return self._compressed(buf, bucket) if self.auto_choice[bid] else \
+                self._plain_allreduce(buf)
+        copy = buf.clone()
+        self._sync(buf)
+        t0 = time.perf_counter()
+        out = self._compressed(buf, bucket)
+        self._sync(buf)
+        t1 = time.perf_counter()
+        self._plain_allreduce(copy)  # timed only; its bytes were sent and are counted
+        self._sync(buf)
+        times = torch.tensor([t1 - t0, time.perf_counter() - t1], dtype=torch.float64)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX, group=self.process_group)
+        trials = self._auto_times.setdefault(bid, [])
+        trials.append(times)
+        if len(trials) >= self.cfg.auto_trials:
+            best = torch.stack(trials).min(0).values
+            compress = float(best[0]) * self.cfg.auto_margin < float(best[1])
+            self.auto_choice[bid] = compress
+            if self.rank == 0:
+                log.info("scheme.auto: bucket of %d values: compressed %.1f ms, plain fp32 "
+                         "all-reduce %.1f ms -> %s", buf.numel(), 1e3 * float(best[0]),
+                         1e3 * float(best[1]), "compressed" if compress else "plain all-reduce")
+        return out
+
+    @staticmethod
+    def _sync(t: torch.Tensor) -> None:
+        if t.is_cuda:
+            torch.cuda.synchronize(t.device)
 
     def layout(self, bucket: dist.GradBucket, buf: torch.Tensor) -> BucketLayout:
         """The bucket's block layout, built once per bucket composition (DDP rebuilds buckets
@@ -111,27 +154,33 @@ class CompressedScheme(Scheme):
 
     def _compressed(self, buf: torch.Tensor, bucket: dist.GradBucket) -> torch.Tensor:
         layout = self.layout(bucket, buf)
-        x = buf if buf.dtype == torch.float32 else buf.float()
+        in_place = buf.dtype == torch.float32 and buf.is_contiguous()
+        x = buf if in_place else buf.float().contiguous()
         ctx = BucketContext(self.process_group, self.rank, self.world_size, self.cfg.seed,
                             self.step, layout.first_param, self.meter, self.cfg.kernel)
         worker = self.worker.buffer if self.worker is not None else None
+        # the average is decoded straight into the bucket (read first, written last): no
+        # allocation and no copy back in DDP
+        out = x if in_place else None
         if self.two_phase:
             server = self.server.buffer if self.server is not None else None
-            out = two_phase_allreduce(self.spec, x.contiguous(), layout, ctx, worker, server,
-                                      self.grad_scale, self.vote)
+            out = two_phase_allreduce(self.spec, x, layout, ctx, worker, server,
+                                      self.grad_scale, self.vote, out=out)
         else:
-            out = allgather_allreduce(self.spec, x.contiguous(), layout, ctx, worker,
-                                      self.grad_scale, self.vote)
-        return out.to(buf.dtype)
+            out = allgather_allreduce(self.spec, x, layout, ctx, worker, self.grad_scale,
+                                      self.vote, out=out)
+        return out if in_place else out.to(buf.dtype)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step,
                 "worker_residual": self.worker.state_dict() if self.worker else None,
-                "server_residual": self.server.state_dict() if self.server else None}
+                "server_residual": self.server.state_dict() if self.server else None,
+                "auto_choice": dict(self.auto_choice)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
+        self.auto_choice = dict(state.get("auto_choice") or {})  # a resume keeps the choices
         if self.worker is not None and state.get("worker_residual") is not None:
             self.worker.load_state_dict(state["worker_residual"])
         if self.server is not None and state.get("server_residual") is not None:

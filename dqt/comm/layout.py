@@ -26,7 +26,7 @@ Tables (int64, one row per block, columns of :mod:`dqt.kernels.blockq`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -57,6 +57,7 @@ class BucketLayout:
     own_blocks: Tensor
     block_chunk: Tensor  # chunk of each row of all_blocks
     first_param: int  # flat offset of the bucket's first parameter (a stable bucket id)
+    cache: dict = field(default_factory=dict)  # per-layout buffers of the collectives
 
     @property
     def nblocks(self) -> int:

@@ -303,6 +303,7 @@ class Trainer:
         meter = self.scheme.meter
         summary: dict[str, Any] = {
             **last_eval, "steps": self.step, "world_size": self.env.world_size,
+            "model/params": sum(p.numel() for p in self.model.module.parameters()),
             "scheme": self.scheme.name, "qat": self.cfg.qat.name, "wall_s": wall_s,
             "time/step_ms_median": sorted(step_ms)[len(step_ms) // 2] if step_ms else None,
             "comm/bytes_sent_total": meter.total_sent, "comm/bytes_raw_total": meter.total_raw,
