@@ -68,7 +68,7 @@ def _env() -> dict[str, str]:
 
 def _common(args) -> list[str]:
     return [f"steps={args.steps}", "log_every=1", "eval_every=0", "checkpoint.every=0",
-            f"seed={args.seed}"]
+            f"seed={args.seed}", *args.extra]
 
 
 def _summary(run_dir: str) -> tuple[dict, list[dict]]:
@@ -159,14 +159,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="overrides added to every run, the compute-only floor included")
     ap.add_argument("--unshaped-only", action="store_true",
                     help="no namespaces (no root needed): torchrun over loopback")
     ap.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench_link"))
     ap.add_argument("--json", help="also write the rows as JSON here")
     args = ap.parse_args()
-    for s in args.schemes:
-        SCHEMES[s] = SCHEMES[s] + args.extra
     if not args.unshaped_only and (reason := check_root()):
         sys.exit(f"bench_link: {reason}")
     floors = {m: compute_floor(m, args, args.out) for m in args.models}
@@ -190,6 +189,8 @@ def main() -> None:
               f"after {args.warmup}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
     print(header + "\n" + table(rows, floors))
     if args.json:
+        for r in rows:
+            r["floor_ms"] = floors[r["model"]]
         with open(args.json, "w") as f:
             json.dump({"header": header, "floors": floors, "rows": rows}, f, indent=1)
 

@@ -2,10 +2,12 @@
 
     python launch/report.py RUN_DIR [RUN_DIR ...] [--out DIR]
     python launch/report.py --model RUN_DIR_OR_CHECKPOINT     # QAT size summary of one model
+    python launch/report.py --link rows.json [--out DIR]      # step time per scheme and link
 
 Writes DIR/results.md, DIR/loss_vs_step.png and DIR/loss_vs_bytes.png (DIR defaults to
 ``reports``). ``--model`` prints the parameters per bit-width, packed size, fp32-equivalent size
-and compression ratio of a trained (QAT) model instead.
+and compression ratio of a trained (QAT) model instead. ``--link`` plots the rows that
+``launch/bench_link.py --json`` wrote: DIR/step_time_<model>.png.
 """
 
 import argparse
@@ -14,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dqt.train.report import load_run, plot, results_table  # noqa: E402
+from dqt.train.report import load_run, plot, plot_link, results_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +24,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="*", help="run directories (each with metrics.jsonl)")
     ap.add_argument("--out", default="reports", help="output directory (default: reports)")
     ap.add_argument("--model", help="print the QAT size summary of this run / checkpoint")
+    ap.add_argument("--link", help="bench_link.py --json output: plot step time per scheme")
     args = ap.parse_args(argv)
+    if args.link:
+        import json
+
+        try:
+            with open(args.link) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"report: --link {args.link}: {e}", file=sys.stderr)
+            return 2
+        for p in plot_link(data["rows"], args.out):
+            print(f"wrote {p}")
+        return 0
     if args.model:
         from dqt.quant.summary import format_summary, summarize
         from dqt.train.export import load_trained

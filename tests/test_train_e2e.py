@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -225,6 +226,23 @@ def test_report_table_and_plots(two_rank_run, tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "launch/report.py"), str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no metrics.jsonl" in bad.stderr
+
+
+def test_report_plots_bench_link_rows(tmp_path):
+    """launch/report.py --link: one step-time chart per model from bench_link's JSON rows."""
+    rows = [{"model": m, "rate": rate, "scheme": s, "step_ms": ms, "floor_ms": 100.0}
+            for m in ("mlp_20m", "gpt") for rate in ("1gbit", "10gbit")
+            for s, ms in (("fp32 all-reduce", 900.0), ("onebit", 250.0))]
+    (tmp_path / "rows.json").write_text(json.dumps({"rows": rows}))
+    p = subprocess.run([sys.executable, str(REPO / "launch/report.py"), "--link",
+                        str(tmp_path / "rows.json"), "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    for m in ("mlp_20m", "gpt"):
+        assert (tmp_path / "r" / f"step_time_{m}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, str(REPO / "launch/report.py"), "--link",
+                          str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.json" in bad.stderr
 
 
 def test_compressed_resume_restores_error_feedback_exactly(tmp_path):

@@ -96,3 +96,41 @@ def plot(runs: list[Run], out_dir: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_link(rows: list[dict[str, Any]], out_dir: str) -> list[str]:
+    """``launch/bench_link.py --json`` rows → one bar chart per model: median step time of every
+    scheme at every link rate (log scale), with the compute-only floor as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        rates = list(dict.fromkeys(r["rate"] for r in rs))
+        schemes = list(dict.fromkeys(r["scheme"] for r in rs))
+        fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(schemes)), 4.5))
+        width = 0.8 / len(rates)
+        for i, rate in enumerate(rates):
+            ms = {r["scheme"]: r["step_ms"] for r in rs if r["rate"] == rate}
+            xs = [j + i * width for j in range(len(schemes))]
+            ax.bar(xs, [ms.get(s, 0) for s in schemes], width, label=rate)
+        floor = rs[0].get("floor_ms")
+        if floor:
+            ax.axhline(floor, color="k", linestyle="--", linewidth=1, label="compute only")
+        ax.set_xticks([j + width * (len(rates) - 1) / 2 for j in range(len(schemes))])
+        ax.set_xticklabels(schemes, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("median step time (ms)")
+        ax.set_yscale("log")
+        ax.set_title(f"{model}: step time per scheme and link rate")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"step_time_{model}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
