@@ -25,23 +25,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-VARIANTS = {  # label -> (scheme name, compressor options)
-    "onebit": ("onebit", {}),
-    "signsgd": ("signsgd", {}),
-    "ef_signsgd": ("ef_signsgd", {}),
-    "ternary_grad (2bit)": ("ternary_grad", {"format": "2bit"}),
-    "ternary_grad (base3)": ("ternary_grad", {"format": "base3"}),
-    "qsgd bits=2": ("qsgd", {"bits": 2}),
-    "qsgd bits=4": ("qsgd", {"bits": 4}),
-    "qsgd bits=8": ("qsgd", {"bits": 8}),
-}
-
-
-def _size(s: str) -> int:
-    s = s.upper()
-    mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1], 1)
-    return int(s.rstrip("KM")) * mult
-
+from bench_kernels import VARIANTS, _size, cpu_tables  # noqa: E402  (launch/ is on sys.path)
 
 # ------------------------------------------------------------------ part 1: bytes via hooks
 def _scheme_configs():
@@ -115,8 +99,6 @@ def main() -> None:
     for label, b in rows.items():
         print(f"| {label} | {b:,} | {base / b:.1f}x fewer | {rows['bf16 (torch hook)'] / b:.1f}x fewer |")
     if not args.no_throughput:
-        from bench_kernels import cpu_tables  # launch/ is on sys.path when run as a script
-
         print("\n" + cpu_tables([_size(s) for s in args.sizes], args.reps, _size("16M")))
 
 

@@ -172,6 +172,15 @@ def _model() -> nn.Module:
                          nn.Linear(47, 5))
 
 
+def _backward(model: DDP, rank: int, step: int) -> torch.Tensor:
+    """One step's gradients (after the hook) of a seeded per-rank batch, flattened."""
+    g = torch.Generator().manual_seed(100 * step + rank)
+    x, y = torch.randn(16, 31, generator=g), torch.randint(0, 5, (16,), generator=g)
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
 def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results = {}
@@ -181,11 +190,7 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
         scheme.attach(model)
         steps = []
         for step in range(4):
-            g = torch.Generator().manual_seed(100 * step + rank)
-            x, y = torch.randn(16, 31, generator=g), torch.randint(0, 5, (16,), generator=g)
-            model.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+            grads = _backward(model, rank, step)
             steps.append({"grads": grads.clone(), "stats": scheme.stats()})
             with torch.no_grad():
                 for p in model.parameters():
@@ -279,14 +284,8 @@ def _auto_worker(rank: int, world: int, store: str, out: str) -> None:
         scheme = build_scheme(_cfg("onebit", min_bucket_numel=64, block_size=128, auto=True,
                                    auto_trials=2, auto_margin=margin))
         scheme.attach(model)
-        steps = []
-        for step in range(4):
-            g = torch.Generator().manual_seed(100 * step + rank)
-            x, y = torch.randn(16, 31, generator=g), torch.randint(0, 5, (16,), generator=g)
-            model.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(model(x), y).backward()
-            steps.append({"grads": torch.cat([p.grad.flatten() for p in model.parameters()]),
-                          "stats": scheme.stats()})
+        steps = [{"grads": _backward(model, rank, step), "stats": scheme.stats()}
+                 for step in range(4)]
         results[margin] = {"steps": steps, "choice": dict(scheme.auto_choice),
                            "state": scheme.state_dict()}
     torch.save(results, f"{out}/rank{rank}.pt")

@@ -87,6 +87,19 @@ def _buffers(layout: BucketLayout, dev: torch.device, nmsgs: int) -> dict[str, t
     return layout.cache[key]
 
 
+def _gather(msg: torch.Tensor, b: dict[str, torch.Tensor], ctx: BucketContext) -> torch.Tensor:
+    """Every rank's message, rank order, counted on the meter."""
+    _all_gather_single(b["gathered"], msg, group=ctx.group)
+    ctx.meter.record("all_gather", msg, ctx.world)
+    return b["gathered"]
+
+
+def _output(out: torch.Tensor | None, layout: BucketLayout) -> torch.Tensor:
+    if out is None:
+        out = torch.empty(layout.n, dtype=torch.float32, device=layout.all_blocks.device)
+    return out
+
+
 def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
                         ctx: BucketContext, worker: torch.Tensor | None,
                         server: torch.Tensor | None, grad_scale: float = 1.0,
@@ -119,12 +132,9 @@ def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
     if vote:
         _flag_bytes(msg, own_bad, torch.zeros_like(layout.own_blocks[:, 0]), layout, 1)
     t4 = time.perf_counter()
-    gathered = b["gathered"]
-    _all_gather_single(gathered, msg, group=ctx.group)
-    ctx.meter.record("all_gather", msg, N)
+    gathered = _gather(msg, b, ctx)
     t5 = time.perf_counter()
-    if out is None:
-        out = torch.empty(layout.n, dtype=torch.float32, device=dev)
+    out = _output(out, layout)
     blockq.decode(spec, gathered, layout.all_blocks, out, flag_off=layout.flag_off,
                   impl=ctx.impl)
     t6 = time.perf_counter()
@@ -150,12 +160,9 @@ def allgather_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
     if vote:
         _flag_bytes(msg, bad, layout.block_chunk, layout, 1)
     t1 = time.perf_counter()
-    gathered = b["gathered"]
-    _all_gather_single(gathered, msg, group=ctx.group)
-    ctx.meter.record("all_gather", msg, N)
+    gathered = _gather(msg, b, ctx)
     t2 = time.perf_counter()
-    if out is None:
-        out = torch.empty(layout.n, dtype=torch.float32, device=dev)
+    out = _output(out, layout)
     blockq.decode(spec, gathered, layout.all_blocks, out, npeers=N, peer_stride=M,
                   flag_off=layout.flag_off, mode="vote" if vote else "mean", impl=ctx.impl)
     ctx.meter.add_time("compress", t1 - t0)

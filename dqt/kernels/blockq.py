@@ -409,6 +409,17 @@ def _check(x: Tensor, table: Tensor, msg: Tensor) -> None:
         raise ValueError(f"tensors on different devices: {x.device}, {table.device}, {msg.device}")
 
 
+def _implementation(which: str):
+    """The module of implementation ``which`` (imported on first use)."""
+    if which == "c":
+        from dqt.kernels import blockq_c
+
+        return blockq_c
+    from dqt.kernels import blockq_triton
+
+    return blockq_triton
+
+
 def encode(spec: BlockSpec, x: Tensor, table: Tensor, msg: Tensor,
            residual: Tensor | None = None, grad_scale: float = 1.0, key: int = 0,
            bad: Tensor | None = None, impl: Impl = "auto") -> None:
@@ -420,15 +431,8 @@ def encode(spec: BlockSpec, x: Tensor, table: Tensor, msg: Tensor,
         raise ValueError(f"encode takes fp32 data; got {x.dtype}")
     _check(x, table, msg)
     which = _resolve(impl, x.device)
-    if which == "reference":
-        return encode_ref(spec, x, table, msg, residual, grad_scale, key, bad)
-    if which == "c":
-        from dqt.kernels import blockq_c
-
-        return blockq_c.encode(spec, x, table, msg, residual, grad_scale, key, bad)
-    from dqt.kernels import blockq_triton
-
-    return blockq_triton.encode(spec, x, table, msg, residual, grad_scale, key, bad)
+    run = encode_ref if which == "reference" else _implementation(which).encode
+    run(spec, x, table, msg, residual, grad_scale, key, bad)
 
 
 def decode(spec: BlockSpec, msg: Tensor, table: Tensor, out: Tensor, npeers: int = 1,
@@ -441,12 +445,5 @@ def decode(spec: BlockSpec, msg: Tensor, table: Tensor, out: Tensor, npeers: int
         raise ValueError(f"mode must be copy, mean or vote; got {mode!r}")
     _check(out, table, msg)
     which = _resolve(impl, out.device)
-    if which == "reference":
-        return decode_ref(spec, msg, table, out, npeers, peer_stride, flag_off, mode)
-    if which == "c":
-        from dqt.kernels import blockq_c
-
-        return blockq_c.decode(spec, msg, table, out, npeers, peer_stride, flag_off, mode)
-    from dqt.kernels import blockq_triton
-
-    return blockq_triton.decode(spec, msg, table, out, npeers, peer_stride, flag_off, mode)
+    run = decode_ref if which == "reference" else _implementation(which).decode
+    run(spec, msg, table, out, npeers, peer_stride, flag_off, mode)

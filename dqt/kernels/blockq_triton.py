@@ -65,6 +65,18 @@ if triton is not None:
         return (r >> 8).to(tl.float32) * 5.9604644775390625e-08
 
     @triton.jit
+    def _load_v(x_ptr, res_ptr, data, roff, e, m, S, HAS_RES: tl.constexpr, UNIT: tl.constexpr):
+        """The values to code at indices e: x (+ S·residual with error feedback)."""
+        v = tl.load(x_ptr + data + e, mask=m, other=0.0)
+        if HAS_RES:
+            res = tl.load(res_ptr + roff + e, mask=m, other=0.0)
+            if UNIT:
+                v = v + res
+            else:
+                v = v + res * S
+        return v
+
+    @triton.jit
     def _pow3(mm):
         return tl.where(mm == 0, 1, tl.where(mm == 1, 3, tl.where(mm == 2, 9,
                         tl.where(mm == 3, 27, tl.where(mm == 4, 81, 1)))))  # 1: unused lanes
@@ -136,13 +148,7 @@ if triton is not None:
         i = tl.arange(0, 4)[None, None, :]
         e = 8 * g + 4 * h + i
         m = e < n
-        v = tl.load(x_ptr + data + e, mask=m, other=0.0)
-        if HAS_RES:
-            res = tl.load(res_ptr + roff + e, mask=m, other=0.0)
-            if UNIT:
-                v = v + res
-            else:
-                v = v + res * S
+        v = _load_v(x_ptr, res_ptr, data, roff, e, m, S, HAS_RES, UNIT)
         finite = tl.min(tl.where(m, (tl.abs(v) < float("inf")).to(tl.int32), 1))
         n64 = n.to(tl.float64)
         w = v
@@ -218,13 +224,7 @@ if triton is not None:
             mm = tl.arange(0, 8)[None, :]
             ev = 5 * b + mm
             ok = (mm < 5) & (ev < n)
-            v2 = tl.load(x_ptr + data + ev, mask=ok, other=0.0)
-            if HAS_RES:
-                e2 = tl.load(res_ptr + roff + ev, mask=ok, other=0.0)
-                if UNIT:
-                    v2 = v2 + e2
-                else:
-                    v2 = v2 + e2 * S
+            v2 = _load_v(x_ptr, res_ptr, data, roff, ev, ok, S, HAS_RES, UNIT)
             w2 = v2
             if CLIP > 0:
                 w2 = tl.minimum(tl.maximum(v2, -bound), bound)
