@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -95,7 +96,7 @@ def compute_floor(model: str, args, out: str) -> float:
 
 def run_over_link(lab: LinkLab | None, model: str, label: str, args, out: str) -> dict:
     rate = lab.rate if lab else "loopback"
-    run_dir = os.path.join(out, model, (rate or "unshaped"), label.replace(" ", "_"))
+    run_dir = os.path.join(out, model, (rate or "unshaped"), re.sub(r"[^\w.=-]+", "_", label))
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     overrides = [*MODELS[model], *_common(args), *SCHEMES[label], f"hydra.run.dir={run_dir}"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -158,8 +159,8 @@ def main() -> None:
             for qat in args.qat:
                 for scheme in args.schemes:
                     for seed in args.seeds:
-                        run_dir = os.path.join(args.out, model, qat, scheme.replace(" ", "_"),
-                                               f"seed{seed}")
+                        run_dir = os.path.join(args.out, model, qat,
+                                               re.sub(r"[^\w.=-]+", "_", scheme), f"seed{seed}")
                         extra = [] if qat == "fp32" else [f"qat={qat}"]
                         train(lab, args.nranks, [*overrides, *SCHEMES[scheme], *extra,
                                                  f"seed={seed}"], run_dir)

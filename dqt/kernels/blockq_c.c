@@ -44,27 +44,39 @@ static inline uint32_t bf16_bits(float s) {
     return ((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16) & 0xFFFFu;
 }
 
-/* uniforms u[j] = (philox(key, (j/4, ctr, 0, 0))[j%4] >> 8) * 2^-24 for j < n; eight counters
- * at a time so the compiler vectorizes the 32x32->64 multiplies */
+/* The high word of a 32x32-bit product from 16-bit halves: only 32-bit multiplies, which the
+ * compiler vectorizes (a 64-bit product of zero-extended lanes it does not). */
+static inline uint32_t mulhi32(uint32_t a, uint32_t b) {
+    const uint32_t al = a & 0xFFFFu, ah = a >> 16, bl = b & 0xFFFFu, bh = b >> 16;
+    const uint32_t t = al * bl, m1 = ah * bl, m2 = al * bh;
+    const uint32_t mid = (t >> 16) + (m1 & 0xFFFFu) + (m2 & 0xFFFFu);
+    return ah * bh + (m1 >> 16) + (m2 >> 16) + (mid >> 16);
+}
+
+/* uniforms u[j] = (philox(key, (j/4, ctr, 0, 0))[j%4] >> 8) * 2^-24 for j < n; 32 counters at
+ * a time (Philox4x32-10 as Triton's tl.philox) so the rounds run as vector instructions */
+#define PLANES 32
 static void uniforms(float* u, int64_t n, uint64_t key, uint32_t ctr) {
     const int64_t nq = (n + 3) / 4;
-    for (int64_t q0 = 0; q0 < nq; q0 += 8) {
-        uint32_t c0[8], c1[8], c2[8], c3[8];
+    for (int64_t q0 = 0; q0 < nq; q0 += PLANES) {
+        uint32_t c0[PLANES], c1[PLANES], c2[PLANES], c3[PLANES];
         uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-        for (int l = 0; l < 8; l++) { c0[l] = (uint32_t)(q0 + l); c1[l] = ctr; c2[l] = 0; c3[l] = 0; }
+        for (int l = 0; l < PLANES; l++) {
+            c0[l] = (uint32_t)(q0 + l); c1[l] = ctr; c2[l] = 0; c3[l] = 0;
+        }
         for (int r = 0; r < 10; r++) {
-            for (int l = 0; l < 8; l++) {
-                uint64_t pb = (uint64_t)0xCD9E8D57u * c2[l], pa = (uint64_t)0xD2511F53u * c0[l];
-                uint32_t n0 = (uint32_t)(pb >> 32) ^ c1[l] ^ k0;
-                uint32_t n2 = (uint32_t)(pa >> 32) ^ c3[l] ^ k1;
-                c0[l] = n0; c1[l] = (uint32_t)pb; c2[l] = n2; c3[l] = (uint32_t)pa;
+            for (int l = 0; l < PLANES; l++) {
+                const uint32_t hb = mulhi32(0xCD9E8D57u, c2[l]), lb = 0xCD9E8D57u * c2[l];
+                const uint32_t ha = mulhi32(0xD2511F53u, c0[l]), la = 0xD2511F53u * c0[l];
+                const uint32_t n0 = hb ^ c1[l] ^ k0, n2 = ha ^ c3[l] ^ k1;
+                c0[l] = n0; c1[l] = lb; c2[l] = n2; c3[l] = la;
             }
             k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
         }
-        for (int l = 0; l < 8 && q0 + l < nq; l++) {
+        for (int l = 0; l < PLANES && q0 + l < nq; l++) {
             const uint32_t w[4] = {c0[l], c1[l], c2[l], c3[l]};
             for (int t = 0; t < 4; t++) {
-                int64_t j = 4 * (q0 + l) + t;
+                const int64_t j = 4 * (q0 + l) + t;
                 if (j < n) u[j] = (float)(w[t] >> 8) * 5.9604644775390625e-08f;
             }
         }
