@@ -28,6 +28,11 @@ def check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(key, msg)
 
 
+def _check_bool(value: Any, key: str) -> None:
+    """Hydra rejects a non-boolean from YAML/CLI; this catches one set from Python."""
+    check(isinstance(value, bool), key, f"must be true or false; got {value!r}")
+
+
 def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
     check(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
 
@@ -40,32 +45,38 @@ class ModelConfig:
 
 @dataclass
 class MLPConfig(ModelConfig):
-    """Fully connected net: input (flattened) → widths... → classes, ReLU between layers."""
+    """Fully connected net: input (flattened) → widths... → classes, ReLU between layers;
+    ``batch_norm``: BatchNorm1d after each hidden Linear (before the ReLU)."""
 
     name: str = "mlp"
     widths: list[int] = field(default_factory=lambda: [256, 256])
     dropout: float = 0.0
+    batch_norm: bool = False
 
     def __post_init__(self) -> None:
         check(len(self.widths) > 0 and all(w > 0 for w in self.widths), "model.widths",
               f"must be a non-empty list of positive ints; got {list(self.widths)}")
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+        _check_bool(self.batch_norm, "model.batch_norm")
 
 
 @dataclass
 class CNNConfig(ModelConfig):
-    """LeNet-style CNN: [conv5x5 → ReLU → maxpool2] per entry of ``channels``, then FC."""
+    """LeNet-style CNN: [conv5x5 → ReLU → maxpool2] per entry of ``channels``, then FC;
+    ``batch_norm``: BatchNorm after each conv and the hidden Linear (before the ReLU)."""
 
     name: str = "cnn"
     channels: list[int] = field(default_factory=lambda: [32, 64])
     hidden: int = 128
     dropout: float = 0.0
+    batch_norm: bool = False
 
     def __post_init__(self) -> None:
         check(len(self.channels) > 0 and all(c > 0 for c in self.channels), "model.channels",
               f"must be a non-empty list of positive ints; got {list(self.channels)}")
         check(self.hidden > 0, "model.hidden", f"must be > 0; got {self.hidden}")
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+        _check_bool(self.batch_norm, "model.batch_norm")
 
 
 @dataclass
