@@ -283,7 +283,12 @@ class QATConfig:
     quantizable layers in full precision unless a rule names them; ``strict`` makes a rule that
     matches no layer an error. ``fold_bn`` folds BatchNorm into the preceding conv during QAT;
     ``replace_relu`` swaps ``nn.ReLU`` modules (hardtanh/identity: binary activations need a
-    signed input). ``none`` (no quantizer anywhere) trains in full precision."""
+    signed input). ``none`` (no quantizer anywhere) trains in full precision.
+
+    Quantizer parameters (TTQ W_p/W_n, LSQ s, PACT α; ``dqt.quant.quantizer_parameters``) get
+    their own optimizer param group: learning rate ``optim.lr × quantizer_lr_mult`` (same
+    schedule) and weight decay ``quantizer_weight_decay`` (0: scales are not decayed; PACT's L2
+    penalty on α goes here)."""
 
     name: str = "none"
     default: QATSlotsConfig = field(default_factory=QATSlotsConfig)
@@ -293,6 +298,8 @@ class QATConfig:
     types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Embedding"])
     fold_bn: bool = False
     replace_relu: Optional[str] = None
+    quantizer_lr_mult: float = 1.0
+    quantizer_weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         from dqt.quant.validate import validate_qat  # lazy: dqt.quant imports torch

@@ -204,6 +204,11 @@ BAD = [
      "qat.rules[0].match: bad regular expression '(': missing ), unterminated subpattern at position 0"),
     (["qat=bwn", "+qat.rules=[{match: net.2, weight: {name: ttq, init: -1}}]"],
      "qat.rules[0].weight.init: must be > 0; got -1.0"),
+    (["qat=ttq", "qat.quantizer_lr_mult=0"],
+     "qat.quantizer_lr_mult: must be > 0 (the quantizer parameters' lr is optim.lr times it); "
+     "got 0.0"),
+    (["qat=pact_w4a4", "qat.quantizer_weight_decay=-0.1"],
+     "qat.quantizer_weight_decay: must be >= 0; got -0.1"),
 ]
 
 
