@@ -281,7 +281,7 @@ class QATConfig:
     """Quantization-aware training: ordered ``rules`` (first match wins), then the ``default``
     for every other quantizable layer (``types``); ``keep_first_last`` leaves the first and last
     quantizable layers in full precision unless a rule names them; ``strict`` makes a rule that
-    matches no layer an error. ``fold_bn`` folds BatchNorm into the preceding conv during QAT;
+    matches no layer an error. ``fold_bn`` folds a BatchNorm into the conv or Linear before it;
     ``replace_relu`` swaps ``nn.ReLU`` modules (hardtanh/identity: binary activations need a
     signed input). ``none`` (no quantizer anywhere) trains in full precision.
 

@@ -112,6 +112,11 @@ class Quantizer(nn.Module):
     def commit(self, stats: Tensor) -> None:
         """Update the state from the rank-reduced statistics (identical on every rank)."""
 
+    def assumes_batch_norm(self) -> Optional[str]:
+        """Weight quantizers whose paper puts a BatchNorm after the layer (unscaled ±1 or [−1, 1]
+        weights) return why, and ``prepare`` warns when no BN follows the layer; else None."""
+        return None
+
     def after_step(self, weight: Optional[Tensor]) -> None:
         """Called after every optimizer step with the layer's real weight (BNN clipping)."""
 
