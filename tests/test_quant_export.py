@@ -189,12 +189,12 @@ def test_export_and_report_cli_on_a_trained_run(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     from conftest import summary
     s = summary(run)
-    # the trainer put W_p/W_n in their own group at the preset's lr × 0.01, no weight decay
+    # the trainer put W_p/W_n in their own group at the preset's lr × 0.001, no weight decay
     ckpt = next((run / "checkpoints").glob("step_*")) / "train.pt"
     groups = torch.load(ckpt, weights_only=False)["optimizer"]["param_groups"]
     assert [g["name"] for g in groups] == ["model", "quantizer"]
     assert len(groups[1]["params"]) == 2 and groups[1]["weight_decay"] == 0.0
-    assert groups[1]["initial_lr"] == pytest.approx(0.01 * groups[0]["initial_lr"])
+    assert groups[1]["initial_lr"] == pytest.approx(0.001 * groups[0]["initial_lr"])
     assert s["qat/compression"] > 2 and "2-bit" in s["qat/params_by_bits"]
     assert "qat size summary" in (run / "train_rank0.log").read_text()
     p = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), str(run)],
