@@ -14,7 +14,8 @@ each conv and the hidden Linear, SGD lr 0.05 cosine, 300 steps, plus the overrid
 ``qat`` / ``precision`` group differs (each preset's own knobs, such as TTQ's
 ``qat.quantizer_lr_mult``, are in its YAML). Run directories:
 ``<out>/<experiment>/<method>/seed<k>``; a finished one is reused only when its overrides, its
-number of ranks and a hash of ``dqt/``, ``conf/`` and ``launch/train.py`` are unchanged. The default methods are the
+number of ranks and a hash of ``dqt/``, ``conf/`` and ``launch/train.py`` are unchanged;
+otherwise its directory is deleted and the run starts from scratch (never resumed). The default methods are the
 issue's list; LSQ, PACT and the TTQ ablation (W_p/W_n at the weights' own lr) run on request.
 """
 
@@ -25,6 +26,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -80,6 +82,8 @@ def run(label: str, seed: int, nproc: int, base: list[str], out_root: str, code:
         if same and '"summary"' in open(metrics).read():
             with open(metrics) as f:
                 return [json.loads(line) for line in f if '"summary"' in line][-1]
+    if os.path.isdir(run_dir):  # stale or unfinished: start over (the trainer would resume it)
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={nproc}", os.path.join(ROOT, "launch", "train.py"), *overrides]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
