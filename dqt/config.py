@@ -28,6 +28,11 @@ def check(ok: bool, key: str, msg: str) -> None:
         raise ConfigError(key, msg)
 
 
+def _check_bool(value: Any, key: str) -> None:
+    """Hydra rejects a non-boolean from YAML/CLI; this catches one set from Python."""
+    check(isinstance(value, bool), key, f"must be true or false; got {value!r}")
+
+
 def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
     check(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
 
@@ -40,32 +45,38 @@ class ModelConfig:
 
 @dataclass
 class MLPConfig(ModelConfig):
-    """Fully connected net: input (flattened) → widths... → classes, ReLU between layers."""
+    """Fully connected net: input (flattened) → widths... → classes, ReLU between layers;
+    ``batch_norm``: BatchNorm1d after each hidden Linear (before the ReLU)."""
 
     name: str = "mlp"
     widths: list[int] = field(default_factory=lambda: [256, 256])
     dropout: float = 0.0
+    batch_norm: bool = False
 
     def __post_init__(self) -> None:
         check(len(self.widths) > 0 and all(w > 0 for w in self.widths), "model.widths",
               f"must be a non-empty list of positive ints; got {list(self.widths)}")
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+        _check_bool(self.batch_norm, "model.batch_norm")
 
 
 @dataclass
 class CNNConfig(ModelConfig):
-    """LeNet-style CNN: [conv5x5 → ReLU → maxpool2] per entry of ``channels``, then FC."""
+    """LeNet-style CNN: [conv5x5 → ReLU → maxpool2] per entry of ``channels``, then FC;
+    ``batch_norm``: BatchNorm after each conv and the hidden Linear (before the ReLU)."""
 
     name: str = "cnn"
     channels: list[int] = field(default_factory=lambda: [32, 64])
     hidden: int = 128
     dropout: float = 0.0
+    batch_norm: bool = False
 
     def __post_init__(self) -> None:
         check(len(self.channels) > 0 and all(c > 0 for c in self.channels), "model.channels",
               f"must be a non-empty list of positive ints; got {list(self.channels)}")
         check(self.hidden > 0, "model.hidden", f"must be > 0; got {self.hidden}")
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+        _check_bool(self.batch_norm, "model.batch_norm")
 
 
 @dataclass
@@ -270,9 +281,14 @@ class QATConfig:
     """Quantization-aware training: ordered ``rules`` (first match wins), then the ``default``
     for every other quantizable layer (``types``); ``keep_first_last`` leaves the first and last
     quantizable layers in full precision unless a rule names them; ``strict`` makes a rule that
-    matches no layer an error. ``fold_bn`` folds BatchNorm into the preceding conv during QAT;
+    matches no layer an error. ``fold_bn`` folds a BatchNorm into the conv or Linear before it;
     ``replace_relu`` swaps ``nn.ReLU`` modules (hardtanh/identity: binary activations need a
-    signed input). ``none`` (no quantizer anywhere) trains in full precision."""
+    signed input). ``none`` (no quantizer anywhere) trains in full precision.
+
+    Quantizer parameters (TTQ W_p/W_n, LSQ s, PACT α; ``dqt.quant.quantizer_parameters``) get
+    their own optimizer param group: learning rate ``optim.lr × quantizer_lr_mult`` (same
+    schedule) and weight decay ``quantizer_weight_decay`` (0: scales are not decayed; PACT's L2
+    penalty on α goes here)."""
 
     name: str = "none"
     default: QATSlotsConfig = field(default_factory=QATSlotsConfig)
@@ -282,6 +298,8 @@ class QATConfig:
     types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Embedding"])
     fold_bn: bool = False
     replace_relu: Optional[str] = None
+    quantizer_lr_mult: float = 1.0
+    quantizer_weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         from dqt.quant.validate import validate_qat  # lazy: dqt.quant imports torch

@@ -1,28 +1,37 @@
 """QAT accuracy at equal steps: every preset vs the fp32 baseline, several seeds, real torchrun
 runs (like launch/bench_accuracy.py).
 
-    python launch/bench_qat.py                              # digits CNN, 2 ranks, seeds 1 2 3
+    python launch/bench_qat.py                              # digits CNN + BN, 2 ranks, seeds 1 2 3
     python launch/bench_qat.py --nproc 4 --methods fp32 "DoReFa W2A2 G32"
-    python launch/bench_qat.py model=mlp                    # extra overrides for every run
+    python launch/bench_qat.py --experiment digits_cnn      # the same CNN without BatchNorm
+    python launch/bench_qat.py -- steps=600                 # extra overrides for every run
+    python launch/bench_qat.py --methods fp32 "LSQ W4A4" "PACT W4A4" "TTQ, W_p/W_n at the weights' lr"
 
 Prints a markdown table: mean ± std of the final test accuracy over seeds, the difference to
 fp32, the per-seed values and the packed model size (from the run's QAT summary). Every method
-runs the same config (``experiment=digits_cnn``: LeNet CNN, SGD lr 0.05, 300 steps) — only the
-``qat`` / ``precision`` group differs. Run directories: ``outputs/bench_qat/<method>/seed<k>``;
-a finished one is reused (delete ``outputs/bench_qat`` to start over).
+runs the same config (``--experiment``, default ``digits_cnn_bn``: LeNet CNN with BatchNorm after
+each conv and the hidden Linear, SGD lr 0.05 cosine, 300 steps, plus the overrides) — only the
+``qat`` / ``precision`` group differs (each preset's own knobs, such as TTQ's
+``qat.quantizer_lr_mult``, are in its YAML). Run directories:
+``<out>/<experiment>/<method>/seed<k>``; a finished one is reused only when its overrides, its
+number of ranks and a hash of ``dqt/``, ``conf/`` and ``launch/train.py`` are unchanged;
+otherwise its directory is deleted and the run starts from scratch (never resumed). The default methods are the
+issue's list; LSQ, PACT and the TTQ ablation (W_p/W_n at the weights' own lr) run on request.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = ["experiment=digits_cnn"]
 METHODS = {
     "fp32": [],
     "W8A8 (int8 w, uint8 a)": ["qat=w8a8"],
@@ -40,23 +49,48 @@ METHODS = {
     "bf16 mixed precision": ["precision=bf16"],
     "LSQ W4A4": ["qat=lsq_w4a4"],
     "PACT W4A4": ["qat=pact_w4a4"],
+    "TTQ, W_p/W_n at the weights' lr": ["qat=ttq", "qat.quantizer_lr_mult=1"],  # ablation
 }
-DEFAULT = [m for m in METHODS if not m.startswith(("LSQ", "PACT"))]  # the issue's list
+EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr")
+DEFAULT = [m for m in METHODS if m not in EXTRA]  # the issue's list
 
 
-def run(label: str, seed: int, nproc: int, extra: list[str], out_root: str) -> dict:
-    slug = label.split(" (")[0].replace(" ", "_").replace("+", "p")
+def code_hash() -> str:
+    """sha256 over the sources and configs a run depends on (a changed preset reruns)."""
+    h = hashlib.sha256()
+    paths = [os.path.join(ROOT, "launch", "train.py")]
+    for top in ("dqt", "conf"):
+        paths += sorted(p for p in glob.glob(os.path.join(ROOT, top, "**", "*"), recursive=True)
+                        if p.endswith((".py", ".yaml", ".c")))
+    for p in paths:
+        h.update(os.path.relpath(p, ROOT).encode())
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def run(label: str, seed: int, nproc: int, base: list[str], out_root: str, code: str) -> dict:
+    slug = label.split(" (")[0].replace(",", "").replace("'", "").replace("/", "")
+    slug = slug.replace(" ", "_").replace("+", "p")
     run_dir = os.path.join(out_root, slug, f"seed{seed}")
     metrics = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.isfile(metrics) and '"summary"' in open(metrics).read():  # finished: reuse
-        with open(metrics) as f:
-            return [json.loads(line) for line in f if '"summary"' in line][-1]
+    overrides = [*base, *METHODS[label], f"seed={seed}", f"hydra.run.dir={run_dir}"]
+    record = os.path.join(run_dir, "bench_overrides.json")
+    if os.path.isfile(record) and os.path.isfile(metrics):  # finished with the same overrides
+        with open(record) as f:
+            same = json.load(f) == {"nproc": nproc, "overrides": overrides, "code": code}
+        if same and '"summary"' in open(metrics).read():
+            with open(metrics) as f:
+                return [json.loads(line) for line in f if '"summary"' in line][-1]
+    if os.path.isdir(run_dir):  # stale or unfinished: start over (the trainer would resume it)
+        shutil.rmtree(run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", os.path.join(ROOT, "launch", "train.py"),
-           *BASE, *METHODS[label], f"seed={seed}", f"hydra.run.dir={run_dir}", *extra]
+           f"--nproc_per_node={nproc}", os.path.join(ROOT, "launch", "train.py"), *overrides]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
         raise SystemExit(f"{label} seed {seed} failed:\n{p.stderr[-3000:]}")
+    with open(record, "w") as f:
+        json.dump({"nproc": nproc, "overrides": overrides, "code": code}, f)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if '"summary"' in line][-1]
 
@@ -66,25 +100,29 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--methods", nargs="+", default=DEFAULT, choices=list(METHODS))
+    ap.add_argument("--experiment", default="digits_cnn_bn",
+                    help="the experiment preset every method runs (conf/experiment)")
     ap.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench_qat"))
     ap.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = ap.parse_args()
+    base = [f"experiment={args.experiment}", *args.overrides]
+    out_root = os.path.join(args.out, args.experiment)
+    code = code_hash()
     rows = {}
     for label in args.methods:
-        runs = [run(label, s, args.nproc, args.overrides, args.out) for s in args.seeds]
+        runs = [run(label, s, args.nproc, base, out_root, code) for s in args.seeds]
         accs = [r["eval/acc"] for r in runs]
         rows[label] = (accs, runs[0].get("qat/packed_bytes"), runs[0].get("qat/compression"),
                        all(r["params_in_sync"] for r in runs))
         print(f"{label}: {accs}", file=sys.stderr, flush=True)
-    base = statistics.mean(rows["fp32"][0]) if "fp32" in rows else None
-    print(f"\n{args.nproc} ranks (gloo), seeds {args.seeds}, {' '.join(BASE + args.overrides)}"
-          " (LeNet CNN on digits, SGD lr 0.05 cosine, 300 steps)\n")
+    ref = statistics.mean(rows["fp32"][0]) if "fp32" in rows else None
+    print(f"\n{args.nproc} ranks (gloo), seeds {args.seeds}, {' '.join(base)}\n")
     print("| method | test acc (mean ± std) | vs fp32 | per seed | packed model | vs fp32 size |")
     print("|---|---|---|---|---|---|")
     for label, (accs, nbytes, ratio, in_sync) in rows.items():
         mean = statistics.mean(accs)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        diff = f"{100 * (mean - base):+.2f} pt" if base is not None else "—"
+        diff = f"{100 * (mean - ref):+.2f} pt" if ref is not None else "—"
         per = ", ".join(f"{100 * a:.2f}" for a in accs)
         size = f"{nbytes / 1000:.1f} KB" if nbytes else "—"
         print(f"| {label} | {100 * mean:.2f} ± {100 * std:.2f} | {diff} | {per} | {size} |"

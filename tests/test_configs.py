@@ -135,6 +135,19 @@ def test_wrong_type_is_rejected(compose):
     assert "could not be converted to Integer" in str(e.value.__cause__)
 
 
+def test_model_batch_norm_is_typed(compose):
+    assert to_typed(compose("experiment=digits_cnn_bn")).model.batch_norm is True
+    assert to_typed(compose("model=mlp", "model.batch_norm=true")).model.batch_norm is True
+    assert to_typed(compose("model=cnn")).model.batch_norm is False
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("model=cnn", "model.batch_norm=maybe")
+    assert "full_key: model.batch_norm" in str(e.value.__cause__)
+    assert "not a valid bool" in str(e.value.__cause__)
+    with pytest.raises(ConfigCompositionException) as e:  # ResNet always has BN: no such key
+        compose("model=resnet20", "model.batch_norm=true")
+    assert "Key 'batch_norm' not in 'ResNetConfig'" in str(e.value.__cause__)
+
+
 def test_unknown_option_lists_the_available_ones(compose):
     with pytest.raises(MissingConfigException) as e:
         compose("+scheme=nope")

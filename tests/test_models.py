@@ -1,5 +1,6 @@
 """Tests for dqt.train.models: shapes, parameter counts, determinism, gradients, GPT causality,
-config errors and a tiny-batch overfit check for every model."""
+config errors, the optional BatchNorm of the MLP/CNN, and a tiny-batch overfit check for every
+model."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def small(name: str):
         "mlp": MLPConfig(widths=[32, 32]),
         "mlp_dropout": MLPConfig(widths=[32], dropout=0.1),
         "cnn": CNNConfig(channels=[4, 8], hidden=16),
+        "cnn_bn": CNNConfig(channels=[4, 8], hidden=16, batch_norm=True),
+        "mlp_bn": MLPConfig(widths=[32, 32], dropout=0.1, batch_norm=True),
         "cnn3": CNNConfig(channels=[4, 4, 4], hidden=16, dropout=0.1),
         "resnet8": ResNetConfig(name="resnet8", depth=8, width=4),
         "resnet20": ResNetConfig(),
@@ -51,6 +54,7 @@ def make_input(meta: Meta, batch: int = 4, gen: torch.Generator | None = None) -
 CASES = [
     ("mlp", DIGITS), ("mlp", MNIST), ("mlp", CIFAR), ("mlp", SYNTH), ("mlp_dropout", SYNTH),
     ("cnn", DIGITS), ("cnn", MNIST), ("cnn", CIFAR), ("cnn3", DIGITS), ("cnn3", MNIST),
+    ("cnn_bn", DIGITS), ("cnn_bn", CIFAR), ("mlp_bn", SYNTH),
     ("resnet8", DIGITS), ("resnet8", MNIST), ("resnet8", CIFAR), ("resnet20", CIFAR),
     ("gpt", TEXT),
 ]
@@ -120,6 +124,35 @@ def test_cnn_flat_size_and_pool_skip():
     assert m.flat_features == 4 * 2 * 2
     m = build_model(CNNConfig(channels=[32, 64]), MNIST)
     assert m.flat_features == 64 * 7 * 7
+
+
+def test_batch_norm_layout_and_param_count():
+    """model.batch_norm: conv/Linear (no bias) → BN → ReLU for every layer but the output one."""
+    plain = build_model(CNNConfig(channels=[4, 8], hidden=16), DIGITS)
+    m = build_model(CNNConfig(channels=[4, 8], hidden=16, batch_norm=True), DIGITS)
+    kinds = [type(x).__name__ for x in (*m.features, *m.classifier)]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d",
+                     "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d",
+                     "Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert m.features[0].bias is None and m.features[4].bias is None
+    assert m.classifier[0].bias is None and m.classifier[3].bias is not None  # logits keep theirs
+    # each BN adds γ, β and drops the layer's bias: +1 parameter per channel
+    assert num_params(m) == num_params(plain) + 4 + 8 + 16
+    mlp = build_model(MLPConfig(widths=[32, 16], batch_norm=True), SYNTH)
+    assert [type(x).__name__ for x in mlp.net] == ["Linear", "BatchNorm1d", "ReLU", "Linear",
+                                                   "BatchNorm1d", "ReLU", "Linear"]
+    assert num_params(mlp) == num_params(build_model(MLPConfig(widths=[32, 16]), SYNTH)) + 32 + 16
+    # train mode normalizes with the batch statistics: per-channel mean 0 after the first BN
+    m.train()
+    h = m.features[1](m.features[0](torch.randn(16, 1, 8, 8)))
+    assert h.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("cfg", [MLPConfig, CNNConfig], ids=["mlp", "cnn"])
+def test_batch_norm_must_be_a_bool(cfg):
+    with pytest.raises(ConfigError) as e:
+        cfg(batch_norm="yes")
+    assert str(e.value) == "model.batch_norm: must be true or false; got 'yes'"
 
 
 @pytest.mark.parametrize("name,meta", CASES, ids=IDS)
@@ -216,7 +249,8 @@ def test_gpt_rejects_too_long_sequence():
 
 
 OVERFIT = [
-    ("mlp", SYNTH, 1e-3), ("cnn", DIGITS, 3e-3), ("resnet8", DIGITS, 1e-2), ("gpt", TEXT, 1e-2),
+    ("mlp", SYNTH, 1e-3), ("cnn", DIGITS, 3e-3), ("cnn_bn", DIGITS, 3e-3), ("resnet8", DIGITS, 1e-2),
+    ("gpt", TEXT, 1e-2),
 ]
 
 

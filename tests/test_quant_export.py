@@ -37,12 +37,15 @@ def test_every_weight_quantizer_is_export_tested():
     assert weight == set(WEIGHT_ARGS)
 
 
-def trained(name: str, extra: dict | None = None, fold_bn: bool = False) -> nn.Module:
-    """A small CNN with ``name`` on every conv/linear weight, 3 SGD steps (+ qat_step)."""
+def trained(name: str, extra: dict | None = None, fold_bn: bool = False,
+            batch_norm: bool = False) -> nn.Module:
+    """A small CNN (with BatchNorm: ``batch_norm``) with ``name`` on every conv/linear weight,
+    3 SGD steps (+ qat_step)."""
     torch.manual_seed(0)
     spec = QuantizerConfig(name=name, **{**WEIGHT_ARGS[name], **(extra or {})})
-    cfg = QATConfig(name="t", default=QATSlotsConfig(weight=spec, act=ACT), keep_first_last=False)
-    model = apply_qat(cfg, LeNetCNN((1, 8, 8), [4, 6], 12, 10))
+    cfg = QATConfig(name="t", default=QATSlotsConfig(weight=spec, act=ACT), keep_first_last=False,
+                    fold_bn=fold_bn)
+    model = apply_qat(cfg, LeNetCNN((1, 8, 8), [4, 6], 12, 10, batch_norm=batch_norm))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     for _ in range(3):
         x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
@@ -106,6 +109,33 @@ def test_ttq_exports_codes_and_both_scales(tmp_path):
     assert set(codes.unique().tolist()) == {0, 1, 2}
 
 
+@pytest.mark.parametrize("name,fold_bn", [("int", True), ("uint", True), ("ttq", False),
+                                          ("dorefa_w", False), ("bnn_sign", False)])
+def test_bn_cnn_export_reload_is_bitwise_equal(name, fold_bn, tmp_path):
+    """model.batch_norm=true: convs and the hidden Linear (BN folded or not) export exactly."""
+    model, cfg = trained(name, fold_bn=fold_bn, batch_norm=True)
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    save_export(model, str(tmp_path))
+    tensors, doc = read_export(str(tmp_path))
+    assert set(doc["layers"]) == {"features.0", "features.4", "classifier.0", "classifier.3"}
+    folded = {n: m.get("bn_folded") for n, m in doc["layers"].items()}
+    assert folded == ({"features.0": "features.1", "features.4": "features.5",
+                       "classifier.0": "classifier.1", "classifier.3": None} if fold_bn
+                      else dict.fromkeys(folded))
+    torch.manual_seed(1)
+    fresh = load_packed(apply_qat(cfg, LeNetCNN((1, 8, 8), [4, 6], 12, 10, batch_norm=True)),
+                        tensors, doc).eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), ref)
+    if fold_bn:  # the hidden Linear deploys without its BN: linear(x, W_folded) + bias_folded
+        fc, bn = model.classifier[0], model.classifier[1]
+        h = fc.input_quantizer(torch.rand(4, fc.in_features))
+        direct = torch.nn.functional.linear(h, fc.weight, tensors["classifier.0.bias_folded"])
+        torch.testing.assert_close(direct, bn(fc(h)), rtol=1e-5, atol=1e-5)
+
+
 def test_folded_bn_export_equals_and_stores_the_folded_bias(tmp_path):
     from dqt.train.models import CifarResNet
 
@@ -159,6 +189,12 @@ def test_export_and_report_cli_on_a_trained_run(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     from conftest import summary
     s = summary(run)
+    # the trainer put W_p/W_n in their own group at the preset's lr × 0.001, no weight decay
+    ckpt = next((run / "checkpoints").glob("step_*")) / "train.pt"
+    groups = torch.load(ckpt, weights_only=False)["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["model", "quantizer"]
+    assert len(groups[1]["params"]) == 2 and groups[1]["weight_decay"] == 0.0
+    assert groups[1]["initial_lr"] == pytest.approx(0.001 * groups[0]["initial_lr"])
     assert s["qat/compression"] > 2 and "2-bit" in s["qat/params_by_bits"]
     assert "qat size summary" in (run / "train_rank0.log").read_text()
     p = subprocess.run([sys.executable, str(REPO / "launch" / "export.py"), str(run)],

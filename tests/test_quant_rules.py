@@ -174,6 +174,47 @@ def test_bn_folding_eval_equals_the_folded_conv():
     assert torch.equal(wq, ref)
 
 
+def test_bn_folding_pairs_linear_with_batchnorm1d_in_the_bn_cnn(compose):
+    from dqt.config import CNNConfig, MLPConfig
+    from dqt.quant.bn_fold import find_layer_bn
+
+    torch.manual_seed(0)
+    cnn = build_model(CNNConfig(channels=[4, 6], hidden=12, batch_norm=True), META["cnn"])
+    pairs = {n: find_layer_bn(cnn).get(m, ("-",))[0] for n, m in cnn.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert pairs == {"features.0": "features.1", "features.4": "features.5",
+                     "classifier.0": "classifier.1", "classifier.3": "-"}
+    mlp = build_model(MLPConfig(widths=[8, 8], batch_norm=True), META["mlp"])
+    assert sorted(b for b, _ in find_layer_bn(mlp).values()) == ["net.1", "net.4"]
+    assert find_layer_bn(build_model(MLPConfig(widths=[8]), META["mlp"])) == {}
+    # Linear + BatchNorm1d folded: eval output = Linear(x, Q(W·γ/σ)) + β − μ·γ/σ
+    apply_qat(to_typed(compose("qat=w8a8")).qat, cnn)  # the preset folds BN
+    cnn.train()(torch.randn(16, 1, 8, 8))  # BN statistics move
+    cnn.eval()
+    fc, bn = cnn.classifier[0], cnn.classifier[1]
+    f = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    h = torch.rand(5, fc.in_features)
+    folded = torch.nn.functional.linear(fc.input_quantizer(h), fc.weight,
+                                        bn.bias - bn.running_mean * f)
+    torch.testing.assert_close(bn(fc(h)), folded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_norm,warned", [(False, True), (True, False)])
+def test_warning_when_a_quantizer_that_assumes_bn_has_none_after_it(caplog, batch_norm, warned):
+    from dqt.config import MLPConfig
+
+    caplog.set_level("WARNING", logger="dqt")
+    model = build_model(MLPConfig(widths=[8, 8], batch_norm=batch_norm), META["mlp"])
+    apply_qat(QATConfig(name="t", default=QATSlotsConfig(weight=DORE)), model)
+    layer = "net.3" if batch_norm else "net.2"
+    assert ("dorefa_w(bits=2, rescale=False) on " + layer + " assumes a BatchNorm" in caplog.text) \
+        == warned
+    caplog.clear()  # rescale: true is the BN-free variant: no warning
+    apply_qat(QATConfig(name="t", default=QATSlotsConfig(weight=QuantizerConfig(
+        name="dorefa_w", bits=2, rescale=True))), build_model(MLPConfig(widths=[8, 8]), META["mlp"]))
+    assert "assumes a BatchNorm" not in caplog.text
+
+
 # ------------------------------------------------------------------ bad input, exact messages
 BAD = [
     (["qat=dorefa_w2a2", "qat.default.weight.bits=0"], "qat.default.weight.bits: must be in [1, 8]; got 0"),
@@ -204,6 +245,11 @@ BAD = [
      "qat.rules[0].match: bad regular expression '(': missing ), unterminated subpattern at position 0"),
     (["qat=bwn", "+qat.rules=[{match: net.2, weight: {name: ttq, init: -1}}]"],
      "qat.rules[0].weight.init: must be > 0; got -1.0"),
+    (["qat=ttq", "qat.quantizer_lr_mult=0"],
+     "qat.quantizer_lr_mult: must be > 0 (the quantizer parameters' lr is optim.lr times it); "
+     "got 0.0"),
+    (["qat=pact_w4a4", "qat.quantizer_weight_decay=-0.1"],
+     "qat.quantizer_weight_decay: must be >= 0; got -0.1"),
 ]
 
 

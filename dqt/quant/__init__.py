@@ -31,10 +31,11 @@ from torch import nn
 
 from dqt.quant import (binary, dorefa, fixed_point, flexpoint, integer, learned,  # noqa: F401
                        log_quant, minifloat, tanh_quant, ternary)
-from dqt.quant.base import QUANTIZERS, Quantizer
+from dqt.quant.base import QUANTIZERS, Quantizer, quantizer_parameters
 from dqt.quant.prepare import prepare, qat_step
 
-__all__ = ["QUANTIZERS", "Quantizer", "apply_qat", "is_active", "prepare", "qat_step"]
+__all__ = ["QUANTIZERS", "Quantizer", "apply_qat", "is_active", "prepare", "qat_step",
+           "quantizer_parameters"]
 
 
 def is_active(cfg: Any) -> bool:

@@ -10,6 +10,12 @@ A :class:`Quantizer` is an ``nn.Module`` that fake-quantizes one tensor of a lay
 The maths always runs in fp32 with autocast disabled and the result is cast back to the input
 dtype, so QAT works under ``precision=bf16|fp16`` (the complaint of pytorch#42351/#94371).
 
+Parameters a quantizer owns itself (TTQ's W_p/W_n, LSQ's step s, PACT's clip α) are
+*quantizer parameters*: :func:`quantizer_parameters` lists them (ownership is the marker — every
+parameter registered on a :class:`Quantizer` module, never the layer's own weight, which lives on
+the parametrization list), so an optimizer can give them their own learning rate and weight
+decay (``qat.quantizer_lr_mult``, ``qat.quantizer_weight_decay``).
+
 State that must survive a checkpoint lives in buffers or parameters. State computed from
 per-rank data (EMA ranges, Autoflex maxima, LSQ's first-batch init) is never written in
 ``forward``: the quantizer records ``stats()`` and :func:`dqt.quant.prepare.qat_step` all-reduces
@@ -106,6 +112,11 @@ class Quantizer(nn.Module):
     def commit(self, stats: Tensor) -> None:
         """Update the state from the rank-reduced statistics (identical on every rank)."""
 
+    def assumes_batch_norm(self) -> Optional[str]:
+        """Weight quantizers whose paper puts a BatchNorm after the layer (unscaled ±1 or [−1, 1]
+        weights) return why, and ``prepare`` warns when no BN follows the layer; else None."""
+        return None
+
     def after_step(self, weight: Optional[Tensor]) -> None:
         """Called after every optimizer step with the layer's real weight (BNN clipping)."""
 
@@ -137,6 +148,14 @@ class _QuantizeGrad(torch.autograd.Function):
             out = ctx.q.quantize(g.float())
         out = torch.where(torch.isfinite(g), out.to(g.dtype), g)
         return out, None
+
+
+def quantizer_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) for every parameter owned by a :class:`Quantizer` of ``model`` (TTQ
+    ``w_p``/``w_n``, LSQ ``s``, PACT ``alpha``), in ``named_parameters`` order, each once."""
+    owned = {id(p) for m in model.modules() if isinstance(m, Quantizer)
+             for p in m.parameters(recurse=False)}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in owned]
 
 
 def register(cls: type[Quantizer]) -> type[Quantizer]:

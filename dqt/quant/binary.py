@@ -57,6 +57,9 @@ class _SignBase(Quantizer):
         codes = (self.signs(w) > 0).reshape(n, -1).to(torch.uint8)
         return Affine(codes, torch.full((n,), 2.0), torch.full((n,), 0.5), 1)
 
+    def assumes_batch_norm(self) -> Optional[str]:
+        return "weights are ±1 without a scale" if self.kind == "weight" else None
+
     def after_step(self, weight: Optional[Tensor]) -> None:
         if weight is not None and self.kind == "weight":
             with torch.no_grad():

@@ -4,9 +4,11 @@
 * ``dorefa_w`` (weights): k > 1: w_q = 2·quantize_k(tanh(w) / (2·max|tanh(w)|) + ½) − 1, the max
   over the whole tensor *not* stop-gradiented (tensorpack); k = 1: w_q = E(|w|)·sign(w), E the
   layer mean with stop-gradient, sign(0) = +1, identity STE.
-  ``rescale: true`` multiplies the k > 1 weights by E(|w|) (stop-gradient) as the k = 1 case
-  does: DoReFa's ±1-range weights assume a BatchNorm after the layer; without one (the repo's
-  MLP/CNN) the activations blow up and training collapses (measured: chance accuracy on the
+  DoReFa's [−1, 1]-range weights assume a BatchNorm after the layer (the paper's and
+  tensorpack's nets have one after every quantized conv; ``model.batch_norm=true`` here, and
+  ``prepare`` warns when a layer has none). ``rescale: true`` is for models without it: it
+  multiplies the k > 1 weights by E(|w|) (stop-gradient) as the k = 1 case does; without either
+  the activations blow up and training collapses (measured: chance accuracy on the BN-less
   digits CNN). The affine export then has scale 2·E/(2^k − 1).
 * ``dorefa_a`` (input activations): a_q = quantize_k(clip(a, 0, 1)) — DoReFa's ``nonlin`` clip
   fused in, since the layer input here is the output of the model's own ReLU; gradient 1{0≤a≤1}.
@@ -77,6 +79,11 @@ class DoReFaWeight(Quantizer):
         if self.rescale:  # w_q·E(|w|), E stop-gradient (as DoReFa's own k = 1 case)
             s = s * w.detach().abs().mean()
         return round_ste(r * n), s, torch.tensor(n / 2)
+
+    def assumes_batch_norm(self) -> Optional[str]:
+        if self.bits == 1 or self.rescale:
+            return None
+        return "weights span [-1, 1] whatever the fan-in; rescale: true is the BN-free variant"
 
     def quantize(self, w: Tensor) -> Tensor:
         q, s, z = self._affine(w)

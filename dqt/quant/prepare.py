@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dqt.quant.base import QUANTIZERS, Quantizer
-from dqt.quant.bn_fold import FoldScale, find_conv_bn, unfold_output
+from dqt.quant.bn_fold import FoldScale, find_layer_bn, unfold_output
 from dqt.quant.rules import SLOTS, LayerPlan, resolve
 from dqt.quant.validate import spec_args
 
@@ -69,7 +69,7 @@ def replace_relu(model: nn.Module, to: str) -> list[str]:
 def prepare(model: nn.Module, cfg: Any) -> nn.Module:
     """Attach the quantizers that ``cfg`` (a ``QATConfig``) assigns; log the plan."""
     plan = resolve(cfg, model)
-    folds = find_conv_bn(model) if cfg.fold_bn else {}
+    folds = find_layer_bn(model) if cfg.fold_bn else {}
     folded: list[str] = []
     for lp in plan:
         m = lp.module
@@ -95,12 +95,28 @@ def prepare(model: nn.Module, cfg: Any) -> nn.Module:
             q.bind(m)
             m.add_module("grad_quantizer", q)
             m.register_forward_hook(_quantize_output_grad)
+    _warn_missing_batch_norm(model, plan)
     relus = replace_relu(model, cfg.replace_relu) if cfg.replace_relu else []
     model.__dict__["_dqt_plan"] = plan
     log.info("qat %s: per-layer plan\n%s%s%s", cfg.name, format_plan(plan),
              f"\nBN folded: {', '.join(folded)}" if cfg.fold_bn else "",
              f"\nReLU → {cfg.replace_relu}: {', '.join(relus)}" if relus else "")
     return model
+
+
+def _warn_missing_batch_norm(model: nn.Module, plan: list[LayerPlan]) -> None:
+    """Warn about layers whose weight quantizer assumes a BatchNorm after them (BNN, DoReFa
+    k > 1: see ``Quantizer.assumes_batch_norm``) when none follows — a silent collapse to chance
+    accuracy otherwise."""
+    followed = find_layer_bn(model)
+    for lp in plan:
+        q = weight_quantizer(lp.module)
+        why = q.assumes_batch_norm() if q is not None else None
+        if why and lp.module not in followed:
+            log.warning("qat: %s on %s assumes a BatchNorm after the layer as in its paper (%s); "
+                        "none follows it, so activations grow with the fan-in and training may "
+                        "stall: use a model with BatchNorm (model.batch_norm=true for mlp/cnn)",
+                        q.describe(), lp.name, why)
 
 
 def weight_quantizer(module: nn.Module) -> Optional[Quantizer]:

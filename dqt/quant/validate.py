@@ -42,6 +42,11 @@ def quantizer_class(spec: Any, kind: str, key: str) -> type[Quantizer]:
 
 
 def validate_qat(cfg: Any) -> None:
+    check(cfg.quantizer_lr_mult > 0, "qat.quantizer_lr_mult",
+          f"must be > 0 (the quantizer parameters' lr is optim.lr times it); "
+          f"got {cfg.quantizer_lr_mult}")
+    check(cfg.quantizer_weight_decay >= 0, "qat.quantizer_weight_decay",
+          f"must be >= 0; got {cfg.quantizer_weight_decay}")
     check(cfg.replace_relu is None or cfg.replace_relu in RELU_REPLACEMENTS, "qat.replace_relu",
           f"must be one of {', '.join(RELU_REPLACEMENTS)} (or null); got '{cfg.replace_relu}'")
     for i, t in enumerate(cfg.types):

@@ -66,17 +66,25 @@ def _require_image(name: str, meta: Any) -> tuple[int, int, int]:
 
 # --------------------------------------------------------------------------- MLP
 class MLP(nn.Module):
-    """Multi-layer perceptron (Rumelhart, Hinton & Williams 1986): flatten → [Linear → ReLU
-    (→ Dropout)] per hidden width → Linear to the classes. PyTorch's default (Kaiming-uniform)
-    initialisation."""
+    """Multi-layer perceptron (Rumelhart, Hinton & Williams 1986): flatten → [Linear (→ BatchNorm)
+    → ReLU (→ Dropout)] per hidden width → Linear to the classes. PyTorch's default
+    (Kaiming-uniform) initialisation.
+
+    ``batch_norm``: a ``BatchNorm1d`` after every hidden Linear, before the ReLU (Ioffe & Szegedy
+    2015), and those Linears lose their bias (BN's β replaces it). This is the layout the
+    binary / low-bit papers assume (BNN, XNOR-Net, DoReFa-Net all normalize the output of each
+    quantized layer before the next activation quantizer); the output Linear has no BN."""
 
     def __init__(self, in_features: int, widths: list[int], num_classes: int,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, batch_norm: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_features
         for w in widths:
-            layers += [nn.Linear(prev, int(w)), nn.ReLU(inplace=True)]
+            layers.append(nn.Linear(prev, int(w), bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(int(w)))
+            layers.append(nn.ReLU(inplace=True))
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
             prev = int(w)
@@ -91,31 +99,43 @@ class MLP(nn.Module):
 def _build_mlp(cfg: Any, meta: Any) -> nn.Module:
     _require_classify("mlp", meta)
     in_features = math.prod(int(s) for s in meta.input_shape)
-    return MLP(in_features, list(cfg.widths), int(meta.num_classes), float(cfg.dropout))
+    return MLP(in_features, list(cfg.widths), int(meta.num_classes), float(cfg.dropout),
+               bool(getattr(cfg, "batch_norm", False)))
 
 
 # --------------------------------------------------------------------------- CNN
 class LeNetCNN(nn.Module):
     """LeNet-style convolutional net (LeCun, Bottou, Bengio & Haffner 1998, "Gradient-based
     learning applied to document recognition"), modernised with ReLU and max-pooling:
-    [Conv5x5(pad 2) → ReLU → MaxPool2] per entry of ``channels`` (the pool is skipped once the
-    feature map would shrink below 2×2, so 8×8 digits work), then flatten → Linear(hidden) →
-    ReLU (→ Dropout) → Linear to the classes."""
+    [Conv5x5(pad 2) (→ BatchNorm) → ReLU → MaxPool2] per entry of ``channels`` (the pool is
+    skipped once the feature map would shrink below 2×2, so 8×8 digits work), then flatten →
+    Linear(hidden) (→ BatchNorm) → ReLU (→ Dropout) → Linear to the classes.
+
+    ``batch_norm``: a BatchNorm after every conv and after the hidden Linear, before the ReLU
+    (Ioffe & Szegedy 2015), those layers without bias. BN is the layer registered right after
+    its conv in ``features``, so ``qat.fold_bn`` pairs them (``dqt.quant.bn_fold``). This is the
+    conv → BN → activation layout of the low-bit papers (BNN, XNOR-Net, DoReFa-Net's SVHN net)."""
 
     def __init__(self, in_shape: tuple[int, int, int], channels: list[int], hidden: int,
-                 num_classes: int, dropout: float = 0.0) -> None:
+                 num_classes: int, dropout: float = 0.0, batch_norm: bool = False) -> None:
         super().__init__()
         c, h, w = in_shape
         layers: list[nn.Module] = []
         for out_c in channels:
-            layers += [nn.Conv2d(c, int(out_c), kernel_size=5, padding=2), nn.ReLU(inplace=True)]
+            layers.append(nn.Conv2d(c, int(out_c), kernel_size=5, padding=2, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(int(out_c)))
+            layers.append(nn.ReLU(inplace=True))
             c = int(out_c)
             if h // 2 >= 2 and w // 2 >= 2:
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
         self.features = nn.Sequential(*layers)
         self.flat_features = c * h * w
-        head: list[nn.Module] = [nn.Linear(self.flat_features, hidden), nn.ReLU(inplace=True)]
+        head: list[nn.Module] = [nn.Linear(self.flat_features, hidden, bias=not batch_norm)]
+        if batch_norm:
+            head.append(nn.BatchNorm1d(hidden))
+        head.append(nn.ReLU(inplace=True))
         if dropout > 0:
             head.append(nn.Dropout(dropout))
         head.append(nn.Linear(hidden, num_classes))
@@ -130,7 +150,7 @@ def _build_cnn(cfg: Any, meta: Any) -> nn.Module:
     _require_classify("cnn", meta)
     shape = _require_image("cnn", meta)
     return LeNetCNN(shape, list(cfg.channels), int(cfg.hidden), int(meta.num_classes),
-                    float(cfg.dropout))
+                    float(cfg.dropout), bool(getattr(cfg, "batch_norm", False)))
 
 
 # --------------------------------------------------------------------------- ResNet

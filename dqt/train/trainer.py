@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dqt.comm import build_scheme
-from dqt.config import OptimConfig, TrainConfig
-from dqt.quant import apply_qat, is_active, qat_step
+from dqt.config import OptimConfig, QATConfig, TrainConfig
+from dqt.quant import apply_qat, is_active, qat_step, quantizer_parameters
 from dqt.quant.summary import format_summary, summarize
 from dqt.train import distributed
 from dqt.train.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -47,13 +47,37 @@ class TrainResult:
     preempted: bool = False
 
 
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def param_groups(cfg: OptimConfig, model: torch.nn.Module, qat: Optional[QATConfig] = None
+                 ) -> list[dict[str, Any]]:
+    """The optimizer's param groups: ``model`` (every trainable parameter but the quantizers',
+    ``optim.lr`` and ``optim.weight_decay``) and, when the model has quantizer parameters (TTQ
+    W_p/W_n, LSQ s, PACT α: :func:`dqt.quant.quantizer_parameters`), ``quantizer`` with
+    lr = ``optim.lr × qat.quantizer_lr_mult`` and weight decay ``qat.quantizer_weight_decay``.
+
+    Why a group of their own: a quantizer parameter's gradient is a *sum* over a whole tensor
+    (TTQ: ∂L/∂W_p = Σ_{i∈I_p} ∂L/∂w_t(i), Zhu et al. 2017), so at the weights' learning rate one
+    step moves it by orders of magnitude more than any weight; TTQ trains W_p/W_n with their own
+    Adam, and Brevitas/LSQ users put scales in a separate group without weight decay."""
+    mult = qat.quantizer_lr_mult if qat is not None else 1.0
+    decay = qat.quantizer_weight_decay if qat is not None else 0.0
+    quant = {id(p) for _, p in quantizer_parameters(model) if p.requires_grad}
+    main = [p for p in model.parameters() if p.requires_grad and id(p) not in quant]
+    groups: list[dict[str, Any]] = [{"name": "model", "params": main}]
+    if quant:
+        groups.append({"name": "quantizer", "lr": cfg.lr * mult, "weight_decay": decay,
+                       "params": [p for p in model.parameters() if id(p) in quant]})
+    return groups
+
+
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module,
+                    qat: Optional[QATConfig] = None) -> torch.optim.Optimizer:
+    """SGD / AdamW / Adam over :func:`param_groups` (group 0 = the model's own parameters)."""
+    groups = param_groups(cfg, model, qat)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                weight_decay=cfg.weight_decay)
 
 
@@ -117,7 +141,7 @@ class Trainer:
         self.model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
         self.scheme = build_scheme(cfg.scheme)
         self.scheme.attach(self.model)
-        self.optimizer = build_optimizer(cfg.optim, model)
+        self.optimizer = build_optimizer(cfg.optim, model, cfg.qat)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.optim, s, cfg.steps))
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
