@@ -96,7 +96,7 @@ def compute_floor(model: str, args, out: str) -> float:
 
 def run_over_link(lab: LinkLab | None, model: str, label: str, args, out: str) -> dict:
     rate = lab.rate if lab else "loopback"
-    run_dir = os.path.join(out, model, (rate or "unshaped"), re.sub(r"[^\w.=-]+", "_", label))
+    run_dir = os.path.join(out, model, (rate or "unshaped"), re.sub(r"[^\w.-]+", "_", label))
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     overrides = [*MODELS[model], *_common(args), *SCHEMES[label], f"hydra.run.dir={run_dir}"]

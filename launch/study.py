@@ -160,7 +160,7 @@ def main() -> None:
                 for scheme in args.schemes:
                     for seed in args.seeds:
                         run_dir = os.path.join(args.out, model, qat,
-                                               re.sub(r"[^\w.=-]+", "_", scheme), f"seed{seed}")
+                                               re.sub(r"[^\w.-]+", "_", scheme), f"seed{seed}")
                         extra = [] if qat == "fp32" else [f"qat={qat}"]
                         train(lab, args.nranks, [*overrides, *SCHEMES[scheme], *extra,
                                                  f"seed={seed}"], run_dir)
