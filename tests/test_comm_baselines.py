@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dqt.comm import SCHEMES, build_scheme, wire_bytes
 from dqt.config import PowerSGDSchemeConfig, TorchCastSchemeConfig
 import dqt.comm.torch_hooks  # noqa: F401
+from dqt.train.distributed import teardown
 
 STEPS = 4
 # scheme -> (config or None, max relative error of the averaged grad vs the exact average,
@@ -62,7 +63,7 @@ def _worker(rank: int, world: int, store_path: str, name: str, out: str) -> None
             for p in model.parameters():
                 p -= 0.1 * p.grad
     torch.save({"records": records, "state": scheme.state_dict()}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    teardown(barrier=True)
 
 
 def _run(name: str, world: int, tmp_path) -> list[dict[str, Any]]:
@@ -127,7 +128,7 @@ def test_powersgd_state_round_trips(tmp_path):
         again = fresh.state_dict()["powersgd"]
         assert fresh.state.process_group is fresh.process_group
     finally:
-        dist.destroy_process_group()
+        teardown(barrier=True)
     assert again["iter"] == STEPS
     assert set(again["error_dict"]) == set(state["error_dict"])
     for k, v in state["error_dict"].items():

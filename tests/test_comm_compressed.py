@@ -29,6 +29,7 @@ from dqt.comm.meter import CommMeter
 from dqt.config import CompressedSchemeConfig, QSGDConfig, TernaryGradConfig
 from dqt.kernels import blockq
 from dqt.kernels.philox import mix_seed
+from dqt.train.distributed import teardown
 
 SEED, STEP, BUCKET = 7, 3, 1
 TESTED = ("onebit", "signsgd", "ef_signsgd", "ternary_grad", "qsgd")  # the DDP hook tests below
@@ -84,7 +85,7 @@ def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
             results[(variant, mode)] = {"out": got, "stats": meter.pop(), "worker": worker,
                                         "server": server, "M": layout.msg_nbytes}
     torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    teardown(barrier=True)
 
 
 def _simulate(variant: str, world: int) -> tuple[torch.Tensor, list[Any], list[Any]]:
@@ -206,7 +207,7 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
         results[name] = {"steps": steps, "state": scheme.state_dict(), "before_inf": before,
                          "inf_grads": inf_grads}
     torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    teardown(barrier=True)
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -271,7 +272,7 @@ def test_residual_state_is_per_rank_and_round_trips(ddp_runs, name):
         assert again["step"] == state["step"]
         assert torch.equal(again["worker_residual"], state["worker_residual"])
     finally:
-        dist.destroy_process_group()
+        teardown(barrier=True)
 
 
 
@@ -289,7 +290,7 @@ def _auto_worker(rank: int, world: int, store: str, out: str) -> None:
         results[margin] = {"steps": steps, "choice": dict(scheme.auto_choice),
                            "state": scheme.state_dict()}
     torch.save(results, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    teardown(barrier=True)
 
 
 def test_auto_keeps_the_faster_path_on_every_rank(tmp_path):

@@ -18,6 +18,7 @@ from torch import nn
 from conftest import read_metrics, run_train, summary
 from dqt.config import QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
+from dqt.train.distributed import teardown
 
 
 def ref_autoflex(maxima, history=16, bits=16):
@@ -119,7 +120,7 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
         qat_step(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save({"state": state, "local_max": local}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    teardown(barrier=True)
 
 
 

@@ -85,6 +85,12 @@ def init(env: DistEnv, cfg: BackendConfig) -> tuple[str, torch.device]:
     return backend, device
 
 
-def teardown() -> None:
+def teardown(barrier: bool = False) -> None:
+    """Destroy the default process group. ``barrier=True`` (normal exit) first waits for every
+    rank, so no peer closes its gloo connections while another rank's last collective or hook
+    future is still in flight (which aborts that rank with "terminate called without an active
+    exception")."""
     if dist.is_initialized():
+        if barrier and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()

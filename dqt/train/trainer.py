@@ -400,6 +400,9 @@ def train(cfg: TrainConfig, run_dir: str) -> TrainResult:
     """Run one training job in this process (one rank); tears the process group down."""
     os.makedirs(run_dir, exist_ok=True)
     try:
-        return Trainer(cfg, run_dir).fit()
-    finally:
+        result = Trainer(cfg, run_dir).fit()
+    except BaseException:
         distributed.teardown()
+        raise
+    distributed.teardown(barrier=True)
+    return result
