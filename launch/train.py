@@ -3,6 +3,8 @@
     python launch/train.py [overrides]                          # one process
     torchrun --nproc_per_node=2 launch/train.py [overrides]     # two ranks (gloo on CPU)
     torchrun --nproc_per_node=2 launch/train.py +scheme=powersgd
+    sbatch launch/slurm/train.sbatch [overrides]                # SLURM: N nodes x G ranks
+    python launch/train.py -m hydra/launcher=slurm +scheme=onebit,ternary_grad   # a SLURM sweep
 
 ``python launch/train.py --help`` lists the config groups and examples.
 """
@@ -12,6 +14,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dqt.train import preempt  # noqa: E402  (signal and os only)
+
+if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun rank: keep a SIGTERM that comes during
+    preempt.install()  # start-up (launch/slurm/train.sbatch has torchrun itself ignore SIGTERM)
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -26,14 +33,15 @@ register_resolvers()
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
-@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
-def main(dcfg: DictConfig) -> None:
+@record  # inside Hydra, which would swallow the exception: torchrun reports the rank's traceback
+def _train(dcfg: DictConfig) -> bool:
+    """Train; True if stopped early by a signal (with a checkpoint)."""
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         cfg = to_typed(dcfg)
         from dqt.train.trainer import train  # heavy imports after the config is known good
 
-        train(cfg, run_dir)
+        return train(cfg, run_dir).preempted
     except ConfigError as e:
         if env_rank() == 0:
             logging.getLogger("dqt").error("config error: %s", e)
@@ -41,5 +49,13 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
 
 
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
+def main(dcfg: DictConfig) -> None:
+    preempt.install()  # inside a submitit job this is the first chance
+    if _train(dcfg):  # preempted: the checkpoint is written, there is no result to report
+        preempt.handoff()  # submitit's handler requeues the job here
+        sys.exit(0)  # (outside @record, which would turn exit 0 into a normal return)
+
+
 if __name__ == "__main__":
-    record(main)()
+    main()

@@ -150,6 +150,20 @@ def test_srun_style_launch_without_torchrun(tmp_path):
     assert (run_dir / "train_rank1.log").exists()
 
 
+def test_failing_rank_is_reported_with_its_rank_and_traceback(tmp_path):
+    """``@record`` sits inside Hydra (which would swallow the exception), so torchrun's failure
+    summary names the rank that failed and shows its traceback."""
+    p = run_train("steps=10", "eval_every=0", f"hydra.run.dir={tmp_path}", nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (checkpoints(tmp_path)[-1] / "rank1.pt").unlink()  # rank 1 alone cannot restore its state
+    p = run_train("steps=20", "eval_every=0", f"hydra.run.dir={tmp_path}", nproc=2)
+    assert p.returncode == 1
+    root = p.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root, root
+    assert "error_file: <N/A>" not in root and "Traceback (most recent call last)" in root
+    assert "FileNotFoundError" in root and "rank1.pt" in root
+
+
 def test_wandb_offline_run_holds_config_and_history(tmp_path):
     env = clean_env()
     env.pop("WANDB_MODE")
