@@ -3,10 +3,13 @@ node with this machine's CPUs (``launch/slurm/local_cluster.sh``), real ``sbatch
 ``scontrol``/``scancel`` and real torchrun.
 
 - ``launch/slurm/train.sbatch`` trains 2 ranks to completion into ``outputs/slurm-<job id>``;
+- ``sbatch --nodes=2`` on a second cluster of two nodes (two slurmd on this machine) makes one
+  torchrun per node meet at the first node (c10d rendezvous);
 - a job stopped by the time-limit signal (``scancel --signal=TERM``: what ``--signal=TERM@120``
   sends) and then by ``scontrol requeue`` checkpoints both times, is requeued, and resumes;
 - Hydra's submitit launcher runs a 2-point sweep on SLURM (and a submitit preemption signal
-  requeues a sweep job that resumes), and the same sweep locally (``hydra/launcher=local``).
+  requeues a sweep job that resumes; a sweep job spans two nodes), and the same sweep locally
+  (``hydra/launcher=local``).
 
 SLURM holds a requeued job for 120 s (its BeginTime); the tests release it at once with
 ``scontrol update StartTime=now``. The cluster tests are skipped, with the reason, without root
@@ -170,6 +173,22 @@ def slurm():
                        timeout=180)
 
 
+@pytest.fixture(scope="module")
+def two_nodes(slurm):
+    """A second cluster, of two nodes (two slurmd on this machine, one CPU each) for multi-node
+    jobs; started and stopped (by its recorded pids) here."""
+    env = {**os.environ, "DQT_SLURM_DIR": "/tmp/dqt-slurm-2nodes", "DQT_SLURM_NODES": "2",
+           "DQT_SLURMCTLD_PORT": "16837", "DQT_SLURMD_PORT": "16838"}
+    p = subprocess.run(["bash", str(CLUSTER), "start"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    try:
+        assert p.returncode == 0, f"local_cluster.sh start (2 nodes) failed:\n{p.stderr}"
+        yield {"SLURM_CONF": "/tmp/dqt-slurm-2nodes/slurm.conf"}
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "stop"], env=env, capture_output=True, text=True,
+                       timeout=180)
+
+
 class Jobs:
     """sbatch/scontrol/scancel on the test cluster; cancels what it submitted at the end."""
 
@@ -326,6 +345,44 @@ def test_stopped_job_checkpoints_is_requeued_and_resumes(jobs, tmp_path):
     assert all(st["step"] == k2 for st in ranks)
     assert ranks[0]["worker_residual"].abs().sum() > 0
     assert not torch.equal(ranks[0]["worker_residual"], ranks[1]["worker_residual"])
+
+
+@pytest.mark.slow
+def test_sbatch_two_nodes_rendezvous(two_nodes, tmp_path):
+    """`sbatch --nodes=2`: one torchrun per node, c10d rendezvous on the first node's address."""
+    jobs = Jobs(two_nodes)
+    try:
+        job = jobs.sbatch(tmp_path, "--nodes=2", str(SBATCH), "+scheme=ternary_grad", "steps=40",
+                          "eval_every=0", DQT_NPROC_PER_NODE="1")
+        info = jobs.wait(job, lambda i: i.get("JobState") == "COMPLETED", "completion")
+    finally:
+        jobs.cancel_all()
+    out = (tmp_path / f"slurm-dqt-{job}.out").read_text()
+    assert info["ExitCode"] == "0:0", out[-3000:]
+    assert re.search(r"2 node\(s\) x 1 rank\(s\), rendezvous 127\.0\.0\.1:\d+ on \S+-n1", out), out
+    run_dir = tmp_path / "outputs" / f"slurm-{job}"
+    s = summary(run_dir)
+    assert s["world_size"] == 2 and s["steps"] == 40 and s["params_in_sync"] is True
+    # one rank on each node (which rank where is the rendezvous' choice)
+    nodes = {re.search(rf"2 ranks \(torchrun, gloo\) \| rank {r} on (\S+) ",
+                       (run_dir / f"train_rank{r}.log").read_text()).group(1) for r in (0, 1)}
+    assert {n.rsplit("-", 1)[1] for n in nodes} == {"n1", "n2"}, nodes
+
+
+@pytest.mark.slow
+def test_submitit_sweep_on_two_nodes(two_nodes, tmp_path):
+    """hydra.launcher.nodes=2: one rank per node, master = the first node's NodeAddr."""
+    _need_submitit()
+    sweep = tmp_path / "sweep"
+    env = clean_env(**two_nodes)
+    proc = _sweep(tmp_path, env, "hydra/launcher=slurm", "hydra.launcher.nodes=2",
+                  "hydra.launcher.tasks_per_node=1", "+scheme=onebit", "steps=40",
+                  "eval_every=0", f"hydra.sweep.dir={sweep}")
+    _finish(proc)
+    _check_sweep_point(sweep / "0", "onebit", "slurm")
+    for rank in (0, 1):
+        log = (sweep / "0" / f"train_rank{rank}.log").read_text()
+        assert re.search(rf"\| rank {rank} on \S+-n{rank + 1} ", log), log
 
 
 def _sweep(cwd: Path, env: dict[str, str], *overrides: str, timeout: int = 420,

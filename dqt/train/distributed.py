@@ -5,7 +5,7 @@ pattern).
 Detection order: torchrun/TorchElastic (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) → submitit's
 local executor (``SUBMITIT_LOCAL_GLOBALID``/``_NTASKS``/``_LOCALID``) → SLURM (``SLURM_PROCID``/
 ``SLURM_NTASKS``/``SLURM_LOCALID``: plain ``srun`` or submitit on SLURM; master = first host of the
-job, from ``scontrol show hostnames``) → one process.
+job, at its ``NodeAddr`` from ``scontrol``) → one process.
 A single process still gets a (world size 1) process group, so DDP and communication hooks
 run exactly as they do on many ranks.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -36,13 +37,22 @@ class DistEnv:
 
 
 def _slurm_master_addr() -> str:
+    """The address SLURM reaches the job's first node at: its NodeAddr (by default its name)."""
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+
+    def scontrol(*args: str) -> str:
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
-                             text=True, check=True, timeout=30).stdout.split()
-        return out[0] if out else "127.0.0.1"
-    except (OSError, subprocess.SubprocessError):
+        first = scontrol("show", "hostnames", nodes).split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
         return "127.0.0.1"
+    try:
+        addr = re.search(r"\bNodeAddr=(\S+)", scontrol("show", "node", "-o", first))
+    except (OSError, subprocess.SubprocessError):
+        addr = None
+    return addr.group(1) if addr else first
 
 
 # (launcher, rank, world size, local rank): the variables each launcher gives its processes,

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -126,11 +127,12 @@ class Trainer:
         self.logger = MetricLogger(run_dir, self.env.is_main, cfg.logger, resolved,
                                    resume_step=self.step)
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("run dir %s | %s ranks (%s, %s) | model %s %.2fM params | data %s | scheme %s"
-                 " | qat %s | precision %s%s", run_dir, self.env.world_size, self.env.launcher,
-                 self.backend, cfg.model.name, n_params / 1e6, cfg.data.name, self.scheme.name,
-                 cfg.qat.name, cfg.precision.name,
-                 f" | resumed from step {self.step}" if resume else "")
+        log.info("run dir %s | %s ranks (%s, %s) | rank %d on %s | model %s %.2fM params | data "
+                 "%s | scheme %s | qat %s | precision %s%s", run_dir, self.env.world_size,
+                 self.env.launcher, self.backend, self.env.rank,
+                 os.environ.get("SLURMD_NODENAME") or socket.gethostname(), cfg.model.name,
+                 n_params / 1e6, cfg.data.name, self.scheme.name, cfg.qat.name,
+                 cfg.precision.name, f" | resumed from step {self.step}" if resume else "")
 
     # ------------------------------------------------------------------ checkpoint
     def _restore(self, ckpt: Any, with_rank_state: bool) -> None:
