@@ -9,8 +9,10 @@
 ``python launch/train.py --help`` lists the config groups and examples.
 """
 
+import importlib.util
 import logging
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -57,5 +59,20 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(0)  # (outside @record, which would turn exit 0 into a normal return)
 
 
+def _need_submitit_plugin(argv: list[str]) -> None:
+    """hydra/launcher=slurm|slurm_gpu|local extend configs of Hydra's submitit plugin: say what
+    to install instead of Hydra's "Could not load 'hydra/launcher/submitit_slurm'"."""
+    chosen = [a for a in argv if re.fullmatch(r"hydra/launcher=(slurm\w*|local|submitit_\w+)", a)]
+    try:
+        found = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except ModuleNotFoundError:
+        found = False
+    if chosen and not found:
+        print(f"dqt: {chosen[0]} (conf/hydra/launcher/) needs Hydra's submitit launcher, the "
+              "`slurm` extra: pip install -e '.[slurm]'", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    _need_submitit_plugin(sys.argv[1:])
     main()

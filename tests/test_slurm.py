@@ -11,8 +11,8 @@ node with this machine's CPUs (``launch/slurm/local_cluster.sh``), real ``sbatch
   requeues a sweep job that resumes; a sweep job spans two nodes), and the same sweep locally
   (``hydra/launcher=local``).
 
-SLURM holds a requeued job for 120 s (its BeginTime); the tests release it at once with
-``scontrol update StartTime=now``. The cluster tests are skipped, with the reason, without root
+A requeued job starts again by itself once SLURM's hold on it (AuthInfo's cred_expire, 10 s on
+the local cluster, 120 s by default) has passed. The cluster tests are skipped, with the reason, without root
 or without the packages; ``DQT_REQUIRE_SLURM=1`` (set by ``.ci/run``) makes that a failure.
 """
 
@@ -145,6 +145,18 @@ def test_launcher_configs_compose(launcher, target, ranks):
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"
 
 
+def test_missing_submitit_plugin_names_the_extra(tmp_path):
+    """Without hydra-submitit-launcher (here: hidden behind an empty hydra_plugins package)."""
+    (tmp_path / "hydra_plugins").mkdir()
+    (tmp_path / "hydra_plugins" / "__init__.py").write_text("")
+    p = subprocess.run([sys.executable, TRAIN, "-m", "hydra/launcher=slurm", "+scheme=onebit"],
+                       cwd=tmp_path, env=clean_env(PYTHONPATH=str(tmp_path)),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "hydra/launcher=slurm (conf/hydra/launcher/) needs Hydra's submitit launcher" in p.stderr
+    assert "pip install -e '.[slurm]'" in p.stderr
+
+
 # --------------------------------------------------------------------------- the cluster
 @pytest.fixture(scope="module")
 def slurm():
@@ -223,14 +235,15 @@ class Jobs:
             time.sleep(0.5)
         raise AssertionError(f"job {job}: waited {timeout:.0f} s for {what}; now {info}")
 
-    def release_requeued(self, job: str, restarts: int) -> float:
-        """Wait until the job is back in the queue, then skip SLURM's 120 s requeue hold.
-        Returns the time of the release: the previous attempt has ended, the next not begun."""
-        self.wait(job, lambda i: i.get("JobState") == "PENDING"
-                  and int(i.get("Restarts", 0)) == restarts, f"requeue #{restarts}")
-        released = time.time()
-        self.run("scontrol", "update", f"JobId={job}", "StartTime=now")
-        return released
+    def requeued(self, job: str, restarts: int) -> float:
+        """Wait until SLURM has put the job back in the queue for the `restarts`-th time; returns
+        the time seen, after the previous attempt ended and before the next one trains. (SLURM
+        holds a requeued job for AuthInfo's cred_expire, 10 s on the local cluster; the next
+        attempt takes seconds more to start training.)"""
+        self.wait(job, lambda i: int(i.get("Restarts", 0)) == restarts
+                  and i.get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"),
+                  f"requeue #{restarts}")
+        return time.time()
 
     def cancel_all(self) -> None:
         for job in self.submitted:
@@ -308,14 +321,14 @@ def test_stopped_job_checkpoints_is_requeued_and_resumes(jobs, tmp_path):
 
     _wait_for_step(run_dir, 20)
     jobs.run("scancel", "--signal=TERM", job)
-    t1 = jobs.release_requeued(job, restarts=1)
+    t1 = jobs.requeued(job, restarts=1)
     (k1,) = _stopped_at(log.read_text())
     assert 20 <= k1 < steps
 
     _wait_for_step(run_dir, k1 + 20)
     assert f"resumed from step {k1}" in log.read_text()
     jobs.run("scontrol", "requeue", job)
-    t2 = jobs.release_requeued(job, restarts=2)
+    t2 = jobs.requeued(job, restarts=2)
     k1_, k2 = _stopped_at(log.read_text())
     assert k1_ == k1 and k1 < k2 < steps
 
@@ -333,7 +346,7 @@ def test_stopped_job_checkpoints_is_requeued_and_resumes(jobs, tmp_path):
     train = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(10, steps + 1, 10))
     # resumed, not restarted: each record was written by the attempt that reached that step
-    # (attempt 2 began after release t1, attempt 3 after release t2)
+    # (attempt 1 ended before t1 and attempt 2 trained after it; likewise t2)
     for r in train:
         attempt = 1 if r["step"] <= k1 else 2 if r["step"] <= k2 else 3
         window = {1: (0, t1), 2: (t1, t2), 3: (t2, float("inf"))}[attempt]
@@ -455,7 +468,7 @@ def test_submitit_preemption_signal_checkpoints_requeues_and_resumes(jobs, tmp_p
     (job,) = {p.name.split("_")[0] for p in _submitit_dirs(point.parent)}
     jobs.submitted.append(job)
     jobs.run("scancel", "--signal=USR2", job)
-    jobs.release_requeued(job, restarts=1)
+    jobs.requeued(job, restarts=1)
     _finish(proc)
 
     log = (point / "train_rank0.log").read_text()
