@@ -23,8 +23,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e ".[dev,triton]" $(TRITON_SPEC) || $(PY) -m pip install --quiet -e ".[dev]"
+# Tests also need the `slurm` extra (Hydra's submitit launcher, for tests/test_slurm.py).
+$(VENV)/.installed-dev: $(VENV)/.installed Makefile
+	$(PY) -m pip install --quiet -e ".[dev,triton,slurm]" $(TRITON_SPEC) || $(PY) -m pip install --quiet -e ".[dev,slurm]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -3,15 +3,24 @@
     python launch/train.py [overrides]                          # one process
     torchrun --nproc_per_node=2 launch/train.py [overrides]     # two ranks (gloo on CPU)
     torchrun --nproc_per_node=2 launch/train.py +scheme=powersgd
+    sbatch launch/slurm/train.sbatch [overrides]                # SLURM: N nodes x G ranks
+    python launch/train.py -m hydra/launcher=slurm +scheme=onebit,ternary_grad   # a SLURM sweep
 
 ``python launch/train.py --help`` lists the config groups and examples.
 """
 
+import importlib.util
 import logging
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dqt.train import preempt  # noqa: E402  (signal and os only)
+
+if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun rank: keep a SIGTERM that comes during
+    preempt.install()  # start-up (launch/slurm/train.sbatch has torchrun itself ignore SIGTERM)
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
@@ -26,14 +35,15 @@ register_resolvers()
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
-@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
-def main(dcfg: DictConfig) -> None:
+@record  # inside Hydra, which would swallow the exception: torchrun reports the rank's traceback
+def _train(dcfg: DictConfig) -> bool:
+    """Train; True if stopped early by a signal (with a checkpoint)."""
     run_dir = HydraConfig.get().runtime.output_dir
     try:
         cfg = to_typed(dcfg)
         from dqt.train.trainer import train  # heavy imports after the config is known good
 
-        train(cfg, run_dir)
+        return train(cfg, run_dir).preempted
     except ConfigError as e:
         if env_rank() == 0:
             logging.getLogger("dqt").error("config error: %s", e)
@@ -41,5 +51,28 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
 
 
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
+def main(dcfg: DictConfig) -> None:
+    preempt.install()  # inside a submitit job this is the first chance
+    if _train(dcfg):  # preempted: the checkpoint is written, there is no result to report
+        preempt.handoff()  # submitit's handler requeues the job here
+        sys.exit(0)  # (outside @record, which would turn exit 0 into a normal return)
+
+
+def _need_submitit_plugin(argv: list[str]) -> None:
+    """hydra/launcher=slurm|slurm_gpu|local extend configs of Hydra's submitit plugin: say what
+    to install instead of Hydra's "Could not load 'hydra/launcher/submitit_slurm'"."""
+    chosen = [a for a in argv if re.fullmatch(r"hydra/launcher=(slurm\w*|local|submitit_\w+)", a)]
+    try:
+        found = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except ModuleNotFoundError:
+        found = False
+    if chosen and not found:
+        print(f"dqt: {chosen[0]} (conf/hydra/launcher/) needs Hydra's submitit launcher, the "
+              "`slurm` extra: pip install -e '.[slurm]'", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    record(main)()
+    _need_submitit_plugin(sys.argv[1:])
+    main()

@@ -127,6 +127,33 @@ def test_sigterm_then_resume_equals_uninterrupted(two_rank_run, tmp_path):
     assert summary(run_dir)["steps"] == 320
 
 
+def test_sigterm_to_torchrun_alone_reaches_every_rank(tmp_path):
+    """torchrun forwards a SIGTERM it gets to its workers: with torchrun alone signalled, every
+    rank still finishes its step and writes its part of the checkpoint (torchrun itself then
+    exits 1 with its SignalException; launch/slurm/train.sbatch avoids that, see README)."""
+    proc = subprocess.Popen(train_cmd("steps=3000", "log_every=10", "eval_every=0",
+                                      f"hydra.run.dir={tmp_path}", nproc=2),
+                            cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if (tmp_path / "metrics.jsonl").exists() and any(
+                r["step"] >= 20 for r in read_metrics(tmp_path)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the torchrun agent only, not its workers
+    out, _ = proc.communicate(timeout=120)
+    (saved,) = checkpoints(tmp_path)
+    k = int(saved.name.split("_")[1])
+    assert 20 <= k < 3000, out[-3000:]
+    assert sorted(p.name for p in saved.iterdir()) == ["meta.json", "rank0.pt", "rank1.pt",
+                                                      "train.pt"]
+    for r in range(2):
+        assert f"SIGTERM: stopped at step {k}" in (tmp_path / f"train_rank{r}.log").read_text()
+    s = summary(tmp_path)
+    assert s["preempted"] is True and s["params_in_sync"] is True and s["steps"] == k
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -149,6 +176,20 @@ def test_srun_style_launch_without_torchrun(tmp_path):
     s = summary(run_dir)
     assert s["world_size"] == 2 and s["params_in_sync"] is True
     assert (run_dir / "train_rank1.log").exists()
+
+
+def test_failing_rank_is_reported_with_its_rank_and_traceback(tmp_path):
+    """``@record`` sits inside Hydra (which would swallow the exception), so torchrun's failure
+    summary names the rank that failed and shows its traceback."""
+    p = run_train("steps=10", "eval_every=0", f"hydra.run.dir={tmp_path}", nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (checkpoints(tmp_path)[-1] / "rank1.pt").unlink()  # rank 1 alone cannot restore its state
+    p = run_train("steps=20", "eval_every=0", f"hydra.run.dir={tmp_path}", nproc=2)
+    assert p.returncode == 1
+    root = p.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root, root
+    assert "error_file: <N/A>" not in root and "Traceback (most recent call last)" in root
+    assert "FileNotFoundError" in root and "rank1.pt" in root
 
 
 def test_wandb_offline_run_holds_config_and_history(tmp_path):

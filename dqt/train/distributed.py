@@ -1,8 +1,11 @@
-"""Who am I in the job, and the process group — one code path for torchrun, plain ``srun`` and a
-single process (the dinov2 ``TorchDistributedEnvironment`` pattern).
+"""Who am I in the job, and the process group — one code path for torchrun, plain ``srun``,
+submitit (on SLURM or local) and a single process (the dinov2 ``TorchDistributedEnvironment``
+pattern).
 
-Detection order: torchrun/TorchElastic (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) → SLURM
-(``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``; master = first host of the job) → one process.
+Detection order: torchrun/TorchElastic (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) → submitit's
+local executor (``SUBMITIT_LOCAL_GLOBALID``/``_NTASKS``/``_LOCALID``) → SLURM (``SLURM_PROCID``/
+``SLURM_NTASKS``/``SLURM_LOCALID``: plain ``srun`` or submitit on SLURM; master = first host of the
+job, at its ``NodeAddr`` from ``scontrol``) → one process.
 A single process still gets a (world size 1) process group, so DDP and communication hooks
 run exactly as they do on many ranks.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 
@@ -33,29 +37,66 @@ class DistEnv:
 
 
 def _slurm_master_addr() -> str:
+    """The address SLURM reaches the job's first node at: its NodeAddr (by default its name)."""
     nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+
+    def scontrol(*args: str) -> str:
+        return subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True,
-                             text=True, check=True, timeout=30).stdout.split()
-        return out[0] if out else "127.0.0.1"
-    except (OSError, subprocess.SubprocessError):
+        first = scontrol("show", "hostnames", nodes).split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
         return "127.0.0.1"
+    try:
+        addr = re.search(r"\bNodeAddr=(\S+)", scontrol("show", "node", "-o", first))
+    except (OSError, subprocess.SubprocessError):
+        addr = None
+    return addr.group(1) if addr else first
+
+
+# (launcher, rank, world size, local rank): the variables each launcher gives its processes,
+# in the order they are looked for. submitit's local executor runs a job's tasks as processes
+# on this machine; a SLURM job step (srun, or submitit on SLURM) one process per task.
+_LAUNCHERS = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("submitit-local", "SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS",
+     "SUBMITIT_LOCAL_LOCALID"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
+def from_env() -> DistEnv:
+    """This process's place in the job, read from the launcher's variables (no side effects)."""
+    env = os.environ
+    for launcher, rank, world, local in _LAUNCHERS:
+        if rank not in env:
+            continue
+        size = int(env.get(world, "1"))
+        if (launcher == "torchrun" and world in env) or size > 1:
+            return DistEnv(int(env[rank]), size, int(env.get(local, "0")), launcher)
+    return DistEnv(0, 1, 0, "single")
 
 
 def detect() -> DistEnv:
-    """Read the launcher's environment; for SLURM also export the ``env://`` variables."""
+    """:func:`from_env`, and for launchers other than torchrun export the ``env://`` variables:
+    the master is the job's first host (SLURM) or this machine, the port derived from the job id."""
+    found = from_env()
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       "torchrun")
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        env.setdefault("MASTER_ADDR", _slurm_master_addr())
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
-        env["RANK"], env["WORLD_SIZE"] = str(rank), str(world)
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        return DistEnv(rank, world, int(env["LOCAL_RANK"]), "slurm")
-    return DistEnv(0, 1, 0, "single")
+    if found.launcher in ("slurm", "submitit-local"):
+        if found.launcher == "slurm":
+            env.setdefault("MASTER_ADDR", _slurm_master_addr())
+            job = env.get("SLURM_JOB_ID", "0")
+        else:
+            env.setdefault("MASTER_ADDR", "127.0.0.1")
+            job = env.get("SUBMITIT_LOCAL_JOB_ID", "0")
+        env.setdefault("MASTER_PORT", str(20000 + int(job) % 20000))
+        env["RANK"], env["WORLD_SIZE"] = str(found.rank), str(found.world_size)
+        env["LOCAL_RANK"] = str(found.local_rank)
+        if "OMP_NUM_THREADS" not in env:  # as torchrun does: no more threads than CPUs given
+            env["OMP_NUM_THREADS"] = env.get("SLURM_CPUS_PER_TASK", "1")
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    return found
 
 
 def resolve_backend(cfg: BackendConfig) -> str:

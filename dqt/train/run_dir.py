@@ -9,6 +9,10 @@ torchrun would each create their own directory. ``${dqt_run_dir:BASE}`` picks, i
    torchrun's own TCPStore (the agent store every worker can reach); the other ranks read it;
 4. otherwise ``BASE/<date>/<time>`` of this process.
 
+A sweep (``-m``, e.g. ``hydra/launcher=slurm``) does not use this: each sweep point runs in
+``hydra.sweep.dir/hydra.sweep.subdir``, fixed when the sweep is launched (submitit pickles it with
+the job), so a point's ranks and its requeued job share it too.
+
 ``${dqt_rank0_only:X}`` is X on rank 0 and null elsewhere (only rank 0 writes ``.hydra/``);
 ``${dqt_rank0_level:L}`` is L on rank 0 and WARNING elsewhere (console noise from one rank);
 ``${dqt_rank:}`` is this process's global rank (per-rank log file names).
@@ -24,11 +28,10 @@ _KEY = "dqt/run_dir"
 
 
 def env_rank() -> int:
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"])
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
-        return int(os.environ["SLURM_PROCID"])
-    return 0
+    """This process's global rank under any launcher (dqt.train.distributed.from_env)."""
+    from dqt.train.distributed import from_env
+
+    return from_env().rank
 
 
 def _timestamped(base: str) -> str:

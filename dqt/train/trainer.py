@@ -14,7 +14,7 @@ import hashlib
 import logging
 import math
 import os
-import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +30,7 @@ from dqt.comm import build_scheme
 from dqt.config import OptimConfig, QATConfig, TrainConfig
 from dqt.quant import apply_qat, is_active, qat_step, quantizer_parameters
 from dqt.quant.summary import format_summary, summarize
-from dqt.train import distributed
+from dqt.train import distributed, preempt
 from dqt.train.checkpoint import Checkpointer, rng_state, set_rng_state
 from dqt.train.data import ShardedLoader, build_dataset, eval_shard
 from dqt.train.metrics import MetricLogger, check_logger
@@ -101,29 +101,17 @@ def params_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-class _StopFlag:
-    """SIGTERM sets a flag; ranks agree on it at the step boundary (max over ranks)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        if sys.platform != "win32":
-            try:
-                signal.signal(signal.SIGTERM, self._handler)
-            except ValueError:  # not the main thread (e.g. called from a test harness)
-                pass
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+def _stop_agreed(device: torch.device) -> bool:
+    """Did any rank get a stop signal (dqt.train.preempt)? Max over ranks, at a step boundary."""
+    flag = torch.tensor([1.0 if preempt.requested() else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        preempt.install()  # launch/train.py did already; for programmatic use
         check_logger(cfg.logger)
         self.env = distributed.detect()
         self.checkpointer = Checkpointer(run_dir, self.env.rank, self.env.world_size,
@@ -162,13 +150,13 @@ class Trainer:
             _write_atomic(os.path.join(run_dir, "config.yaml"), OmegaConf.to_yaml(resolved))
         self.logger = MetricLogger(run_dir, self.env.is_main, cfg.logger, resolved,
                                    resume_step=self.step)
-        self.stop = _StopFlag()
         n_params = sum(p.numel() for p in model.parameters())
-        log.info("run dir %s | %s ranks (%s, %s) | model %s %.2fM params | data %s | scheme %s"
-                 " | qat %s | precision %s%s", run_dir, self.env.world_size, self.env.launcher,
-                 self.backend, cfg.model.name, n_params / 1e6, cfg.data.name, self.scheme.name,
-                 cfg.qat.name, cfg.precision.name,
-                 f" | resumed from step {self.step}" if resume else "")
+        log.info("run dir %s | %s ranks (%s, %s) | rank %d on %s | model %s %.2fM params | data "
+                 "%s | scheme %s | qat %s | precision %s%s", run_dir, self.env.world_size,
+                 self.env.launcher, self.backend, self.env.rank,
+                 os.environ.get("SLURMD_NODENAME") or socket.gethostname(), cfg.model.name,
+                 n_params / 1e6, cfg.data.name, self.scheme.name, cfg.qat.name,
+                 cfg.precision.name, f" | resumed from step {self.step}" if resume else "")
 
     # ------------------------------------------------------------------ checkpoint
     def _restore(self, ckpt: Any, with_rank_state: bool) -> None:
@@ -303,7 +291,7 @@ class Trainer:
                          last_eval["eval/loss"], last_eval["eval/acc"])
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not is_last:
                 self.save()
-            if self.stop.agreed(self.device):
+            if not is_last and _stop_agreed(self.device):
                 preempted = True
                 break
         bar.close()
@@ -315,8 +303,10 @@ class Trainer:
         self.logger.log(self.step, "summary", summary)
         self.logger.close()
         if preempted:
-            log.info("SIGTERM: stopped at step %d with a checkpoint; run again with "
-                     "hydra.run.dir=%s to resume", self.step, self.run_dir)
+            log.info("%s: stopped at step %d with a checkpoint; run again with "
+                     "hydra.run.dir=%s to resume",
+                     preempt.received_name() or "a stop signal on another rank", self.step,
+                     self.run_dir)
         return TrainResult(self.step, summary, {k: v.detach().cpu().clone() for k, v in
                                                 self.model.module.state_dict().items()}, preempted)
 
