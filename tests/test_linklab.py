@@ -5,6 +5,7 @@ code inside the lab raises."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +17,8 @@ from conftest import REPO, clean_env, summary
 sys.path.insert(0, str(REPO / "launch"))
 from linklab import LinkLab, check_root, leftover_namespaces  # noqa: E402
 
+if check_root() is not None and os.environ.get("DQT_REQUIRE_NETNS") == "1":
+    raise RuntimeError(f"DQT_REQUIRE_NETNS=1 (set by .ci/run as root) but: {check_root()}")
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(check_root() is not None, reason=str(check_root()))]
 
