@@ -56,6 +56,8 @@ SCHEMES = {  # label -> overrides
     "qsgd bits=4": ["+scheme=qsgd", "scheme.bits=4"],
     "signsgd": ["+scheme=signsgd", "optim.lr=0.0005"],
     "ef_signsgd": ["+scheme=ef_signsgd"],
+    # scheme.auto: per bucket, the faster of onebit and the plain fp32 all-reduce (timed trials)
+    "onebit auto": ["+scheme=onebit", "scheme.auto=true"],
 }
 
 
@@ -81,6 +83,30 @@ def _summary(run_dir: str) -> tuple[dict, list[dict]]:
 def _median_step(train_rows: list[dict], warmup: int) -> float:
     times = [r["time/step_ms"] for r in train_rows if r["step"] > warmup]
     return statistics.median(times)
+
+
+PROFILE = {"forward": "time/forward_ms", "backward (incl. hook)": "time/backward_ms",
+           "optimizer": "time/optim_ms", "hook": "time/hook_ms", "compress": "time/compress_ms",
+           "wire": "time/communicate_ms", "decompress": "time/decompress_ms"}
+
+
+def profile(run_dir: str, warmup: int) -> dict[str, float]:
+    """Median per-step times after warm-up (rank 0): where the step goes. ``hook`` is the time
+    the DDP hooks spend on the main thread; compress / wire / decompress are dqt's own
+    counters (absent for the torch hooks)."""
+    rows = [r for r in _summary(run_dir)[1] if r["step"] > warmup]
+    return {name: statistics.median(r[key] for r in rows)
+            for name, key in PROFILE.items() if key in rows[0]}
+
+
+def profile_table(rows: list[dict]) -> str:
+    out = ["| model | rate | scheme | step | " + " | ".join(PROFILE) + " |",
+           "|---|---|---|---|" + "---|" * len(PROFILE)]
+    for r in rows:
+        p = r.get("profile", {})
+        out.append(f"| {r['model']} | {r['rate']} | {r['scheme']} | {r['step_ms']:.0f} | "
+                   + " | ".join(f"{p[k]:.0f}" if k in p else "—" for k in PROFILE) + " |")
+    return "\n".join(out)
 
 
 def compute_floor(model: str, args, out: str) -> float:
@@ -124,7 +150,8 @@ def run_over_link(lab: LinkLab | None, model: str, label: str, args, out: str) -
             "hook_total": summ["comm/bytes_sent_total"], "iface_total": tx,
             "model_bytes": 4 * summ["model/params"],
             "acc": summ.get("eval/acc"), "loss": summ.get("eval/loss"),
-            "in_sync": summ.get("params_in_sync"), "wall_s": time.time() - t0}
+            "in_sync": summ.get("params_in_sync"), "wall_s": time.time() - t0,
+            "profile": profile(run_dir, args.warmup)}
 
 
 def table(rows: list[dict], floors: dict[str, float]) -> str:
@@ -189,6 +216,7 @@ def main() -> None:
     header = (f"{args.nranks} ranks (gloo, one per network namespace), {args.steps} steps, median "
               f"after {args.warmup}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
     print(header + "\n" + table(rows, floors))
+    print("\n### Where the step goes (ms, median after warm-up, rank 0)\n\n" + profile_table(rows))
     if args.json:
         for r in rows:
             r["floor_ms"] = floors[r["model"]]

@@ -114,7 +114,11 @@ def table(results: dict, args) -> str:
         for (m, scheme, qat), runs in results.items():
             if m != model:
                 continue
-            finals = [r["final"] for r in runs]
+            finals = [r["final"] for r in runs if r["final"] is not None]
+            if not finals:
+                lines.append(f"| {scheme} | {qat} | failed ({len(runs)} runs; see run_dir) "
+                             "| 0 | — | — | — | — |")
+                continue
             sd = statistics.stdev(finals) if len(finals) > 1 else 0.0
             hit = [r for r in runs if r["steps"] is not None]
             secs = _mean([r["seconds"] for r in hit])
@@ -162,9 +166,13 @@ def main() -> None:
                         run_dir = os.path.join(args.out, model, qat,
                                                re.sub(r"[^\w.-]+", "_", scheme), f"seed{seed}")
                         extra = [] if qat == "fp32" else [f"qat={qat}"]
-                        train(lab, args.nranks, [*overrides, *SCHEMES[scheme], *extra,
-                                                 f"seed={seed}"], run_dir)
-                        r = dict(to_target(run_dir, metric, target, higher), run_dir=run_dir)
+                        try:
+                            train(lab, args.nranks, [*overrides, *SCHEMES[scheme], *extra,
+                                                     f"seed={seed}"], run_dir)
+                            r = dict(to_target(run_dir, metric, target, higher), run_dir=run_dir)
+                        except RuntimeError as e:  # reported in the table, the study goes on
+                            r = {"final": None, "steps": None, "bytes": None, "seconds": None,
+                                 "run_dir": run_dir, "error": str(e)}
                         results.setdefault((model, scheme, qat), []).append(r)
                         print(json.dumps({"model": model, "scheme": scheme, "qat": qat,
                                           "seed": seed, **r}), file=sys.stderr, flush=True)

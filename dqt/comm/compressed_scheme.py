@@ -85,24 +85,37 @@ class CompressedScheme(Scheme):
         buf = bucket.buffer()
         n, world = buf.numel(), self.world_size
         self.meter.record_raw(n, world)
-        if self.step < self.cfg.warmup_steps or n < self.cfg.min_bucket_numel or world == 1:
-            out = self._plain_allreduce(buf)
-        elif self.cfg.auto:
-            out = self._auto(buf, bucket)
+        out = None
+        plain = self.step < self.cfg.warmup_steps or n < self.cfg.min_bucket_numel or world == 1
+        if not plain and self.cfg.auto:
+            choice = self.auto_choice.get(self.layout(bucket, buf).first_param)
+            plain = choice is False
+            out = self._auto(buf, bucket) if choice is None else None
+        if plain:  # asynchronous, like DDP's own hook: the wire overlaps the rest of backward
+            fut = self._plain_allreduce_async(buf)
         else:
-            out = self._compressed(buf, bucket)
+            if out is None:
+                out = self._compressed(buf, bucket)
+            fut = torch.futures.Future()
+            fut.set_result(out)
         if bucket.is_last():
             self.step += 1
         self.meter.hook_s += time.perf_counter() - start
-        fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-        fut.set_result(out)
         return fut
 
     def _plain_allreduce(self, buf: torch.Tensor) -> torch.Tensor:
-        t = buf.float() / self.world_size
-        dist.all_reduce(t, group=self.process_group)
+        return self._plain_allreduce_async(buf).wait()
+
+    def _plain_allreduce_async(self, buf: torch.Tensor) -> torch.futures.Future:
+        """fp32 mean all-reduce; fp32 buckets in place (as DDP's default hook), others through
+        an fp32 copy that is cast back."""
+        t = buf if buf.dtype == torch.float32 else buf.float()
+        t.div_(self.world_size)
         self.meter.record("all_reduce", t, self.world_size)
-        return t.to(buf.dtype)
+        fut = dist.all_reduce(t, group=self.process_group, async_op=True).get_future()
+        if t is buf:
+            return fut.then(lambda f: f.value()[0])
+        return fut.then(lambda f: f.value()[0].to(buf.dtype))
 
     def _auto(self, buf: torch.Tensor, bucket: dist.GradBucket) -> torch.Tensor:
         """scheme.auto: trial both paths on the first compressed steps, then keep the faster."""
@@ -110,7 +123,8 @@ class CompressedScheme(Scheme):
         if bid in self.auto_choice:
             return self._compressed(buf, bucket) if self.auto_choice[bid] else \
                 self._plain_allreduce(buf)
-        copy = buf.clone()
+        copy = buf.float()  # a copy also for fp32: the trial's plain all-reduce works in place
+        copy = copy.clone() if copy is buf else copy
         self._sync(buf)
         t0 = time.perf_counter()
         out = self._compressed(buf, bucket)
