@@ -94,5 +94,7 @@ def test_bench_link_trains_over_the_link(tmp_path):
         assert r["iface_total"] - r["model_bytes"] >= r["hook_total"] > 0
     assert rows[1]["bytes_step"] < rows[0]["bytes_step"] / 10
     assert summary(out / "mlp_20m" / "1gbit" / "ternary_grad")["steps"] == 4
-    assert "| ternary_grad |" in proc.stdout
+    assert "| ternary_grad |" in proc.stdout and "Where the step goes" in proc.stdout
+    assert {"forward", "compress", "wire", "decompress"} <= set(rows[1]["profile"])
+    assert "compress" not in rows[0]["profile"]  # the fp32 all-reduce has no compressor
     assert leftover_namespaces() == []
