@@ -317,3 +317,14 @@ def test_the_first_line_users_type(tmp_path):
     done = [line for line in (tmp_path / "train_rank0.log").read_text().splitlines()
             if "done:" in line][-1]
     assert "eval/acc" in done and "saved" in done
+
+
+def test_report_labels_tell_runs_apart():
+    """Study layouts end in seedN: the table and plot labels keep the shortest suffix length that tells them apart."""
+    from dqt.train.report import Run, labels
+
+    runs = [Run(p, {}, []) for p in ("/s/mlp/fp32/onebit/seed1", "/s/mlp/fp32/bf16/seed1",
+                                     "/s/mlp/w8a8/onebit/seed1")]
+    assert labels(runs) == ["fp32/onebit/seed1", "fp32/bf16/seed1", "w8a8/onebit/seed1"]
+    assert labels(runs[:2]) == ["onebit/seed1", "bf16/seed1"]
+    assert labels([Run("/a/run1", {}, [])]) == ["run1"]

@@ -48,6 +48,17 @@ def load_run(path: str) -> Run:
     return Run(path, config, records)
 
 
+def labels(runs: list[Run]) -> list[str]:
+    """Each run's shortest path suffix that tells it apart from the others
+    (``onebit/seed1`` rather than ``seed1`` when every run directory is a ``seedN``)."""
+    parts = [os.path.normpath(r.path).split(os.sep) for r in runs]
+    for k in range(1, max((len(p) for p in parts), default=1) + 1):
+        names = ["/".join(p[-k:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [r.path for r in runs]
+
+
 def _fmt(v: Any, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
@@ -56,11 +67,11 @@ def results_table(runs: list[Run]) -> str:
     head = ("| run | model | data | scheme | qat | ranks | steps | eval acc | eval loss "
             "| bytes/step/rank | ratio | step ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in runs:
+    for r, name in zip(runs, labels(runs)):
         s, c = r.summary, r.config
         scheme = (c.get("scheme") or {}).get("name", "allreduce") if c else s.get("scheme", "?")
         lines.append(
-            f"| {r.name} | {c.get('model', {}).get('name', '?')} | {c.get('data', {}).get('name', '?')}"
+            f"| {name} | {c.get('model', {}).get('name', '?')} | {c.get('data', {}).get('name', '?')}"
             f" | {scheme} | {c.get('qat', {}).get('name', s.get('qat', '?'))} | {s.get('world_size', '?')}"
             f" | {s.get('steps', '?')} | {_fmt(s.get('eval/acc'), '.4f')} | {_fmt(s.get('eval/loss'), '.4f')}"
             f" | {_fmt(s.get('comm/bytes_sent_per_step'), ',.0f')} | {_fmt(s.get('comm/ratio'), '.1f')}"
@@ -80,11 +91,15 @@ def plot(runs: list[Run], out_dir: str) -> list[str]:
                                  ("comm/bytes_sent_total", "loss_vs_bytes.png",
                                   "bytes sent per rank (cumulative)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for r in runs:
+        positive = True
+        for r, name in zip(runs, labels(runs)):
             pts = [(rec[x_key], rec["train/loss"]) for rec in r.of_kind("train")
                    if rec.get("train/loss") is not None and rec.get(x_key) is not None]
             if pts:
-                ax.plot(*zip(*pts), label=r.name)
+                ax.plot(*zip(*pts), label=name)
+                positive = positive and min(x for x, _ in pts) > 0
+        if x_key != "step" and positive:
+            ax.set_xscale("log")  # schemes differ by orders of magnitude in bytes
         ax.set_xlabel(xlabel)
         ax.set_ylabel("train loss")
         ax.set_yscale("log")
