@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--no-link", action="store_true", help="torchrun over loopback, no root")
     ap.add_argument("--out", default=os.path.join(ROOT, "outputs", "study"))
     ap.add_argument("--json", help="also write the per-run results as JSON here")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="overrides added to every run, after the model's (e.g. steps=100)")
     args = ap.parse_args()
     if not args.no_link and (reason := check_root()):
         sys.exit(f"study: {reason} (or pass --no-link)")
@@ -168,7 +170,7 @@ def main() -> None:
                         extra = [] if qat == "fp32" else [f"qat={qat}"]
                         try:
                             train(lab, args.nranks, [*overrides, *SCHEMES[scheme], *extra,
-                                                     f"seed={seed}"], run_dir)
+                                                     f"seed={seed}", *args.extra], run_dir)
                             r = dict(to_target(run_dir, metric, target, higher), run_dir=run_dir)
                         except RuntimeError as e:  # reported in the table, the study goes on
                             r = {"final": None, "steps": None, "bytes": None, "seconds": None,

@@ -98,3 +98,23 @@ def test_bench_link_trains_over_the_link(tmp_path):
     assert {"forward", "compress", "wire", "decompress"} <= set(rows[1]["profile"])
     assert "compress" not in rows[0]["profile"]  # the fp32 all-reduce has no compressor
     assert leftover_namespaces() == []
+
+
+def test_study_reports_time_to_target(tmp_path):
+    """launch/study.py end to end on loopback torchrun (no namespaces needed, but it runs with
+    the other link tests): per-run JSON with the steps and bytes to the target, and the table."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch" / "study.py"), "--no-link", "--models", "mlp",
+         "--schemes", "allreduce", "ternary_grad", "--qat", "fp32", "--seeds", "1",
+         "--extra", "steps=50", "eval_every=25", "--out", str(tmp_path / "study"),
+         "--json", str(tmp_path / "study.json")],
+        env=clean_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["scheme"]: r["runs"][0] for r in json.loads((tmp_path / "study.json").read_text())}
+    assert set(rows) == {"allreduce", "ternary_grad"}
+    for r in rows.values():
+        assert 0 < r["final"] <= 1 and r["bytes_per_step"] > 0
+        if r["steps"] is not None:  # reached 0.95 at an eval step: bytes are those sent so far
+            assert r["steps"] in (25, 50) and r["bytes"] == r["steps"] * r["bytes_per_step"]
+    assert rows["ternary_grad"]["bytes_per_step"] < rows["allreduce"]["bytes_per_step"] / 10
+    assert "| ternary_grad | fp32 |" in proc.stdout
