@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,19 @@ def run_train(*overrides: str, nproc: int = 1, cwd: Path | None = None, timeout:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     with open(run_dir / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 240, poll: float = 0.2) -> None:
+    """Wait until a running job's metrics.jsonl has a train record at ``step`` or later."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if any(r["kind"] == "train" and r["step"] >= step for r in read_metrics(run_dir)):
+                return
+        except (OSError, ValueError):  # not written yet, or a line half-written
+            pass
+        time.sleep(poll)
+    raise AssertionError(f"{run_dir}: no train record at step >= {step} after {timeout} s")
 
 
 def summary(run_dir: Path) -> dict[str, Any]:

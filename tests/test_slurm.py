@@ -32,7 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TRAIN, checkpoints, clean_env, read_metrics, summary
+from conftest import (REPO, TRAIN, checkpoints, clean_env, read_metrics, summary,
+                      wait_for_step)
 
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 CLUSTER = REPO / "launch" / "slurm" / "local_cluster.sh"
@@ -257,18 +258,6 @@ def jobs(slurm):
     j.cancel_all()
 
 
-def _wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if any(r["kind"] == "train" and r["step"] >= step for r in read_metrics(run_dir)):
-                return
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"{run_dir}: no train record at step >= {step} after {timeout} s")
-
-
 def _stopped_at(log: str, sig: str = "SIGTERM") -> list[int]:
     return [int(k) for k in re.findall(rf"{sig}: stopped at step (\d+) with a checkpoint", log)]
 
@@ -319,13 +308,13 @@ def test_stopped_job_checkpoints_is_requeued_and_resumes(jobs, tmp_path):
     run_dir = tmp_path / "outputs" / f"slurm-{job}"
     log = run_dir / "train_rank0.log"
 
-    _wait_for_step(run_dir, 20)
+    wait_for_step(run_dir, 20)
     jobs.run("scancel", "--signal=TERM", job)
     t1 = jobs.requeued(job, restarts=1)
     (k1,) = _stopped_at(log.read_text())
     assert 20 <= k1 < steps
 
-    _wait_for_step(run_dir, k1 + 20)
+    wait_for_step(run_dir, k1 + 20)
     assert f"resumed from step {k1}" in log.read_text()
     jobs.run("scontrol", "requeue", job)
     t2 = jobs.requeued(job, restarts=2)
@@ -464,7 +453,7 @@ def test_submitit_preemption_signal_checkpoints_requeues_and_resumes(jobs, tmp_p
     while not glob.glob(f"{tmp_path}/multirun/*/*/0/metrics.jsonl") and time.time() < deadline:
         time.sleep(0.2)
     (point,) = [Path(p).parent for p in glob.glob(f"{tmp_path}/multirun/*/*/0/metrics.jsonl")]
-    _wait_for_step(point, 20)
+    wait_for_step(point, 20)
     (job,) = {p.name.split("_")[0] for p in _submitit_dirs(point.parent)}
     jobs.submitted.append(job)
     jobs.run("scancel", "--signal=USR2", job)

@@ -12,14 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import (REPO, checkpoints, clean_env, read_metrics, run_train, summary,
-                      train_cmd)
+                      train_cmd, wait_for_step)
 from wandb_log import config_and_history
 
 pytestmark = pytest.mark.slow
@@ -93,12 +92,7 @@ def test_sigterm_then_resume_equals_uninterrupted(two_rank_run, tmp_path):
     proc = subprocess.Popen(train_cmd(*args, nproc=2), cwd=REPO, env=clean_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and any(
-                r["step"] >= 20 for r in read_metrics(run_dir)):
-            break
-        time.sleep(0.05)
+    wait_for_step(run_dir, 20, poll=0.05)
     os.killpg(proc.pid, signal.SIGTERM)  # as SLURM does: every process of the job
     out, _ = proc.communicate(timeout=120)
     saved = checkpoints(run_dir)
@@ -135,12 +129,7 @@ def test_sigterm_to_torchrun_alone_reaches_every_rank(tmp_path):
                                       f"hydra.run.dir={tmp_path}", nproc=2),
                             cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if (tmp_path / "metrics.jsonl").exists() and any(
-                r["step"] >= 20 for r in read_metrics(tmp_path)):
-            break
-        time.sleep(0.05)
+    wait_for_step(tmp_path, 20, poll=0.05)
     proc.send_signal(signal.SIGTERM)  # the torchrun agent only, not its workers
     out, _ = proc.communicate(timeout=120)
     (saved,) = checkpoints(tmp_path)
