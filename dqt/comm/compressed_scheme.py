@@ -118,11 +118,9 @@ class CompressedScheme(Scheme):
         return fut.then(lambda f: f.value()[0].to(buf.dtype))
 
     def _auto(self, buf: torch.Tensor, bucket: dist.GradBucket) -> torch.Tensor:
-        """scheme.auto: trial both paths on the first compressed steps, then keep the faster."""
+        """scheme.auto, while the bucket is undecided: trial both paths on the first compressed
+        steps, then record the faster in ``auto_choice`` (which the hook follows from then on)."""
         bid = self.layout(bucket, buf).first_param
-        if bid in self.auto_choice:
-            return self._compressed(buf, bucket) if self.auto_choice[bid] else \
-                self._plain_allreduce(buf)
         copy = buf.float()  # a copy also for fp32: the trial's plain all-reduce works in place
         copy = copy.clone() if copy is buf else copy
         self._sync(buf)
