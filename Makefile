@@ -1,6 +1,7 @@
 # dqt — the two set-up commands of the README:
 #   make train   create .venv, install, run the main job (2 ranks, CPU/gloo, embedded digits)
 #   make test    create .venv, install with test extras, run the test suite
+#   make horovod build Horovod 0.28.1 (CPU/Gloo) into .venv for backend=horovod (optional)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -14,7 +15,7 @@ NPROC  ?= 2
 ARGS   ?=
 SCHEME ?= +scheme=ternary_grad
 
-.PHONY: install install-dev train test clean
+.PHONY: install install-dev train test horovod clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +34,11 @@ install-dev: $(VENV)/.installed-dev
 
 train: install
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py $(SCHEME) $(ARGS)
+
+# Optional: Horovod for backend=horovod and tests/test_horovod.py (a patched source build,
+# cached as a wheel; see launch/build_horovod.sh).
+horovod: install-dev
+	launch/build_horovod.sh $(PY)
 
 test: install-dev
 	$(PY) -m pytest -q $(ARGS)

@@ -346,13 +346,14 @@ class LoggerConfig:
 # --------------------------------------------------------------------------- backend
 @dataclass
 class BackendConfig:
-    """Process-group backend: auto = nccl when CUDA is available, else gloo."""
+    """Process-group backend: auto = nccl when CUDA is available, else gloo; horovod = the
+    gradients over Horovod's collectives (launched by ``horovodrun``; :mod:`dqt.comm.horovod`)."""
 
     name: str = "auto"
     timeout_s: int = 600
 
     def __post_init__(self) -> None:
-        _choice(self.name, ("auto", "gloo", "nccl"), "backend.name")
+        _choice(self.name, ("auto", "gloo", "nccl", "horovod"), "backend.name")
         check(self.timeout_s > 0, "backend.timeout_s", f"must be > 0; got {self.timeout_s}")
 
 
@@ -506,6 +507,20 @@ class TrainConfig:
         check(lm_model == lm_data, "model" if lm_data else "data",
               "model=gpt trains on data=text and the other models on classification data; "
               f"got model={getattr(self.model, 'name', '?')} data={getattr(self.data, 'name', '?')}")
+        if getattr(self.backend, "name", None) == "horovod":
+            self._check_horovod()
+
+    def _check_horovod(self) -> None:
+        """What backend=horovod cannot run, refused before any work starts."""
+        name = getattr(self.scheme, "name", None)
+        refused = {"bf16": "Horovod has no bfloat16 collectives (use +scheme=fp16 or a dqt "
+                           "scheme)",
+                   "powersgd": "PyTorch's PowerSGD hook issues torch.distributed collectives "
+                               "itself (use a dqt scheme, or backend=gloo/nccl)"}
+        check(name not in refused, "scheme.name",
+              f"{name} does not run with backend=horovod: {refused.get(name)}")
+        check(not getattr(self.scheme, "auto", False), "scheme.auto",
+              "not available with backend=horovod (set scheme.auto=false, or use backend=gloo/nccl)")
 
 
 SCHEMAS: dict[str, dict[str, type]] = {

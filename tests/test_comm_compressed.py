@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dqt.comm import build_scheme
 from dqt.comm.collective import (SERVER, WORKER, BucketContext, allgather_allreduce,
-                                 two_phase_allreduce)
+                                 run_sync, two_phase_allreduce)
 from dqt.comm.compressors import build_compressor
 from dqt.comm.layout import ParamSlot, build_layout
 from dqt.comm.meter import CommMeter
@@ -71,17 +71,18 @@ def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
         ef = comp.biased and not comp.vote
         for mode in ("two_phase", "allgather"):
             meter = CommMeter()
-            ctx = BucketContext(dist.group.WORLD, rank, world, SEED, STEP, BUCKET, meter, "auto")
+            ctx = BucketContext(rank, world, SEED, STEP, BUCKET, meter, "auto")
             layout = build_layout(_slots(), world if mode == "two_phase" else 1, rank, comp.spec,
                                   flag=comp.vote)
             worker = _residual(rank) if ef else None
             server = _residual(100 + rank) if ef else None
             if mode == "two_phase":
-                got = two_phase_allreduce(comp.spec, _input(rank, n), layout, ctx, worker,
-                                          server, 2.0, comp.vote)
+                work = two_phase_allreduce(comp.spec, _input(rank, n), layout, ctx, worker,
+                                           server, 2.0, comp.vote)
             else:
-                got = allgather_allreduce(comp.spec, _input(rank, n), layout, ctx, worker, 2.0,
-                                          comp.vote)
+                work = allgather_allreduce(comp.spec, _input(rank, n), layout, ctx, worker, 2.0,
+                                           comp.vote)
+            got = run_sync(work, dist.group.WORLD, meter)
             results[(variant, mode)] = {"out": got, "stats": meter.pop(), "worker": worker,
                                         "server": server, "M": layout.msg_nbytes}
     torch.save(results, f"{out}/rank{rank}.pt")

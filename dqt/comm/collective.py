@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Generator, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,6 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 class BucketContext:
     """Who/when (for the Philox keys), where to account, which kernels to run."""
 
-    group: dist.ProcessGroup
     rank: int
     world: int
     seed: int
@@ -59,6 +59,43 @@ class BucketContext:
 
     def key(self, phase: int) -> int:
         return mix_seed(self.seed, self.step, self.rank, self.bucket, phase)
+
+
+@dataclass
+class Request:
+    """One collective a bucket's work asks for. ``tensor`` is what this rank contributes;
+    ``out`` is the buffer a synchronous runner fills (``all_to_all``: N equal chunks, rank
+    order; ``all_gather``: every rank's ``tensor``, rank order); ``all_reduce`` sums
+    ``tensor`` in place. The generator is sent back the received tensor."""
+
+    op: str  # "all_to_all" | "all_gather" | "all_reduce"
+    tensor: torch.Tensor
+    out: Optional[torch.Tensor] = None
+
+
+BucketWork = Generator[Request, torch.Tensor, torch.Tensor]
+
+
+def run_sync(work: BucketWork, group: dist.ProcessGroup, meter: CommMeter) -> torch.Tensor:
+    """Drive a bucket's work to the end with blocking torch.distributed collectives (inside
+    a DDP hook); the time spent in them is the meter's ``communicate``."""
+    try:
+        req = next(work)
+        while True:
+            t0 = time.perf_counter()
+            if req.op == "all_to_all":
+                dist.all_to_all_single(req.out, req.tensor, group=group)
+                got = req.out
+            elif req.op == "all_gather":
+                _all_gather_single(req.out, req.tensor, group=group)
+                got = req.out
+            else:
+                dist.all_reduce(req.tensor, group=group)
+                got = req.tensor
+            meter.add_time("communicate", time.perf_counter() - t0)
+            req = work.send(got)
+    except StopIteration as stop:
+        return stop.value
 
 
 def _flag_bytes(msgs: torch.Tensor, bad: torch.Tensor, chunk_of: torch.Tensor,
@@ -87,13 +124,6 @@ def _buffers(layout: BucketLayout, dev: torch.device, nmsgs: int) -> dict[str, t
     return layout.cache[key]
 
 
-def _gather(msg: torch.Tensor, b: dict[str, torch.Tensor], ctx: BucketContext) -> torch.Tensor:
-    """Every rank's message, rank order, counted on the meter."""
-    _all_gather_single(b["gathered"], msg, group=ctx.group)
-    ctx.meter.record("all_gather", msg, ctx.world)
-    return b["gathered"]
-
-
 def _output(out: torch.Tensor | None, layout: BucketLayout) -> torch.Tensor:
     if out is None:
         out = torch.empty(layout.n, dtype=torch.float32, device=layout.all_blocks.device)
@@ -103,10 +133,12 @@ def _output(out: torch.Tensor | None, layout: BucketLayout) -> torch.Tensor:
 def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
                         ctx: BucketContext, worker: torch.Tensor | None,
                         server: torch.Tensor | None, grad_scale: float = 1.0,
-                        vote: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Average (or majority vote) of the fp32 bucket ``x`` over ranks. ``worker`` / ``server``
-    are flat parameter-order residuals (updated in place) or None for no error feedback.
-    ``out`` (may be ``x`` itself: it is read before it is written) receives the result."""
+                        vote: bool = False, out: torch.Tensor | None = None) -> BucketWork:
+    """Average (or majority vote) of the fp32 bucket ``x`` over ranks, as a generator of the
+    two collectives it needs (a runner carries them: :func:`run_sync`, or Horovod's). ``worker``
+    / ``server`` are flat parameter-order residuals (updated in place) or None for no error
+    feedback. ``out`` (may be ``x`` itself: it is read before it is written) receives the
+    result, which the generator returns."""
     N, M, dev = ctx.world, layout.msg_nbytes, x.device
     t0 = time.perf_counter()
     b = _buffers(layout, dev, N)
@@ -116,10 +148,9 @@ def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
                   impl=ctx.impl)
     if vote:
         _flag_bytes(send, bad, layout.block_chunk, layout, N)
-    t1 = time.perf_counter()
-    recv = b["recv"]
-    dist.all_to_all_single(recv, send, group=ctx.group)
+    ctx.meter.add_time("compress", time.perf_counter() - t0)
     ctx.meter.record("all_to_all", send, N)
+    recv = yield Request("all_to_all", send, b["recv"])
     t2 = time.perf_counter()
     owned = b["owned"]
     blockq.decode(spec, recv, layout.own_blocks, owned, npeers=N, peer_stride=M,
@@ -132,24 +163,23 @@ def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
     if vote:
         _flag_bytes(msg, own_bad, torch.zeros_like(layout.own_blocks[:, 0]), layout, 1)
     t4 = time.perf_counter()
-    gathered = _gather(msg, b, ctx)
+    ctx.meter.record("all_gather", msg, N)
+    gathered = yield Request("all_gather", msg, b["gathered"])
     t5 = time.perf_counter()
     out = _output(out, layout)
     blockq.decode(spec, gathered, layout.all_blocks, out, flag_off=layout.flag_off,
                   impl=ctx.impl)
-    t6 = time.perf_counter()
-    ctx.meter.add_time("compress", (t1 - t0) + (t4 - t3))
-    ctx.meter.add_time("communicate", (t2 - t1) + (t5 - t4))
-    ctx.meter.add_time("decompress", (t3 - t2) + (t6 - t5))
+    ctx.meter.add_time("compress", t4 - t3)
+    ctx.meter.add_time("decompress", (t3 - t2) + (time.perf_counter() - t5))
     return out
 
 
 def allgather_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
                         ctx: BucketContext, worker: torch.Tensor | None,
                         grad_scale: float = 1.0, vote: bool = False,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None) -> BucketWork:
     """Average of ``x`` through one ``all_gather`` of every rank's whole message (``layout``
-    built with one chunk)."""
+    built with one chunk); a generator like :func:`two_phase_allreduce`."""
     N, M, dev = ctx.world, layout.msg_nbytes, x.device
     t0 = time.perf_counter()
     b = _buffers(layout, dev, N)
@@ -159,13 +189,12 @@ def allgather_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
                   impl=ctx.impl)
     if vote:
         _flag_bytes(msg, bad, layout.block_chunk, layout, 1)
-    t1 = time.perf_counter()
-    gathered = _gather(msg, b, ctx)
+    ctx.meter.add_time("compress", time.perf_counter() - t0)
+    ctx.meter.record("all_gather", msg, N)
+    gathered = yield Request("all_gather", msg, b["gathered"])
     t2 = time.perf_counter()
     out = _output(out, layout)
     blockq.decode(spec, gathered, layout.all_blocks, out, npeers=N, peer_stride=M,
                   flag_off=layout.flag_off, mode="vote" if vote else "mean", impl=ctx.impl)
-    ctx.meter.add_time("compress", t1 - t0)
-    ctx.meter.add_time("communicate", t2 - t1)
     ctx.meter.add_time("decompress", time.perf_counter() - t2)
     return out

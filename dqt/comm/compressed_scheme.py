@@ -16,9 +16,11 @@ Per bucket and step:
   every rank alike, whether the bucket stays compressed or falls back to the plain all-reduce
   (compression loses on fast links, where encoding costs more than the bytes it saves).
 
-The work runs inline in the hook and the hook returns a completed future. All ranks therefore
-issue their collectives in DDP's bucket order from one thread, which cannot deadlock the way
-callback-chained hooks can on gloo.
+Under DDP the work runs inline in the hook and the hook returns a completed future. All ranks
+therefore issue their collectives in DDP's bucket order from one thread, which cannot deadlock
+the way callback-chained hooks can on gloo. The per-bucket maths is a generator of collective
+requests (:mod:`dqt.comm.collective`), so the Horovod backend (:mod:`dqt.comm.horovod`) runs
+the very same code with Horovod's asynchronous collectives through :meth:`bucket_work`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from dqt.comm.collective import BucketContext, allgather_allreduce, two_phase_allreduce
+from dqt.comm.collective import (BucketContext, BucketWork, Request, allgather_allreduce,
+                                 run_sync, two_phase_allreduce)
 from dqt.comm.compressors import build_compressor
 from dqt.comm.error_feedback import FlatResidual
 from dqt.comm.layout import BucketLayout, ParamSlot, build_layout
@@ -72,12 +75,22 @@ class CompressedScheme(Scheme):
     def set_grad_scale(self, scale: float) -> None:
         self.grad_scale = float(scale)
 
-    def attach(self, model: DistributedDataParallel) -> None:
+    def attach(self, model: Any) -> None:
+        """``model``: a DDP model (the hook), or a :class:`dqt.comm.horovod.HorovodDataParallel`
+        (which calls :meth:`bucket_work`)."""
         params = [p for p in model.module.parameters() if p.requires_grad]
         self.index = FlatResidual(params, allocate=False)  # parameter → flat offset
         self.worker = FlatResidual(params) if self.error_feedback else None
         self.server = FlatResidual(params) if self.error_feedback and self.two_phase else None
-        model.register_comm_hook(None, self._hook)
+        if isinstance(model, DistributedDataParallel):
+            model.register_comm_hook(None, self._hook)
+        else:
+            model.attach_scheme(self)
+
+    def _plain(self, n: int) -> bool:
+        """Warm-up, small buckets and one rank: the plain fp32 all-reduce (same on all ranks)."""
+        return self.step < self.cfg.warmup_steps or n < self.cfg.min_bucket_numel or \
+            self.world_size == 1
 
     # ------------------------------------------------------------------ the hook
     def _hook(self, state, bucket):  # unannotated: DDP checks annotations by identity
@@ -86,7 +99,7 @@ class CompressedScheme(Scheme):
         n, world = buf.numel(), self.world_size
         self.meter.record_raw(n, world)
         out = None
-        plain = self.step < self.cfg.warmup_steps or n < self.cfg.min_bucket_numel or world == 1
+        plain = self._plain(n)
         if not plain and self.cfg.auto:
             choice = self.auto_choice.get(self.layout(bucket, buf).first_param)
             plain = choice is False
@@ -95,7 +108,7 @@ class CompressedScheme(Scheme):
             fut = self._plain_allreduce_async(buf)
         else:
             if out is None:
-                out = self._compressed(buf, bucket)
+                out = run_sync(self._compressed(buf, bucket), self.process_group, self.meter)
             fut = torch.futures.Future()
             fut.set_result(out)
         if bucket.is_last():
@@ -125,7 +138,7 @@ class CompressedScheme(Scheme):
         copy = copy.clone() if copy is buf else copy
         self._sync(buf)
         t0 = time.perf_counter()
-        out = self._compressed(buf, bucket)
+        out = run_sync(self._compressed(buf, bucket), self.process_group, self.meter)
         self._sync(buf)
         t1 = time.perf_counter()
         self._plain_allreduce(copy)  # timed only; its bytes were sent and are counted
@@ -164,23 +177,45 @@ class CompressedScheme(Scheme):
                                               flag=self.vote, device=buf.device)
         return self._layouts[key]
 
-    def _compressed(self, buf: torch.Tensor, bucket: dist.GradBucket) -> torch.Tensor:
+    def bucket_work(self, bucket: Any) -> tuple[Request, BucketWork]:
+        """The DDP hook's decision and maths for one bucket as a started generator of collective
+        requests: (its first request, the generator). The bucket's compression (encode) has
+        run when this returns; the caller carries the requests and sends back what it
+        received, and the generator returns the averaged bucket. Not with ``scheme.auto``."""
+        buf = bucket.buffer()
+        self.meter.record_raw(buf.numel(), self.world_size)
+        plain = self._plain(buf.numel())
+        work = self._plain_work(buf) if plain else self._compressed(buf, bucket)
+        first = next(work)
+        if bucket.is_last():
+            self.step += 1
+        return first, work
+
+    def _plain_work(self, buf: torch.Tensor) -> BucketWork:
+        """:meth:`_plain_allreduce_async` as a request: fp32 mean, cast back."""
+        t = buf if buf.dtype == torch.float32 else buf.float()
+        t.div_(self.world_size)
+        self.meter.record("all_reduce", t, self.world_size)
+        got = yield Request("all_reduce", t)
+        return got if t is buf else got.to(buf.dtype)
+
+    def _compressed(self, buf: torch.Tensor, bucket: dist.GradBucket) -> BucketWork:
         layout = self.layout(bucket, buf)
         in_place = buf.dtype == torch.float32 and buf.is_contiguous()
         x = buf if in_place else buf.float().contiguous()
-        ctx = BucketContext(self.process_group, self.rank, self.world_size, self.cfg.seed,
-                            self.step, layout.first_param, self.meter, self.cfg.kernel)
+        ctx = BucketContext(self.rank, self.world_size, self.cfg.seed, self.step,
+                            layout.first_param, self.meter, self.cfg.kernel)
         worker = self.worker.buffer if self.worker is not None else None
         # the average is decoded straight into the bucket (read first, written last): no
         # allocation and no copy back in DDP
         out = x if in_place else None
         if self.two_phase:
             server = self.server.buffer if self.server is not None else None
-            out = two_phase_allreduce(self.spec, x, layout, ctx, worker, server,
-                                      self.grad_scale, self.vote, out=out)
+            out = yield from two_phase_allreduce(self.spec, x, layout, ctx, worker, server,
+                                                 self.grad_scale, self.vote, out=out)
         else:
-            out = allgather_allreduce(self.spec, x, layout, ctx, worker, self.grad_scale,
-                                      self.vote, out=out)
+            out = yield from allgather_allreduce(self.spec, x, layout, ctx, worker,
+                                                 self.grad_scale, self.vote, out=out)
         return out if in_place else out.to(buf.dtype)
 
     # ------------------------------------------------------------------ state

@@ -2,7 +2,8 @@
 submitit (on SLURM or local) and a single process (the dinov2 ``TorchDistributedEnvironment``
 pattern).
 
-Detection order: torchrun/TorchElastic (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) → submitit's
+Detection order: torchrun/TorchElastic (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) → horovodrun
+(``HOROVOD_RANK``/``HOROVOD_SIZE``/``HOROVOD_LOCAL_RANK``) → submitit's
 local executor (``SUBMITIT_LOCAL_GLOBALID``/``_NTASKS``/``_LOCALID``) → SLURM (``SLURM_PROCID``/
 ``SLURM_NTASKS``/``SLURM_LOCALID``: plain ``srun`` or submitit on SLURM; master = first host of the
 job, at its ``NodeAddr`` from ``scontrol``) → one process.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -60,6 +62,7 @@ def _slurm_master_addr() -> str:
 # on this machine; a SLURM job step (srun, or submitit on SLURM) one process per task.
 _LAUNCHERS = (
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("horovodrun", "HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK"),
     ("submitit-local", "SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS",
      "SUBMITIT_LOCAL_LOCALID"),
     ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
@@ -96,6 +99,11 @@ def detect() -> DistEnv:
         if "OMP_NUM_THREADS" not in env:  # as torchrun does: no more threads than CPUs given
             env["OMP_NUM_THREADS"] = env.get("SLURM_CPUS_PER_TASK", "1")
             torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    if found.launcher == "horovodrun" and "OMP_NUM_THREADS" not in env:
+        # horovodrun, unlike torchrun, leaves every rank all the cores: share them out
+        local = int(env.get("HOROVOD_LOCAL_SIZE", "1"))
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // local))
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     return found
 
 
@@ -108,10 +116,44 @@ def resolve_backend(cfg: BackendConfig) -> str:
     return cfg.name
 
 
+def _init_horovod(env: DistEnv, timeout: datetime.timedelta) -> None:
+    """``hvd.init()``, then the control plane: a gloo process group for the trainer's small
+    messages (metric sums, stop flag, QAT statistics, digests, checkpoint barriers), whose
+    store rank 0 opens on a free port and announces with Horovod's ``broadcast_object``."""
+    from dqt.comm.horovod import hvd_module
+
+    hvd = hvd_module()
+    hvd.init()
+    if (hvd.rank(), hvd.size()) != (env.rank, env.world_size):
+        raise ConfigError("backend", f"backend=horovod: Horovod sees rank {hvd.rank()} of "
+                          f"{hvd.size()} but this process was started as rank {env.rank} of "
+                          f"{env.world_size} by {env.launcher}; launch with horovodrun, e.g. "
+                          "horovodrun -np 2 -H localhost:2 --gloo python launch/train.py "
+                          "backend=horovod")
+    if dist.is_initialized():
+        return
+    store = None
+    if env.rank == 0:
+        host = "127.0.0.1" if hvd.local_size() == hvd.size() else socket.gethostname()
+        store = dist.TCPStore(host, 0, env.world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        where = (host, store.port)
+    where = hvd.broadcast_object(where if env.rank == 0 else None, root_rank=0,
+                                 name="dqt.control_plane")
+    if store is None:
+        store = dist.TCPStore(where[0], where[1], env.world_size, is_master=False,
+                              timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=env.rank, world_size=env.world_size,
+                            timeout=timeout)
+
+
 def init(env: DistEnv, cfg: BackendConfig) -> tuple[str, torch.device]:
     """Initialise the default process group; returns (backend, device of this rank)."""
     backend = resolve_backend(cfg)
     device = torch.device("cpu")
+    if backend == "horovod":
+        _init_horovod(env, datetime.timedelta(seconds=cfg.timeout_s))
+        return backend, device
     if backend == "nccl":
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
@@ -135,3 +177,6 @@ def teardown(barrier: bool = False) -> None:
         if barrier and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+    # Horovod (backend=horovod) stays initialized: the next job of a sweep in this process
+    # reuses it, and Horovod shuts itself down at exit (a shutdown and re-init between sweep
+    # jobs aborted a rank with SIGABRT in one of our test runs)

@@ -7,6 +7,7 @@ torchrun would each create their own directory. ``${dqt_run_dir:BASE}`` picks, i
 2. ``BASE/slurm-$SLURM_JOB_ID[_$SLURM_ARRAY_TASK_ID]`` inside a SLURM job;
 3. under torchrun with several ranks: rank 0 makes ``BASE/<date>/<time>`` and publishes it in
    torchrun's own TCPStore (the agent store every worker can reach); the other ranks read it;
+   under horovodrun the same through horovodrun's rendezvous key-value server;
 4. otherwise ``BASE/<date>/<time>`` of this process.
 
 A sweep (``-m``, e.g. ``hydra/launcher=slurm``) does not use this: each sweep point runs in
@@ -23,6 +24,7 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import time
 
 _KEY = "dqt/run_dir"
 
@@ -52,6 +54,25 @@ def _agreed_through_torchrun_store(base: str) -> str | None:
     return store.get(_KEY).decode()
 
 
+def _agreed_through_horovodrun(base: str) -> str | None:
+    env = os.environ
+    if int(env.get("HOROVOD_SIZE", "1")) <= 1 or "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in env:
+        return None
+    from horovod.runner.http.http_client import put_data_into_kvstore, read_data_from_kvstore
+
+    where = (env["HOROVOD_GLOO_RENDEZVOUS_ADDR"], int(env["HOROVOD_GLOO_RENDEZVOUS_PORT"]))
+    if env_rank() == 0:
+        put_data_into_kvstore(*where, "dqt", "run_dir", _timestamped(base))
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            return read_data_from_kvstore(*where, "dqt", "run_dir")
+        except RuntimeError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 @functools.lru_cache(maxsize=None)
 def run_dir(base: str = "outputs") -> str:
     if os.environ.get("DQT_RUN_DIR"):
@@ -61,7 +82,8 @@ def run_dir(base: str = "outputs") -> str:
         if os.environ.get("SLURM_ARRAY_TASK_ID"):
             job += "_" + os.environ["SLURM_ARRAY_TASK_ID"]
         return os.path.join(base, f"slurm-{job}")
-    return _agreed_through_torchrun_store(base) or _timestamped(base)
+    return (_agreed_through_torchrun_store(base) or _agreed_through_horovodrun(base)
+            or _timestamped(base))
 
 
 def register_resolvers() -> None:

@@ -126,8 +126,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
         model = apply_qat(cfg.qat, build_model(cfg.model, self.data.meta)).to(self.device)
         self.qat_active = is_active(cfg.qat)
-        self.model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
-        self.scheme = build_scheme(cfg.scheme)
+        if self.backend == "horovod":  # gradients over Horovod (DDP's buckets, dqt's schemes)
+            from dqt.comm.horovod import HorovodDataParallel, build_horovod_scheme
+
+            self.model = HorovodDataParallel(model)
+            self.scheme = build_horovod_scheme(cfg.scheme)
+        else:
+            self.model = DDP(model, device_ids=[self.device] if self.device.type == "cuda"
+                             else None)
+            self.scheme = build_scheme(cfg.scheme)
         self.scheme.attach(self.model)
         self.optimizer = build_optimizer(cfg.optim, model, cfg.qat)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
