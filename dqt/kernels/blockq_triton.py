@@ -198,8 +198,13 @@ if triton is not None:
             tl.store(bad_ptr + pid, bad.to(tl.int32))
         good = e * 0 + (1 - bad.to(tl.int32)) > 0  # the block is finite
         if KIND >= 2:
-            r0, r1, r2, r3 = _philox_u(key, ctr, 2 * g + h)
-            u = _to_uniform(tl.where(i == 0, r0, tl.where(i == 1, r1, tl.where(i == 2, r2, r3))))
+            # one Philox call per counter 2g + h, on a (G, 2) tile (a (G, 2, 1) one would be
+            # replicated over the threads of the i axis: 4x the Philox work); its 4 outputs
+            # are joined into the last axis: [g, h, a, b] = output 2a + b, i.e. (G, 2, 4)
+            q2 = 2 * tl.arange(0, G)[:, None] + tl.arange(0, 2)[None, :]
+            r0, r1, r2, r3 = _philox_u(key, ctr, q2)
+            rr = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+            u = _to_uniform(tl.reshape(rr, (G, 2, 4)))
         else:
             u = v * 0
         c, d = _code_and_decode(v, w, u, s, r, step, KIND, LEVELS)
