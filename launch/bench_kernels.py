@@ -293,7 +293,7 @@ def main() -> None:
                 parts.append(gpu_comm_tables([_size(s) for s in args.gpu_sizes]))
             if args.decode_sweep:
                 parts.append(gpu_decode_sweep(_size(args.gpu_sizes[0]),
-                                              [(2048, 4), (4096, 8), (4096, 4), (8192, 8)]))
+                                              [(2048, 4), (2048, 2), (1024, 2), (4096, 8)]))
             parts.append(gpu_gemm_tables(batched=not args.gemv_only))
     text = "\n\n".join(parts)
     print(text)

@@ -327,7 +327,9 @@ if triton is not None:
                 d = tl.where(c == 2, s, tl.where(c == 0, -s, 0.0))
             else:
                 step = tl.math.div_rn(s, s * 0 + LEVELS)
-                mag = (c >> 1).to(tl.float32) * step
+                # the level as fp32 without the (quarter-rate) int→float unit: 2²³ + lev − 2²³
+                lev = ((c >> 1) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                mag = lev * step
                 d = tl.where((c & 1) == 1, -mag, mag)
             if HAS_FLAG:
                 f = tl.load(msg_ptr + base + flag_off, mask=bm, other=0)
@@ -345,9 +347,9 @@ if triton is not None:
 
 # decode: values (lanes) per program and warps per program; blocks smaller than the tile are
 # batched BPP to a program so each program has enough loads in flight (the benchmark sweeps these)
-DECODE_TILE = 4096
+DECODE_TILE = 2048
 ENCODE_VALUES_PER_THREAD = 8
-DECODE_WARPS = 8
+DECODE_WARPS = 4
 
 
 def _block(spec) -> int:
