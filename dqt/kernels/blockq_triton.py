@@ -1,9 +1,12 @@
 """The Triton implementation of :mod:`dqt.kernels.blockq`: one program per block.
 
-``encode``: load the block (+ S·residual), reduce its statistic (fp64 sums), round the scale,
-quantize with Philox uniforms (``tl.philox``, the counters of :mod:`dqt.kernels.philox`), pack
-the codes into bytes and store them, the scale bytes and the new residual — one pass over
-the data. ``decode``: for each block, unpack and dequantize the block from every peer's message,
+``encode``: one program per block: load the block (+ S·residual), reduce its statistic (fp64
+sums), round the scale, quantize with Philox uniforms (``tl.philox``, the counters of
+:mod:`dqt.kernels.philox`; one call per 4 values, its 4 outputs joined into the tile), pack
+the codes into bytes (base-3: the tile's codes gathered 5 to a byte) and store them, the
+scale bytes and the new residual — one pass over the data. ``decode``: several blocks per
+program (``DECODE_TILE`` values, ``DECODE_WARPS`` warps); for each block, unpack and
+dequantize the block from every peer's message (base-3 trits by multiply-shift, no division),
 sum in peer order, reduce (copy/mean/vote) and store — the fp32 result is written once.
 
 The arithmetic is the reference's, operation for operation: divisions use ``tl.math.div_rn``

@@ -2,9 +2,13 @@
 
 * ``_gemv_kernel`` (M ≤ 8, decoding): one program per (BLOCK_N output columns, activation
   row, K slice) streams its part of the packed weight, BLOCK_KW int32 rows at a time; each
-  thread unpacks its own words in registers (one shift and one mask per code, no layout
-  shuffles), subtracts the zero point, accumulates x·w elementwise in fp32 and reduces over K
-  once; the scale is applied in the epilogue.
+  thread unpacks its own words in registers with three instructions per code (mask the code
+  inside its 16-bit half, which carries the fp32 exponent of 2²³ on top; subtract 2²³; one FMA
+  with the activation pre-scaled by 2⁻ˢ), the zero point is taken out of the loop
+  (Σx·(c − z) = Σx·c − z·Σx) and the scale applied in the epilogue. K slices (split-K, for
+  enough programs in flight at batch 1) meet in one launch: each writes an fp32 partial, the
+  last to arrive at a per-tile counter sums them in slice order and resets the counter (the
+  workspace is cached per device and size: launches on one stream only).
 * ``_gemm_kernel`` (M > 8): (BLOCK_M × BLOCK_N) output tiles; each K step unpacks a
   (BLOCK_KW·PER × BLOCK_N) weight tile to the activation dtype (code − zero is exact there)
   and feeds one ``tl.dot``, fp32 accumulation (``input_precision="ieee"`` for fp32
@@ -35,7 +39,8 @@ GEMV_MAX_M = 8
 # programs in flight for weights with few columns
 _GEMV_CONFIGS = [(256, 4, 2, 8), (64, 16, 4, 1), (256, 4, 2, 32), (256, 8, 2, 16),
                  (512, 4, 2, 16), (512, 4, 4, 8), (1024, 4, 4, 4), (128, 8, 2, 16),
-                 (64, 16, 4, 16), (128, 4, 1, 32), (512, 2, 2, 32), (256, 16, 4, 8)]
+                 (64, 16, 4, 16), (128, 4, 1, 32), (512, 2, 2, 32), (256, 16, 4, 8),
+                 (128, 8, 2, 32), (64, 8, 2, 32), (256, 8, 4, 16)]
 _GEMM_CONFIGS = [(64, 64, 2, 4, 3), (64, 128, 2, 4, 3), (128, 64, 2, 8, 3), (128, 128, 2, 8, 3),
                  (32, 64, 4, 4, 4), (16, 64, 4, 4, 4)]  # BM, BN, KW words, warps, stages
 _BEST: dict[tuple, tuple] = {}
