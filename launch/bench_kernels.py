@@ -178,7 +178,40 @@ GEMM_FORMATS = {"ternary (2-bit)": (2, 1.0, 3), "int2": (2, 2.0, 4), "binary": (
                 "int4": (4, 8.0, 16)}
 
 
-def gpu_gemm_tables() -> str:
+def gpu_decode_sweep(n: int, configs: list[tuple[int, int]], dev: str = "cuda") -> str:
+    """Decode time (µs) and % of clone per (values per program, warps) of the Triton decode."""
+    from dqt.kernels import blockq_triton as bt
+
+    saved = bt.DECODE_TILE, bt.DECODE_WARPS
+    x = torch.randn(n, device=dev)
+    t_clone, _ = _gpu_time(lambda: x.clone())
+    clone_bw = 8 * n / t_clone / 1e6
+    lines = [f"## GPU decode ({PEERS} peers, {_label(n)}): µs (% of clone) per (values per "
+             "program, warps)\n",
+             "| scheme | " + " | ".join(f"{t}/{w}" for t, w in configs) + " |",
+             "|---|" + "---|" * len(configs)]
+    for label in VARIANTS:
+        case = Case(label, n, dev)
+        ref = torch.empty_like(case.out)
+        case.decompress("reference")
+        ref.copy_(case.out)
+        cells = []
+        for tile, warps in configs:
+            bt.DECODE_TILE, bt.DECODE_WARPS = tile, warps
+            case.out.fill_(float("nan"))
+            case.decompress("triton")
+            same = torch.equal(case.out, ref)
+            t, _ = _gpu_time(lambda: case.decompress("triton"))
+            d_bw = (PEERS * case.nbytes + 4 * n + case.table.numel() * 8) / t / 1e6
+            cells.append(f"{1e3 * t:.0f} ({100 * d_bw / clone_bw:.0f}%)" + ("" if same else " DIFF"))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        print(lines[-1], file=sys.stderr, flush=True)
+        del case
+    bt.DECODE_TILE, bt.DECODE_WARPS = saved
+    return "\n".join(lines)
+
+
+def gpu_gemm_tables(batched: bool = True) -> str:
     import torch.nn.functional as F
 
     from dqt.kernels.lowbit_gemm import LowBitWeight, lowbit_linear, lowbit_linear_ref
@@ -196,7 +229,7 @@ def gpu_gemm_tables() -> str:
             codes = torch.randint(0, high, (n, k), generator=g).to(torch.uint8)
             w = LowBitWeight.from_codes(codes, torch.rand(n, generator=g) * 0.01 + 0.001,
                                         torch.full((n,), zero), bits).to("cuda")
-            for m in (1, 16, 128):
+            for m in ((1, 16, 128) if batched else (1,)):
                 x = torch.randn(m, k, generator=g).to("cuda", torch.float16)
                 y = lowbit_linear(x, w)
                 ref = lowbit_linear_ref(x.float(), w)
@@ -209,6 +242,10 @@ def gpu_gemm_tables() -> str:
                 t16, g16 = _gpu_time(lambda: F.linear(x, w16), graph=m == 1)
                 tq, gq = _gpu_time(lambda: lowbit_linear(x, w), graph=m == 1)
                 if m == 1:
+                    from dqt.kernels import lowbit_gemm_triton as lg
+
+                    cfg = lg._BEST.get((1, n, k, w.bits, x.dtype), "default")
+                    print(f"GEMV config {n}x{k} {fmt}: {cfg}", file=sys.stderr, flush=True)
                     ratio = 2 * n * k / w.nbytes()
                     lines.append(f"| {n}×{k} | {fmt} | {1e3 * g16:.1f} | {1e3 * gq:.1f} | "
                                  f"{g16 / gq:.2f}x | {1e3 * t16:.1f} | {1e3 * tq:.1f} | "
@@ -233,6 +270,9 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true", help="also the Triton tables (needs CUDA)")
     ap.add_argument("--gpu-sizes", nargs="+", default=["16M", "64M"])
     ap.add_argument("--no-gpu-comm", action="store_true", help="GPU: only the GEMV/GEMM tables")
+    ap.add_argument("--gemv-only", action="store_true", help="GPU: skip the batch 16/128 GEMM")
+    ap.add_argument("--decode-sweep", action="store_true",
+                    help="GPU: also time the decode per (values per program, warps)")
     ap.add_argument("--out", help="also write the tables to this markdown file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -251,7 +291,10 @@ def main() -> None:
                          f"{time.strftime('%Y-%m-%d')}")
             if not args.no_gpu_comm:
                 parts.append(gpu_comm_tables([_size(s) for s in args.gpu_sizes]))
-            parts.append(gpu_gemm_tables())
+            if args.decode_sweep:
+                parts.append(gpu_decode_sweep(_size(args.gpu_sizes[0]),
+                                              [(2048, 4), (2048, 2), (1024, 2), (4096, 8)]))
+            parts.append(gpu_gemm_tables(batched=not args.gemv_only))
     text = "\n\n".join(parts)
     print(text)
     if args.out:

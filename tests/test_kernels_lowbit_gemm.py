@@ -105,7 +105,7 @@ def test_lowbit_linear_batched_and_bias():
 
 @pytest.mark.parametrize("fmt", ["binary", "ternary", "int4"])
 def test_every_gemv_tile_config_is_correct(fmt):
-    """The autotuner may pick any GEMV configuration (incl. K split with atomic adds)."""
+    """The autotuner may pick any GEMV configuration (incl. split-K, reduced by the last slice of each tile)."""
     w = _weight(fmt, 40, 300, 3).to(DEVICE)
     x = torch.randn(3, 300, generator=torch.Generator().manual_seed(3)).to(DEVICE)
     ref = lowbit_linear_ref(x, w)

@@ -1,9 +1,12 @@
 """The Triton implementation of :mod:`dqt.kernels.blockq`: one program per block.
 
-``encode``: load the block (+ S·residual), reduce its statistic (fp64 sums), round the scale,
-quantize with Philox uniforms (``tl.philox``, the counters of :mod:`dqt.kernels.philox`), pack
-the codes into bytes and store them, the scale bytes and the new residual — one pass over
-the data. ``decode``: for each block, unpack and dequantize the block from every peer's message,
+``encode``: one program per block: load the block (+ S·residual), reduce its statistic (fp64
+sums), round the scale, quantize with Philox uniforms (``tl.philox``, the counters of
+:mod:`dqt.kernels.philox`; one call per 4 values, its 4 outputs joined into the tile), pack
+the codes into bytes (base-3: the tile's codes gathered 5 to a byte) and store them, the
+scale bytes and the new residual — one pass over the data. ``decode``: several blocks per
+program (``DECODE_TILE`` values, ``DECODE_WARPS`` warps); for each block, unpack and
+dequantize the block from every peer's message (base-3 trits by multiply-shift, no division),
 sum in peer order, reduce (copy/mean/vote) and store — the fp32 result is written once.
 
 The arithmetic is the reference's, operation for operation: divisions use ``tl.math.div_rn``
@@ -197,120 +200,142 @@ if triton is not None:
         if HAS_BAD:
             tl.store(bad_ptr + pid, bad.to(tl.int32))
         good = e * 0 + (1 - bad.to(tl.int32)) > 0  # the block is finite
-        if CODE_BITS > 0:
-            if KIND >= 2:
-                r0, r1, r2, r3 = _philox_u(key, ctr, 2 * g + h)
-                u = _to_uniform(tl.where(i == 0, r0, tl.where(i == 1, r1,
-                                                              tl.where(i == 2, r2, r3))))
+        if KIND >= 2:
+            # one Philox call per counter 2g + h, on a (G, 2) tile (a (G, 2, 1) one would be
+            # replicated over the threads of the i axis: 4x the Philox work); its 4 outputs
+            # are joined into the last axis: [g, h, a, b] = output 2a + b, i.e. (G, 2, 4)
+            q2 = 2 * tl.arange(0, G)[:, None] + tl.arange(0, 2)[None, :]
+            r0, r1, r2, r3 = _philox_u(key, ctr, q2)
+            rr = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+            u = _to_uniform(tl.reshape(rr, (G, 2, 4)))
+        else:
+            u = v * 0
+        c, d = _code_and_decode(v, w, u, s, r, step, KIND, LEVELS)
+        c = tl.where(m & good, c, 0)  # padding lanes and non-finite blocks code 0
+        if HAS_RES:
+            if UNIT:
+                enew = v - d
             else:
-                u = v * 0
-            c, d = _code_and_decode(v, w, u, s, r, step, KIND, LEVELS)
-            c = tl.where(m & good, c, 0)  # padding lanes and non-finite blocks code 0
-            if HAS_RES:
-                if UNIT:
-                    enew = v - d
-                else:
-                    enew = (v - d) * inv_s
-                tl.store(res_ptr + roff + e, enew, mask=m & good)
-            word = tl.sum(tl.sum(c.to(tl.uint64) << (CODE_BITS * (4 * h + i)).to(tl.uint64),
-                                 axis=2), axis=1)  # (G,): the group's k bytes, little-endian
+                enew = (v - d) * inv_s
+            tl.store(res_ptr + roff + e, enew, mask=m & good)
+        if CODE_BITS > 0:
             tb = tl.arange(0, KB)[None, :]  # KB = next power of two >= k: dense byte tiles
-            by = ((word[:, None] >> (8 * tb).to(tl.uint64)) & 0xFF).to(tl.uint8)
+            if CODE_BITS <= 4:  # a group of 8 codes fits a 32-bit word
+                word = tl.sum(tl.sum(c.to(tl.uint32) << (CODE_BITS * (4 * h + i)).to(tl.uint32),
+                                     axis=2), axis=1)  # (G,): the group's k bytes, little-endian
+                by = ((word[:, None] >> (8 * tb).to(tl.uint32)) & 0xFF).to(tl.uint8)
+            else:
+                word = tl.sum(tl.sum(c.to(tl.uint64) << (CODE_BITS * (4 * h + i)).to(tl.uint64),
+                                     axis=2), axis=1)
+                by = ((word[:, None] >> (8 * tb).to(tl.uint64)) & 0xFF).to(tl.uint8)
             posb = tl.arange(0, G)[:, None] * CODE_BITS + tb
             nbytes = (n * CODE_BITS + 7) // 8
             tl.store(msg_ptr + coff + posb, by, mask=(tb < CODE_BITS) & (posb < nbytes))
-        else:  # base-3: lanes (byte b, trit mm) hold value 5b + mm
+        else:  # base-3: byte b = sum_m 3^m code[5b + m], the codes gathered from the tile
             b = tl.arange(0, NB3)[:, None]
             mm = tl.arange(0, 8)[None, :]
             ev = 5 * b + mm
             ok = (mm < 5) & (ev < n)
-            v2 = _load_v(x_ptr, res_ptr, data, roff, ev, ok, S, HAS_RES, UNIT)
-            w2 = v2
-            if CLIP > 0:
-                w2 = tl.minimum(tl.maximum(v2, -bound), bound)
-            q0, q1, q2, q3 = _philox_u(key, ctr, ev // 4)
-            t = ev % 4
-            u2 = _to_uniform(tl.where(t == 0, q0, tl.where(t == 1, q1, tl.where(t == 2, q2, q3))))
-            c2, d2 = _code_and_decode(v2, w2, u2, s, r, step, KIND, LEVELS)
-            good2 = ev * 0 + (1 - bad.to(tl.int32)) > 0
-            c2 = tl.where(ok & good2, c2, 0)
-            if HAS_RES:
-                if UNIT:
-                    enew2 = v2 - d2
-                else:
-                    enew2 = (v2 - d2) * inv_s
-                tl.store(res_ptr + roff + ev, enew2, mask=ok & good2)
+            cf = tl.reshape(c, (BLOCK,))
+            idx = tl.reshape(tl.where(ok, ev, 0), (NB3 * 8,))
+            c2 = tl.reshape(tl.gather(cf, idx, 0), (NB3, 8))
+            c2 = tl.where(ok, c2, 0)
             byte = tl.sum(c2 * _pow3(mm), axis=1)
             bidx = tl.arange(0, NB3)
             tl.store(msg_ptr + coff + bidx, byte.to(tl.uint8), mask=bidx < (n + 4) // 5)
 
     @triton.jit
-    def _decode_kernel(msg_ptr, tab_ptr, out_ptr, stride, flag_off, inv_n,
+    def _pow3_magic(mm):
+        """ceil(2¹⁶/3^mm): (b·M) >> 16 = b // 3^mm for every byte b (0..255), no division."""
+        return tl.where(mm == 0, 65536, tl.where(mm == 1, 21846, tl.where(mm == 2, 7282,
+                        tl.where(mm == 3, 2428, 810))))
+
+    @triton.jit
+    def _decode_kernel(msg_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv_n,
                        NPEERS: tl.constexpr, KIND: tl.constexpr, CODE_BITS: tl.constexpr,
                        SCALE_FMT: tl.constexpr, LEVELS: tl.constexpr, BLOCK: tl.constexpr,
-                       NB3: tl.constexpr, KB: tl.constexpr, MODE: tl.constexpr,
+                       NB3: tl.constexpr, BPP: tl.constexpr, MODE: tl.constexpr,
                        HAS_FLAG: tl.constexpr):
+        """BPP blocks per program, as a (BPP, groups, 8) tile: the table, the scales and the
+        flags are loaded once per block, the codes once per group (a group of 8 values is
+        CODE_BITS whole bytes; base-3: a byte of 5 trits in 8 lanes), every peer's loads are
+        in flight at once (the peer loop is unrolled) and the fp32 result is stored once."""
         pid = tl.program_id(0).to(tl.int64)
-        row = tab_ptr + pid * 8
-        data = tl.load(row + 0)
-        n = tl.load(row + 2)
-        mbase = tl.load(row + 3)
-        srel = tl.load(row + 4)
-        crel = tl.load(row + 5)
-        if CODE_BITS == 0:  # lanes (byte b, trit mm): value 5b + mm
-            G: tl.constexpr = NB3
-            gg = tl.arange(0, NB3)[:, None]
-            mm = tl.arange(0, 8)[None, :]
+        blk = pid * BPP + tl.arange(0, BPP).to(tl.int64)[:, None, None]
+        bm = blk < nblocks
+        row = tab_ptr + blk * 8
+        data = tl.load(row + 0, mask=bm, other=0)
+        n = tl.load(row + 2, mask=bm, other=0)
+        mbase = tl.load(row + 3, mask=bm, other=0)
+        srel = tl.load(row + 4, mask=bm, other=0)
+        crel = tl.load(row + 5, mask=bm, other=0)
+        if CODE_BITS == 0:  # lanes (block, byte gg, trit mm): value 5gg + mm
+            gg = tl.arange(0, NB3)[None, :, None]
+            mm = tl.arange(0, 8)[None, None, :]
             e = 5 * gg + mm
             m = (mm < 5) & (e < n)
-            p3 = _pow3(mm)
-            acc = tl.zeros((NB3, 8), dtype=tl.float32)
-        else:  # lanes (g, h, i): value 8g + 4h + i; a group of 8 values is CODE_BITS bytes
+            magic = _pow3_magic(mm)
+            gm = gg < (n + 4) // 5
+            acc = tl.zeros((BPP, NB3, 8), dtype=tl.float32)
+        else:  # lanes (block, group gg, t): value 8gg + t; a group is CODE_BITS bytes
             G: tl.constexpr = BLOCK // 8
-            gg = tl.arange(0, G)[:, None, None]
-            h = tl.arange(0, 2)[None, :, None]
-            i = tl.arange(0, 4)[None, None, :]
-            e = 8 * gg + 4 * h + i
+            gg = tl.arange(0, G)[None, :, None]
+            t = tl.arange(0, 8)[None, None, :]
+            e = 8 * gg + t
             m = e < n
-            tb = tl.arange(0, KB)[None, :]  # KB = next power of two >= k: dense byte tiles
-            posb = tl.arange(0, G)[:, None] * CODE_BITS + tb
             nbytes = (n * CODE_BITS + 7) // 8
-            bmask = (tb < CODE_BITS) & (posb < nbytes)
-            acc = tl.zeros((G, 2, 4), dtype=tl.float32)
+            acc = tl.zeros((BPP, G, 8), dtype=tl.float32)
         for p in tl.static_range(NPEERS):  # unrolled: every peer's loads in flight at once
             base = mbase + p * stride
             if SCALE_FMT == 1:
-                t4 = tl.arange(0, 4)
-                sb = tl.load(msg_ptr + base + srel + t4).to(tl.uint32)
-                s = tl.sum(sb << (8 * t4).to(tl.uint32), axis=0).to(tl.float32, bitcast=True)
+                s0 = tl.load(msg_ptr + base + srel, mask=bm, other=0).to(tl.uint32)
+                s1 = tl.load(msg_ptr + base + srel + 1, mask=bm, other=0).to(tl.uint32)
+                s2 = tl.load(msg_ptr + base + srel + 2, mask=bm, other=0).to(tl.uint32)
+                s3 = tl.load(msg_ptr + base + srel + 3, mask=bm, other=0).to(tl.uint32)
+                s = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
             elif SCALE_FMT == 2:
-                t2 = tl.arange(0, 2)
-                sb = tl.load(msg_ptr + base + srel + t2).to(tl.uint32)
-                s = (tl.sum(sb << (8 * t2).to(tl.uint32), axis=0) << 16).to(tl.float32,
-                                                                          bitcast=True)
+                s0 = tl.load(msg_ptr + base + srel, mask=bm, other=0).to(tl.uint32)
+                s1 = tl.load(msg_ptr + base + srel + 1, mask=bm, other=0).to(tl.uint32)
+                s = ((s0 | (s1 << 8)) << 16).to(tl.float32, bitcast=True)
             elif SCALE_FMT == 3:
-                s = _e8m0_value(tl.load(msg_ptr + base + srel).to(tl.uint32))
+                s = _e8m0_value(tl.load(msg_ptr + base + srel, mask=bm, other=0).to(tl.uint32))
             else:
                 s = 1.0
             cp = msg_ptr + base + crel
             if CODE_BITS == 0:
-                cb = tl.load(cp + gg, mask=(gg < (n + 4) // 5), other=0).to(tl.int32)
-                c = (cb // p3) % 3
-            else:
-                by = tl.load(cp + posb, mask=bmask, other=0).to(tl.uint64)
-                word = tl.sum(by << (8 * tb).to(tl.uint64), axis=1)
-                c = ((word[:, None, None] >> (CODE_BITS * (4 * h + i)).to(tl.uint64))
-                     & ((1 << CODE_BITS) - 1)).to(tl.int32)
+                cb = tl.load(cp + gg, mask=gm, other=0).to(tl.int32)
+                q = (cb * magic) >> 16  # cb // 3^mm
+                c = q - 3 * ((q * 171) >> 9)  # q % 3 (q < 256)
+            elif CODE_BITS == 8:
+                c = tl.load(cp + e, mask=m, other=0).to(tl.int32)
+            elif CODE_BITS <= 4:  # the group's bytes in one 32-bit word
+                word = tl.load(cp + gg * CODE_BITS, mask=gg * CODE_BITS < nbytes,
+                               other=0).to(tl.uint32)
+                for b in tl.static_range(1, CODE_BITS):
+                    wb = tl.load(cp + gg * CODE_BITS + b, mask=gg * CODE_BITS + b < nbytes,
+                                 other=0).to(tl.uint32)
+                    word = word | (wb << (8 * b))
+                c = ((word >> (CODE_BITS * t).to(tl.uint32)) & ((1 << CODE_BITS) - 1)).to(tl.int32)
+            else:  # 5..7 bits: 40..56-bit groups
+                word = tl.load(cp + gg * CODE_BITS, mask=gg * CODE_BITS < nbytes,
+                               other=0).to(tl.uint64)
+                for b in tl.static_range(1, CODE_BITS):
+                    wb = tl.load(cp + gg * CODE_BITS + b, mask=gg * CODE_BITS + b < nbytes,
+                                 other=0).to(tl.uint64)
+                    word = word | (wb << (8 * b))
+                c = ((word >> (CODE_BITS * t).to(tl.uint64)) & ((1 << CODE_BITS) - 1)).to(tl.int32)
             if KIND <= 1:
                 d = tl.where(c == 1, s, -s)
             elif KIND == 2:
                 d = tl.where(c == 2, s, tl.where(c == 0, -s, 0.0))
             else:
                 step = tl.math.div_rn(s, s * 0 + LEVELS)
-                mag = (c >> 1).to(tl.float32) * step
+                # the level as fp32 without the (quarter-rate) int→float unit: 2²³ + lev − 2²³
+                lev = ((c >> 1) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                mag = lev * step
                 d = tl.where((c & 1) == 1, -mag, mag)
             if HAS_FLAG:
-                f = tl.load(msg_ptr + base + flag_off)
+                f = tl.load(msg_ptr + base + flag_off, mask=bm, other=0)
                 d = tl.where(f != 0, float("nan"), d)
             if p == 0:
                 acc = d
@@ -323,6 +348,13 @@ if triton is not None:
         tl.store(out_ptr + data + e, acc, mask=m)
 
 
+# decode: values (lanes) per program and warps per program; blocks smaller than the tile are
+# batched BPP to a program so each program has enough loads in flight (the benchmark sweeps these)
+DECODE_TILE = 2048
+ENCODE_VALUES_PER_THREAD = 8
+DECODE_WARPS = 4
+
+
 def _block(spec) -> int:
     return max(16, triton.next_power_of_2(spec.block))  # lanes: 16 .. next power of two
 
@@ -332,7 +364,9 @@ def _kb(spec) -> int:
 
 
 def _warps(block: int) -> int:
-    return max(1, min(8, block // 256))
+    """encode: one program per block, ENCODE_VALUES_PER_THREAD values per thread (more values
+    per thread amortise the per-block work: table, reductions, scale bytes)."""
+    return max(1, min(8, block // (32 * ENCODE_VALUES_PER_THREAD)))
 
 
 def encode(spec, x: Tensor, table: Tensor, msg: Tensor, residual: Tensor | None,
@@ -358,9 +392,13 @@ def decode(spec, msg: Tensor, table: Tensor, out: Tensor, npeers: int, peer_stri
     if nblocks == 0:
         return
     BLOCK = _block(spec)
-    _decode_kernel[(nblocks,)](
-        msg, table, out, int(peer_stride), int(flag_off), f32_recip(npeers),
-        NPEERS=int(npeers), KIND=_KINDS[spec.kind], CODE_BITS=spec.code_bits, SCALE_FMT=_SCALES[spec.scale],
-        LEVELS=spec.levels, BLOCK=BLOCK, NB3=triton.next_power_of_2(-(-spec.block // 5)),
-        KB=_kb(spec), MODE=_MODES[mode], HAS_FLAG=flag_off >= 0,
-        num_warps=_warps(BLOCK), **({} if _INTERPRET else {"enable_fp_fusion": False}))
+    nb3 = triton.next_power_of_2(-(-spec.block // 5))
+    lanes = 8 * nb3 if spec.code_bits == 0 else BLOCK
+    bpp = max(1, min(DECODE_TILE // lanes, triton.next_power_of_2(nblocks)))
+    _decode_kernel[(triton.cdiv(nblocks, bpp),)](
+        msg, table, out, nblocks, int(peer_stride), int(flag_off), f32_recip(npeers),
+        NPEERS=int(npeers), KIND=_KINDS[spec.kind], CODE_BITS=spec.code_bits,
+        SCALE_FMT=_SCALES[spec.scale], LEVELS=spec.levels, BLOCK=BLOCK, NB3=nb3, BPP=bpp,
+        MODE=_MODES[mode], HAS_FLAG=flag_off >= 0,
+        num_warps=max(1, min(DECODE_WARPS, bpp * lanes // 128)),
+        **({} if _INTERPRET else {"enable_fp_fusion": False}))
