@@ -64,7 +64,7 @@ class ADMM(Quantizer):
     name = "admm"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 2, rho: float = 0.1, every: int = 1,
+    def __init__(self, kind: str, bits: int = 2, rho: float = 0.3, every: int = 20,
                  iters: int = 5, ste: bool = False) -> None:
         super().__init__(kind)
         self.bits, self.rho, self.every, self.iters, self.ste = bits, rho, every, iters, ste
