@@ -147,7 +147,8 @@ def test_fold_bn_and_bad_arguments_are_rejected(compose):
                     keep_first_last=False, fold_bn=True)
     with pytest.raises(ValueError, match="admm: qat.fold_bn is not supported"):
         apply_qat(cfg, nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
-    for key, val, msg in [("rho", -1, "must be >= 0; got -1.0"), ("every", 0, "must be >= 1; got 0"),
+    for key, val, msg in [("rho", -1, "must be >= 0; got -1.0"),
+                          ("every", 0, "must be >= 1; got 0"),
                           ("bits", 5, "must be in [1, 4]; got 5"),
                           ("iters", 0, "must be in [1, 100]; got 0")]:
         with pytest.raises(ConfigError) as e:

@@ -95,3 +95,21 @@ def test_bad_arguments_name_the_key(compose):
         QATConfig(name="t", default=QATSlotsConfig(
             weight=QuantizerConfig(name="aqn", iters=-1)))
     assert str(e.value) == "qat.default.weight.iters: must be in [0, 20]; got -1"
+
+
+def test_export_is_a_codebook_of_the_row_sums(tmp_path):
+    from dqt.kernels.lowbit_pack import unpack_weight
+    from dqt.quant.export import read_export, save_export
+
+    torch.manual_seed(0)
+    cfg = QATConfig(name="t", default=QATSlotsConfig(weight=QuantizerConfig(name="aqn", bits=2)),
+                    keep_first_last=False)
+    model = apply_qat(cfg, torch.nn.Sequential(torch.nn.Linear(40, 6))).eval()
+    save_export(model, str(tmp_path))
+    t, doc = read_export(str(tmp_path))
+    meta = doc["layers"]["0"]
+    assert meta["format"] == "codebook" and meta["storage_bits"] == 2
+    table, codes = t["0.weight.table"], unpack_weight(t["0.weight.packed"], 2, 40)
+    assert table.shape == (6, 4) and int(codes.max()) <= 3
+    assert torch.equal(torch.gather(table, 1, codes.long()), model[0].weight)
+    assert not [k for k in t if "parametrizations" in k]  # no latent weight, no quantizer state

@@ -37,11 +37,12 @@ APPROX = ("median", "mean")
 
 
 def _split(seg: Tensor, approx: str) -> Tensor:
-    """The value a sorted segment is split at: its median (linear interpolation, numpy's
-    default) or its mean."""
+    """The value a sorted segment is split at: its median (the middle element, or the mean of
+    the two middle ones — numpy's and torch.quantile's linear interpolation) or its mean."""
     if approx == "mean":
         return seg.mean()
-    return torch.quantile(seg, 0.5)
+    n = seg.numel()
+    return (seg[(n - 1) // 2] + seg[n // 2]) / 2
 
 
 def balanced_edges(w: Tensor, bits: int, approx: str = "median") -> Tensor:
