@@ -156,17 +156,36 @@ def test_fold_bn_and_bad_arguments_are_rejected(compose):
         assert str(e.value) == f"qat.default.weight.{key}: {msg}"
 
 
+def _w_minus_g(state):
+    """‖W − G‖/‖W‖ per ADMM layer of a checkpointed model (G = a·S[codes], ternary)."""
+    out = []
+    for k in state:
+        if k.endswith(".lam"):
+            p = k[: -len("0.lam")]
+            g = state[p + "0.scale"] * torch.tensor([-1.0, 0.0, 1.0])[state[p + "0.codes"].long()]
+            w = state[p + "original"]
+            out.append(float((w - g).norm() / w.norm()))
+    return out
+
+
 @pytest.mark.slow
-def test_two_ranks_keep_params_and_admm_state_identical(tmp_path):
-    run = tmp_path / "run"
-    p = run_train("experiment=digits_cnn_bn", "qat=admm_ternary", "steps=60", "eval_every=0",
-                  "qat.default.weight.every=7", "checkpoint.every=30", f"hydra.run.dir={run}",
-                  nproc=2)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "params identical on all ranks: True" in (run / "train_rank0.log").read_text()
-    s = summary(run)
-    assert s["params_in_sync"] is True and s["eval/acc"] > 0.5
-    state = torch.load(checkpoints(run)[-1] / "train.pt", weights_only=False)["model"]
-    lam = [k for k in state if k.endswith(".lam")]
-    assert lam and all(state[k].abs().sum() > 0 for k in lam)  # the dual moved: G-steps ran
-    assert all(int(state[k.replace(".lam", ".count")]) == 60 for k in lam)
+def test_two_ranks_keep_params_identical_and_the_trainer_applies_the_penalty(tmp_path):
+    """2 ranks: params identical, the ADMM state checkpointed; the trainer's ``qat_penalty`` pulls
+    W onto G (with ρ = 0 the distance stays at the ternarization error)."""
+    rel = {}
+    for rho in (1.0, 0.0):
+        run = tmp_path / f"rho{rho}"
+        p = run_train("experiment=digits_cnn_bn", "qat=admm_ternary", "steps=60", "eval_every=0",
+                      "qat.default.weight.every=7", f"qat.default.weight.rho={rho}",
+                      "checkpoint.every=30", f"hydra.run.dir={run}", nproc=2)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert "params identical on all ranks: True" in (run / "train_rank0.log").read_text()
+        s = summary(run)
+        assert s["params_in_sync"] is True
+        state = torch.load(checkpoints(run)[-1] / "train.pt", weights_only=False)["model"]
+        lam = [k for k in state if k.endswith(".lam")]
+        assert lam and all(state[k].abs().sum() > 0 for k in lam)  # the dual moved: G-steps ran
+        assert all(int(state[k.replace(".lam", ".count")]) == 60 for k in lam)
+        rel[rho] = _w_minus_g(state)
+    assert summary(tmp_path / "rho1.0")["eval/acc"] > 0.5
+    assert all(a < 0.6 * b for a, b in zip(rel[1.0], rel[0.0])), rel

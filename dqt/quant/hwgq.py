@@ -15,10 +15,15 @@ moments (centroid of (a, b]: (φ(a) − φ(b))/(Φ(b) − Φ(a))):
 
 * ``uniform`` (default, the quantizer the paper trains with): q_i = iΔ; given the partition the
   optimal step is Δ = Σᵢ i·M1ᵢ / Σᵢ i²·M0ᵢ (M0ᵢ, M1ᵢ the mass and first moment of cell i).
-  Δ(2 bits) = 0.5380, the paper's constant (``tests/test_quant_hwgq.py``);
+  Δ(1 bit) = √(2/π) = 0.798, Δ(2 bits) = 0.5388 — the paper's 0.538 —, Δ(3 bits) = 0.3217
+  (``tests/test_quant_hwgq.py``);
 * ``uniform: false``: free levels, qᵢ = centroid of cell i (the non-uniform Lloyd-Max quantizer).
 
 Backward: the paper's clipped-ReLU STE, ∂Q/∂x = 1 on 0 < x ≤ q_m, 0 elsewhere.
+
+In dqt the quantizer acts on a layer's input, i.e. after BN → ReLU (→ max-pool): Q is 0 on
+x ≤ 0 and non-decreasing, so Q(ReLU(x)) = Q(x) and Q(maxpool(x)) = maxpool(Q(x)) — the same
+as the paper's Q in place of the ReLU right after the BatchNorm.
 """
 
 from __future__ import annotations
