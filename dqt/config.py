@@ -254,6 +254,12 @@ class QuantizerConfig:
     history: Optional[int] = None  # Autoflex: maxima kept per tensor
     order: Optional[int] = None  # HORQ residual order
     rescale: Optional[bool] = None  # DoReFa k>1: scale the weights by mean|W| (no BatchNorm)
+    rho: Optional[float] = None  # ADMM penalty ρ (ρ/2·‖W − G + λ‖²)
+    every: Optional[int] = None  # ADMM: optimizer steps between G/λ updates
+    iters: Optional[int] = None  # ADMM projection / AQN alternations
+    ste: Optional[bool] = None  # ADMM: forward G with an identity STE (default: W, as the paper)
+    approx: Optional[str] = None  # balanced: percentiles by median (exact) or mean (cheap)
+    uniform: Optional[bool] = None  # HWGQ: uniform (the paper's) or Lloyd non-uniform levels
 
 
 @dataclass

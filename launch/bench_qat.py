@@ -50,8 +50,13 @@ METHODS = {
     "LSQ W4A4": ["qat=lsq_w4a4"],
     "PACT W4A4": ["qat=pact_w4a4"],
     "TTQ, W_p/W_n at the weights' lr": ["qat=ttq", "qat.quantizer_lr_mult=1"],  # ablation
+    "ADMM ternary": ["qat=admm_ternary"],
+    "Balanced W2": ["qat=balanced_w2"],
+    "HWGQ (BWN + HWGQ A2)": ["qat=hwgq"],
+    "AQN W2": ["qat=aqn_w2"],
 }
-EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr")
+EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr", "ADMM ternary",
+         "Balanced W2", "HWGQ (BWN + HWGQ A2)", "AQN W2")
 DEFAULT = [m for m in METHODS if m not in EXTRA]  # the issue's list
 
 

@@ -216,6 +216,76 @@ def np_flex(x):
     return np.clip(np.round(pre), -2 ** 15, 2 ** 15 - 1) * s, far(pre)
 
 
+def np_balanced(w, bits, approx="median"):
+    """Recursive split at the median (or mean) → bin labels; uniform levels, least-squares α."""
+    x = w.astype(np.float64).ravel()
+    lab = np.zeros(x.size, dtype=np.int64)
+
+    def split(idx, depth, base):
+        if depth == bits:
+            lab[idx] = base
+            return
+        m = np.median(x[idx]) if approx == "median" else x[idx].mean()
+        split(idx[x[idx] < m], depth + 1, 2 * base)
+        split(idx[x[idx] >= m], depth + 1, 2 * base + 1)
+
+    split(np.arange(x.size), 0, 0)
+    u = lab - ((1 << bits) - 1) / 2
+    return ((x @ u) / (u @ u) * u).reshape(w.shape), np.ones(w.shape, bool)
+
+
+def np_aqn(w, bits, iters):
+    """Greedy init, then `iters` × (least squares α, brute-force nearest of the 2^k sums)."""
+    pats = np.array(list(__import__("itertools").product((-1.0, 1.0), repeat=bits)))
+    out = np.zeros(w.shape, np.float64)
+    for r_i, row in enumerate(w.astype(np.float64)):
+        r, cols = row.copy(), []
+        for _ in range(bits):
+            b = np_sign(r)
+            cols.append(b)
+            r = r - np.abs(r).mean() * b
+        B = np.stack(cols, 1)
+        a = np.array([0.0])
+        for _ in range(iters):
+            a = np.linalg.lstsq(B, row, rcond=None)[0]
+            B = pats[np.argmin(np.abs(row[:, None] - (pats @ a)[None, :]), axis=1)]
+        out[r_i] = B @ a
+    return out, np.ones(w.shape, bool)
+
+
+def np_admm_projection(w, levels, iters):
+    """Proj onto {a·Q, Q ∈ levels^n}: a = mean|w|, Q = nearest level; then `iters` × (a = ⟨w,Q⟩
+    /⟨Q,Q⟩, Q = nearest level of w/a)."""
+    x, lv = w.astype(np.float64), np.asarray(levels, np.float64)
+    a = np.abs(x).mean()
+    q = lv[np.argmin(np.abs(x[..., None] / a - lv), axis=-1)]
+    for _ in range(iters):
+        a = (x * q).sum() / (q * q).sum()
+        q = lv[np.argmin(np.abs(x[..., None] / a - lv), axis=-1)]
+    return a * q, np.ones(w.shape, bool)
+
+
+def np_hwgq(x, step, m):
+    """Q(x) = 0 (x ≤ 0), iΔ on ((i − ½)Δ, (i + ½)Δ], Δ on (0, 1.5Δ], mΔ above (m − ½)Δ."""
+    i = np.clip(np.ceil(x / step - 0.5), 1, m)
+    return np.where(x > 0, i * step, 0.0), far(x / step, 0.5)
+
+
+def hwgq_step(bits):
+    """Δ minimizing E[(x − Q(x))², x > 0], x ~ N(0, 1), by direct numerical minimization."""
+    from scipy.integrate import quad
+    from scipy.optimize import minimize_scalar
+    from scipy.stats import norm
+    m = 2 ** bits - 1
+
+    def mse(d):
+        t = [0.0] + [(i + 0.5) * d for i in range(1, m)] + [np.inf]
+        return sum(quad(lambda v: (v - (i + 1) * d) ** 2 * norm.pdf(v), t[i], t[i + 1])[0]
+                   for i in range(m))
+    return minimize_scalar(mse, bounds=(0.05, 2.0), method="bounded",
+                           options={"xatol": 1e-10}).x
+
+
 # name -> list of (id, kind, args, input, reference(x) -> (expected, compare-mask))
 GOLDEN = {
     "int": [("w8_per_channel", "weight", {"bits": 8}, W, lambda x: np_int(x, 8, True)),
@@ -264,6 +334,19 @@ GOLDEN = {
     "ttq": [("w", "weight", {"threshold": 0.05, "init": 0.25}, W,
              lambda x: np_ttq(x, 0.05, 0.25, 0.25))],
     "flex": [("w", "weight", {}, W, np_flex), ("a", "act", {}, S * 1000, np_flex)],
+    "balanced": [("k2", "weight", {"bits": 2}, W, lambda x: np_balanced(x, 2)),
+                 ("k3_mean", "weight", {"bits": 3, "approx": "mean"}, W,
+                  lambda x: np_balanced(x, 3, "mean"))],
+    "aqn": [("k2", "weight", {"bits": 2, "iters": 2}, W, lambda x: np_aqn(x, 2, 2)),
+            ("k3", "weight", {"bits": 3, "iters": 3}, W, lambda x: np_aqn(x, 3, 3))],
+    "admm": [("ternary", "weight", {"bits": 2, "iters": 5}, W,  # eval: G = Proj(W), λ = 0
+              lambda x: np_admm_projection(x, [-1, 0, 1], 5)),
+             ("pow2", "weight", {"bits": 3, "iters": 5}, W,
+              lambda x: np_admm_projection(x, [-4, -2, -1, 0, 1, 2, 4], 5)),
+             ("binary", "weight", {"bits": 1, "iters": 3}, W,
+              lambda x: np_admm_projection(x, [-1, 1], 3))],
+    "hwgq": [("a2", "act", {"bits": 2}, S, lambda x: np_hwgq(x, hwgq_step(2), 3)),
+             ("a3", "act", {"bits": 3}, S, lambda x: np_hwgq(x, hwgq_step(3), 7))],
     # these two need their layer / the backward pass: golden tests below
     "xnor": [],
     "dorefa_g": [],

@@ -219,12 +219,13 @@ def test_warning_when_a_quantizer_that_assumes_bn_has_none_after_it(caplog, batc
 BAD = [
     (["qat=dorefa_w2a2", "qat.default.weight.bits=0"], "qat.default.weight.bits: must be in [1, 8]; got 0"),
     (["qat=w8a8", "qat.default.weight.name=nope"],
-     "qat.default.weight.name: unknown quantizer 'nope'; available: ap2, binary_connect, bnn_sign, "
-     "bwn, dorefa_a, dorefa_g, dorefa_w, dynamic_fixed, flex, horq, int, linear, log2, log_linear, "
-     "lsq, minifloat, pact, pow2, qnn_linear, tanh, ttq, twn, uint, xnor"),
+     "qat.default.weight.name: unknown quantizer 'nope'; available: admm, ap2, aqn, balanced, "
+     "binary_connect, bnn_sign, bwn, dorefa_a, dorefa_g, dorefa_w, dynamic_fixed, flex, horq, "
+     "hwgq, int, linear, log2, log_linear, lsq, minifloat, pact, pow2, qnn_linear, tanh, ttq, twn, "
+     "uint, xnor"),
     (["qat=dorefa_w2a2", "qat.default.act.name=dorefa_w"],
      "qat.default.act.name: dorefa_w quantizes weight, not act; act quantizers: ap2, bnn_sign, "
-     "dorefa_a, dynamic_fixed, flex, horq, int, linear, log2, log_linear, lsq, minifloat, pact, "
+     "dorefa_a, dynamic_fixed, flex, horq, hwgq, int, linear, log2, log_linear, lsq, minifloat, pact, "
      "qnn_linear, tanh, uint, xnor"),
     (["qat=twn", "qat.default.weight.frac_bits=3"],
      "qat.default.weight.frac_bits: twn does not take frac_bits (it takes: threshold, per_channel)"),

@@ -176,6 +176,9 @@ IDENTITY = {  # name -> (kind, input, args): plain identity STE
     "binary_connect": ("weight", X, {}),
     "horq": ("act", X, {}),
     "flex": ("weight", X, {}),
+    "balanced": ("weight", X, {"bits": 2}),
+    "aqn": ("weight", X, {"bits": 2}),
+    "admm": ("weight", X, {}),  # the ADMM penalty gradient: tests/test_quant_admm.py
 }
 
 
@@ -190,7 +193,13 @@ def test_qnn_linear_clip_mask():
                & (torch.round(x / 0.25) <= 15), bits=4, step=0.25, min_val=0.0, max_val=3.75)
 
 
-STE = {"int", "uint", "bnn_sign", "xnor", "dorefa_a", "dorefa_w", "bwn", "ttq", "lsq", "pact",
+def test_hwgq_clipped_relu_ste():
+    qm = float(make("hwgq", "act", bits=2).levels[-1])  # q_m = 3Δ, Δ ≈ 0.538
+    assert abs(qm - 3 * 0.538) < 0.005
+    check_mask("hwgq", "act", X, lambda x: (x > 0) & (x <= qm), bits=2)
+
+
+STE = {"hwgq", "int", "uint", "bnn_sign", "xnor", "dorefa_a", "dorefa_w", "bwn", "ttq", "lsq", "pact",
        "minifloat", "dorefa_g", "qnn_linear", *IDENTITY}
 
 

@@ -17,6 +17,10 @@ module             quantizers                                                   
 ``binary``         ``bnn_sign``, ``binary_connect``, ``bwn``, ``xnor``, ``horq``
 ``ternary``        ``twn``, ``ttq``                                               weight
 ``flexpoint``      ``flex`` (flex16+5 with Autoflex)                              w / a / grad
+``admm``           ``admm`` (Leng et al.: {±a}, {0, ±a}, {0, ±a, ±2a, ±4a} by ADMM) weight
+``balanced``       ``balanced`` (Zhou et al.: recursive-percentile bins, uniform)  weight
+``hwgq``           ``hwgq`` (Cai et al.: half-wave Gaussian Lloyd levels)          act
+``alternating``    ``aqn`` (Xu et al.: w ≈ Σ αᵢbᵢ by alternating least squares)    weight
 =================  ============================================================  ===========
 
 ``dqt.quant`` never imports ``dqt.train`` or ``dqt.comm``; it imports ``dqt.kernels`` for the
@@ -29,13 +33,14 @@ from typing import Any
 
 from torch import nn
 
-from dqt.quant import (binary, dorefa, fixed_point, flexpoint, integer, learned,  # noqa: F401
-                       log_quant, minifloat, tanh_quant, ternary)
+from dqt.quant import (admm, alternating, balanced, binary, dorefa,  # noqa: F401
+                       fixed_point, flexpoint, hwgq, integer, learned, log_quant, minifloat,
+                       tanh_quant, ternary)
 from dqt.quant.base import QUANTIZERS, Quantizer, quantizer_parameters
-from dqt.quant.prepare import prepare, qat_step
+from dqt.quant.prepare import prepare, qat_penalty, qat_step
 
-__all__ = ["QUANTIZERS", "Quantizer", "apply_qat", "is_active", "prepare", "qat_step",
-           "quantizer_parameters"]
+__all__ = ["QUANTIZERS", "Quantizer", "apply_qat", "is_active", "prepare", "qat_penalty",
+           "qat_step", "quantizer_parameters"]
 
 
 def is_active(cfg: Any) -> bool:

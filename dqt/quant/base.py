@@ -120,6 +120,12 @@ class Quantizer(nn.Module):
     def after_step(self, weight: Optional[Tensor]) -> None:
         """Called after every optimizer step with the layer's real weight (BNN clipping)."""
 
+    def add_penalty_grad(self, weight: Tensor) -> None:
+        """Called before every optimizer step, after the gradients are all-reduced and unscaled,
+        with the layer's real weight: add the gradient of a penalty the method puts on the
+        weight to ``weight.grad`` (ADMM's ρ(W − G + λ)). Must depend only on state that is
+        identical on every rank."""
+
     @property
     def recording(self) -> bool:
         return self.training and torch.is_grad_enabled()

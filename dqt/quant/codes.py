@@ -20,6 +20,9 @@ Formats
 ``minifloat`` IEEE-style bit patterns (sign | exponent | mantissa, subnormals, no inf/NaN) in
              int16/int32, ``exp_bits``, ``mant_bits``, bias 2^(exp_bits−1) − 1.
 ``flex``     Flexpoint: int16 mantissas M and one shared exponent κ per tensor: W = M · 2^κ.
+``codebook`` one table of 2^bits values per row and codes indexing it: W[n,k] = table[n,
+             code[n,k]], codes packed as ``affine`` (non-uniform levels: AQN's Σ αᵢbᵢ sums, ADMM's
+             {0, ±a, ±2a, ±4a}).
 ``tanh``     the seed's tanh quantizer: codes q ∈ [0, n], n = 2^bits − 1, packed as ``affine``;
              W = atanh(clamp(2q/n − 1, ±(1 − 1/n))).
 """
@@ -215,4 +218,31 @@ def tanh_decode(codes: Tensor, bits: int) -> Tensor:
     return 0.5 * torch.log((1 + v) / (1 - v))
 
 
-FORMATS = {c.format: c for c in (Affine, Ternary2, Log, Minifloat, Flex, Tanh)}
+@dataclass
+class Codebook:
+    codes: Tensor  # uint8 (N, K) in [0, table.shape[1])
+    table: Tensor  # fp32 (N, L), L ≤ 2^bits
+    bits: int
+    format = "codebook"
+
+    def decode(self) -> Tensor:
+        return codebook_decode(self.codes, self.table)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"packed": pack_weight(self.codes, storage_bits(self.bits)),
+                "table": self.table.float().contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"bits": self.bits, "storage_bits": storage_bits(self.bits)}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return codebook_decode(unpack_weight(t["packed"], meta["storage_bits"], k), t["table"])
+
+
+def codebook_decode(codes: Tensor, table: Tensor) -> Tensor:
+    """table[n, code[n, k]] — the one lookup the codebook quantizers and decode share."""
+    return torch.gather(table.float(), 1, codes.long())
+
+
+FORMATS = {c.format: c for c in (Affine, Ternary2, Log, Minifloat, Flex, Tanh, Codebook)}

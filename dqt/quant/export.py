@@ -5,7 +5,8 @@
 ``dqt.quant.codes`` — for affine codes exactly the packed-GEMM layout of
 ``dqt.kernels.lowbit_pack`` (``W[n,k] = scale[n]·(code[n,k] − zero[n])``, codes packed along K
 into int32). Every other entry of the state dict (biases, BatchNorm, fp32 layers, activation
-quantizer state) is kept as it is. ``save_export`` writes::
+quantizer state) is kept as it is; a weight quantizer's own state (LSQ's s, ADMM's λ and G) is
+not: the codes replace it. ``save_export`` writes::
 
     <dir>/model.safetensors   {layer}.weight.{packed,scale,zero | code | mantissa,exponent ...}
                               + the remaining state-dict entries under their own names
@@ -57,7 +58,7 @@ def convert(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
         q = weight_quantizer(m)
         if q is None:
             continue
-        w, _ = _quantizer_input(m)
+        w, idx = _quantizer_input(m)
         was = q.training
         q.eval()
         codes = q.encode(w.detach().float())
@@ -74,6 +75,9 @@ def convert(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             tensors[f"{name}.bias_folded"] = folded_bias(m, fold.bn).float()
         layers[name] = meta
         skip.add(f"{name}.{ORIGINAL}")
+        # the quantizer's own state (LSQ s, ADMM λ and G): the codes replace it
+        own = f"{name}.parametrizations.weight.{idx}."
+        skip |= {k for k in model.state_dict() if k.startswith(own)}
     for key, t in model.state_dict().items():
         if key not in skip and key not in tensors:
             tensors[key] = t

@@ -9,7 +9,8 @@ of) ``nn.Linear`` / ``nn.Conv{1,2,3}d`` / ``nn.Embedding`` works:
   quantized backward).
 
 Quantizers are submodules of their layer, so their parameters (LSQ s, PACT α, TTQ W_p/W_n) and
-buffers (EMA ranges, Autoflex state) are in ``state_dict`` and in checkpoints. ``qat_step``
+buffers (EMA ranges, Autoflex state) are in ``state_dict`` and in checkpoints. ``qat_penalty``
+runs before every optimizer step (penalty gradients such as ADMM's). ``qat_step``
 runs after every optimizer step: it all-reduces (MAX) the statistics recorded by stateful
 quantizers in one collective and commits them, so their state is identical on every rank, and
 applies per-step weight constraints (BNN / BinaryConnect clipping).
@@ -145,6 +146,16 @@ def format_plan(plan: list[LayerPlan]) -> str:
         rows.append((lp.name, cls.__name__, *desc, lp.source))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+@torch.no_grad()
+def qat_penalty(model: nn.Module) -> None:
+    """Before an optimizer step (gradients all-reduced and unscaled): add the weight quantizers'
+    penalty gradients (``Quantizer.add_penalty_grad``: ADMM's augmented term)."""
+    for m in model.modules():
+        q = weight_quantizer(m)
+        if q is not None:
+            q.add_penalty_grad(m.parametrizations.weight.original)
 
 
 @torch.no_grad()

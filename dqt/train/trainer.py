@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dqt.comm import build_scheme
 from dqt.config import OptimConfig, QATConfig, TrainConfig
-from dqt.quant import apply_qat, is_active, qat_step, quantizer_parameters
+from dqt.quant import apply_qat, is_active, qat_penalty, qat_step, quantizer_parameters
 from dqt.quant.summary import format_summary, summarize
 from dqt.train import distributed, preempt
 from dqt.train.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -224,8 +224,11 @@ class Trainer:
             t["forward"] += t2 - t1
             t["backward"] += t3 - t2
         t4 = time.perf_counter()
+        if cfg.optim.grad_clip > 0 or self.qat_active:
+            self.scaler.unscale_(self.optimizer)  # no-op unless fp16
+        if self.qat_active:  # quantizer penalty gradients (ADMM), on the all-reduced gradients
+            qat_penalty(self.model.module)
         if cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
