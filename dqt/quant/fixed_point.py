@@ -112,6 +112,10 @@ class DynamicFixed(Quantizer):
              "only activations keep a range (a weight uses its own max|W| at every call)")
         need(m is None or 0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
 
+    def describe(self) -> str:
+        return f"{self.name}(bits={self.bits}" + (
+            f", momentum={self.momentum})" if self.momentum is not None else ")")
+
     def delta(self, x: Tensor) -> Tensor:
         if self.observer is not None:
             _, m = self.observer.range(x, self.recording)
