@@ -5,6 +5,7 @@ dynamic fixed point pieces it needs (1..16 bits, a calibrated activation range).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -184,7 +185,7 @@ def searched(trained, tmp_path_factory):
 
 
 def test_table_has_every_group_and_width(searched):
-    result, _, _ = searched
+    result, out, _ = searched
     assert set(result.table) == {"conv", "fc", "act"}
     for g, row in result.table.items():
         assert sorted(row) == sorted(BITS), g
@@ -192,6 +193,10 @@ def test_table_has_every_group_and_width(searched):
     assert result.baseline > 0.5  # a trained model
     for line in ("| conv weights |", "| fc weights |", "| activations |", "16-bit", "1-bit"):
         assert line in result.text
+    saved = json.loads((out / "run" / "search.json").read_text())
+    assert saved["table"] == {g: {str(b): a for b, a in row.items()}
+                              for g, row in result.table.items()}
+    assert saved["chosen"] == result.selection.chosen and saved["baseline"] == result.baseline
 
 
 def test_16_bits_is_fp32_within_one_test_sample_and_1_bit_is_not(searched):
@@ -250,6 +255,24 @@ def test_written_config_composes_and_training_starts_from_the_checkpoint(searche
     assert "qat searched: per-layer plan" in caplog.text
     # started from the trained weights (a fresh init would be near 10 %)
     assert res.metrics["eval/acc"] > result.baseline - 0.15, res.metrics
+
+
+def test_another_quantizer_widths_it_refuses_are_not_run(trained, tmp_path):
+    from dqt.train.search_bits import search_bits
+
+    cfg = to_typed(compose("search_bits", *MODEL, f"checkpoint={trained}",
+                           "search.quantizer=int", "search.bits=[16,8]",
+                           "search.calib_batches=1", "search.error_margin=100"))
+    result = search_bits(cfg, str(tmp_path / "run"))
+    for g in ("conv", "fc", "act"):
+        assert result.table[g][16] is None and isinstance(result.table[g][8], float)
+        assert result.notes[g] == {16: "must be in [2, 8]; got 16"}
+    assert result.selection.chosen == {"conv": 8, "fc": 8, "act": 8}  # margin 100: anything
+    assert "| conv weights | n/a | " in result.text
+    assert "(n/a: int refuses 16 bits for conv weights: must be in [2, 8]; got 16)" in result.text
+    rule = yaml.safe_load((tmp_path / "run" / "qat" / f"{result.name}.yaml").read_text())["rules"][0]
+    assert rule == {"type": "Conv2d", "weight": {"name": "int", "bits": 8},
+                    "act": {"name": "int", "bits": 8, "momentum": 0.1}}
 
 
 # --------------------------------------------------------------------------- bad input

@@ -9,7 +9,8 @@ first evaluation, with one :class:`ConfigError` naming the key. The model and da
 the trainer's own code (``build_model``, ``build_dataset``), evaluated by its ``eval_sums`` on
 the test split, and activation ranges are calibrated on ``search.calib_batches`` training
 batches of the trainer's loader (``dqt.quant.search.calibrate``). One process; fine-tuning runs
-the normal trainer in this process (world size 1) and prints the command for more ranks.
+the normal trainer in this process (world size 1) and prints the command for more ranks. The
+checkpoint of a QAT run works too: its real (latent) weights are the fp32 baseline.
 
 Outputs in the run directory: ``search.json`` (baseline, table, choice, combinations tried),
 ``qat/<name>.yaml`` (compose it with ``hydra.searchpath=[file://<run dir>] qat=<name>``, or copy it

@@ -128,6 +128,8 @@ class Trainer:
         if cfg.checkpoint.init_from and resume is None:  # fine-tuning: weights before quantizers
             src = load_weights(model, cfg.checkpoint.init_from, "checkpoint.init_from")
             log.info("initial weights from %s", src)
+        elif cfg.checkpoint.init_from:
+            log.info("checkpoint.init_from ignored: resuming from %s", resume.path)
         model = apply_qat(cfg.qat, model).to(self.device)
         self.qat_active = is_active(cfg.qat)
         self.model = DDP(model, device_ids=[self.device] if self.device.type == "cuda" else None)
