@@ -472,12 +472,16 @@ class QSGDConfig(CompressedSchemeConfig):
 # --------------------------------------------------------------------------- checkpoint
 @dataclass
 class CheckpointConfig:
-    """Atomic checkpoints under ``<run_dir>/checkpoints/step_XXXXXXX``."""
+    """Atomic checkpoints under ``<run_dir>/checkpoints/step_XXXXXXX``. ``init_from``: start
+    from the model weights of another run (its directory or a ``checkpoints/step_*`` directory;
+    fine-tuning, e.g. QAT from an fp32 run) — loaded before the quantizers attach, optimizer and
+    step fresh; ignored when the run directory has a checkpoint of its own to resume."""
 
     every: int = 0  # steps between checkpoints; 0 = only at the end and on SIGTERM
     keep: int = 2  # newest complete checkpoints kept
     resume: bool = True  # resume from the newest complete checkpoint in the run directory
     allow_world_size_change: bool = False  # resume model+optimizer only, reset per-rank state
+    init_from: Optional[str] = None  # weights of another run to start from (fine-tuning)
 
     def __post_init__(self) -> None:
         check(self.every >= 0, "checkpoint.every", f"must be >= 0 (0 = end only); got {self.every}")
@@ -529,6 +533,78 @@ class TrainConfig:
               "not available with backend=horovod (set scheme.auto=false, or use backend=gloo/nccl)")
 
 
+# --------------------------------------------------------------------------- search_bits
+@dataclass
+class SearchConfig:
+    """Ristretto's bit-width search (``launch/search_bits.py``, ``dqt.train.search_bits``):
+    ``error_margin``: allowed drop of eval/acc below the fp32 baseline, in percentage points
+    (Ristretto's ``--error_margin``); ``bits``: the widths tried per group (conv weights, fc
+    weights, activations); ``quantizer``: a registered quantizer taking ``bits``;
+    ``act_momentum``: EMA momentum of the activation range for quantizers that take
+    ``momentum`` (null: dynamic_fixed uses each batch's own range); ``calib_batches``: training
+    batches that calibrate activation ranges; ``name``: the written qat config's name (null:
+    derived from the result); ``write``: also write it to this path (``conf/qat/NAME.yaml``);
+    ``finetune``: then train with it from the checkpoint (``steps``, ``optim`` of this config)."""
+
+    error_margin: float = 1.0
+    bits: list[int] = field(default_factory=lambda: [16, 8, 4, 2, 1])
+    quantizer: str = "dynamic_fixed"
+    act_momentum: Optional[float] = 0.1
+    calib_batches: int = 10
+    name: Optional[str] = None
+    write: Optional[str] = None
+    finetune: bool = False
+
+    def __post_init__(self) -> None:
+        import re
+
+        check(self.error_margin >= 0, "search.error_margin",
+              f"must be >= 0 (percentage points of eval/acc); got {self.error_margin}")
+        check(len(self.bits) > 0 and all(0 < b <= 32 for b in self.bits)
+              and len(set(self.bits)) == len(self.bits), "search.bits",
+              f"must be distinct bit-widths in [1, 32]; got {list(self.bits)}")
+        check(self.act_momentum is None or 0 < self.act_momentum <= 1, "search.act_momentum",
+              f"must be in (0, 1] or null; got {self.act_momentum}")
+        check(self.calib_batches >= 1, "search.calib_batches",
+              f"must be >= 1; got {self.calib_batches}")
+        check(self.name is None or re.fullmatch(r"[A-Za-z0-9_]+", self.name) is not None,
+              "search.name", f"must be letters, digits and _ (a config name); got '{self.name}'")
+        _check_bool(self.finetune, "search.finetune")
+        from dqt.quant.base import QUANTIZERS  # lazy: dqt.quant imports torch
+
+        check(self.quantizer in QUANTIZERS, "search.quantizer",
+              f"unknown quantizer '{self.quantizer}'; available: {', '.join(QUANTIZERS.names())}")
+        check("bits" in QUANTIZERS.get(self.quantizer).arg_names(), "search.quantizer",
+              f"{self.quantizer} takes no bits argument; the search varies bits")
+
+
+@dataclass
+class SearchBitsConfig:
+    """``launch/search_bits.py``: a trained run's ``checkpoint`` (its directory or a
+    ``checkpoints/step_*`` directory), the ``model`` and ``data`` it was trained with, and the
+    ``search``; optim, steps, ... are used only to fine-tune (``search.finetune=true``)."""
+
+    model: Any = MISSING
+    data: Any = MISSING
+    optim: Any = MISSING
+    precision: Any = MISSING
+    logger: Any = MISSING
+    backend: Any = MISSING
+    checkpoint: Optional[str] = None
+    search: SearchConfig = field(default_factory=SearchConfig)
+    seed: int = 0
+    steps: int = 300
+    grad_accum: int = 1
+    eval_every: int = 100
+    log_every: int = 10
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        check(self.checkpoint is not None and self.checkpoint != "", "checkpoint",
+              "required: the trained run to search, e.g. checkpoint=outputs/2026-11-26/12-00-00 "
+              "(a run directory, or one of its checkpoints/step_* directories)")
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet": ResNetConfig, "gpt": GPTConfig},
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "cifar10": CIFAR10Config,
@@ -550,13 +626,15 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="search_bits_schema", node=SearchBitsConfig)
     for group, options in SCHEMAS.items():
         for name, node in options.items():
             cs.store(group=f"schema/{group}", name=name, node=node)
 
 
-def to_typed(cfg: DictConfig) -> TrainConfig:
-    """Composed DictConfig → validated :class:`TrainConfig` (raises :class:`ConfigError`)."""
+def to_typed(cfg: DictConfig) -> Any:
+    """Composed DictConfig → validated :class:`TrainConfig` (or the schema it was composed
+    with, e.g. :class:`SearchBitsConfig`); raises :class:`ConfigError`."""
     try:
         obj = OmegaConf.to_object(cfg)
     except Exception as e:  # omegaconf wraps errors raised in __post_init__
@@ -566,5 +644,5 @@ def to_typed(cfg: DictConfig) -> TrainConfig:
         if cause is not None:
             raise cause from None
         raise
-    assert isinstance(obj, TrainConfig)
+    assert isinstance(obj, (TrainConfig, SearchBitsConfig))
     return obj

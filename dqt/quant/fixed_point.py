@@ -7,7 +7,12 @@ QNN's ``LinearQuant``.
   registered quantizer refuses bits = 1 — use ``bnn_sign``).
 * ``dynamic_fixed`` — Ristretto (Gysel et al. 2016, arXiv 1605.06402) dynamic fixed point: the
   integer length il = ⌈log2 max|x|⌉ + 1 (sign bit included) is chosen per tensor from its range,
-  the fractional length fl = bits − il, then ``linear_quantize(x, fl, bits)``. Per call, no state.
+  the fractional length fl = bits − il, then ``linear_quantize(x, fl, bits)``; 1..16 bits (1 bit:
+  the codes {−1, 0}, as Ristretto's ``Trim2FixedPoint``). max|x| is the tensor's own at every
+  call, or, for activations with ``momentum`` set, a range kept in buffers: an EMA of the batch
+  max|x| recorded in training (``dqt.quant.observers.EMARange``) — Ristretto's fixed per-layer
+  integer length, calibrated on data (``launch/search_bits.py`` commits the max over calibration
+  batches). Export: ≤ 8 bits ``affine`` codes, 9..16 bits int16 mantissas + one exponent (``flex``).
 * ``qnn_linear`` — QNN (Hubara et al., JMLR 2018) LinearQuant(x, s) = Clip(round(x/s)·s, minV,
   maxV); minV and maxV must be multiples of s (so the result is an integer code times s).
 
@@ -23,7 +28,8 @@ import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register, to_rows
-from dqt.quant.codes import Affine
+from dqt.quant.codes import Affine, Flex
+from dqt.quant.observers import EMARange
 from dqt.quant.ste import floor_ste, round_ste
 
 
@@ -87,30 +93,54 @@ class Linear(Quantizer):
 
 @register
 class DynamicFixed(Quantizer):
-    """Ristretto dynamic fixed point: fl = bits − (⌈log2 max|x|⌉ + 1), per tensor per call."""
+    """Ristretto dynamic fixed point: fl = bits − (⌈log2 max|x|⌉ + 1); max|x| per tensor per call,
+    or (activations, ``momentum`` set) from an EMA range committed by ``qat_step``."""
 
     name = "dynamic_fixed"
+    stateful = True  # only with an observer (stats() is None otherwise)
 
-    def __init__(self, kind: str, bits: int = 8) -> None:
+    def __init__(self, kind: str, bits: int = 8, momentum: Optional[float] = None) -> None:
         super().__init__(kind)
-        self.bits = bits
+        self.bits, self.momentum = bits, momentum
+        self.observer = EMARange(momentum, symmetric=True) if momentum is not None else None
 
     @classmethod
     def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args)
+        _check_bits(args, 1, 16)
+        m = args.get("momentum")
+        need(m is None or kind == "act", "momentum",
+             "only activations keep a range (a weight uses its own max|W| at every call)")
+        need(m is None or 0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
+
+    def describe(self) -> str:
+        return f"{self.name}(bits={self.bits}" + (
+            f", momentum={self.momentum})" if self.momentum is not None else ")")
 
     def delta(self, x: Tensor) -> Tensor:
-        m = x.detach().abs().amax().clamp(min=2.0 ** -100)
-        il = torch.ceil(torch.log2(m)) + 1  # integer length incl. the sign bit
+        if self.observer is not None:
+            _, m = self.observer.range(x, self.recording)
+        else:
+            m = x.detach().abs().amax()
+        il = torch.ceil(torch.log2(m.clamp(min=2.0 ** -100))) + 1  # integer length incl. sign
         return torch.exp2(il - self.bits)  # 2^-fl, fl = bits − il
 
     def quantize(self, x: Tensor) -> Tensor:
         d = self.delta(x)
         return _linear_codes(x, d, self.bits, ste=True) * d
 
-    def encode(self, w: Tensor) -> Affine:
+    def encode(self, w: Tensor) -> Affine | Flex:
         d = self.delta(w)
-        return _affine_rows(_linear_codes(w, d, self.bits, ste=False), d, self.bits, w)
+        q = _linear_codes(w, d, self.bits, ste=False)
+        if self.bits > 8:  # int16 codes times 2^-fl: Flexpoint's storage
+            return Flex(q.reshape(w.shape[0], -1).to(torch.int16), int(torch.log2(d)))
+        return _affine_rows(q, d, self.bits, w)
+
+    def stats(self) -> Optional[Tensor]:
+        return self.observer.stats() if self.observer is not None else None
+
+    def commit(self, stats: Tensor) -> None:
+        if self.observer is not None:
+            self.observer.commit(stats)
 
 
 @register

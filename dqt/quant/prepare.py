@@ -161,6 +161,17 @@ def qat_penalty(model: nn.Module) -> None:
 @torch.no_grad()
 def qat_step(model: nn.Module) -> None:
     """After an optimizer step: sync + commit quantizer statistics, apply weight constraints."""
+    commit_stats(model)
+    for m in model.modules():
+        q = weight_quantizer(m)
+        if q is not None:
+            q.after_step(m.parametrizations.weight.original)
+
+
+@torch.no_grad()
+def commit_stats(model: nn.Module) -> None:
+    """MAX-reduce the statistics every stateful quantizer recorded (over ranks, in one
+    collective, when a process group is up) and commit them."""
     stateful = [m for m in model.modules() if isinstance(m, Quantizer) and m.stateful]
     pending = [(q, s) for q in stateful if (s := q.stats()) is not None]
     if pending:
@@ -173,7 +184,3 @@ def qat_step(model: nn.Module) -> None:
         for q, s in pending:
             q.commit(flat[i:i + s.numel()])
             i += s.numel()
-    for m in model.modules():
-        q = weight_quantizer(m)
-        if q is not None:
-            q.after_step(m.parametrizations.weight.original)

@@ -138,3 +138,52 @@ class Checkpointer:
         steps = sorted(n for n in os.listdir(self.root) if _STEP_DIR.match(n))
         for name in steps[: max(0, len(steps) - self.cfg.keep)]:
             shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- weights of another run
+_QUANT_STATE = re.compile(r"(^|\.)(parametrizations|input_quantizer|grad_quantizer)\.")
+_ORIGINAL = ".parametrizations.weight.original"
+
+
+def plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model state dict as the model *without* quantizers names it: a parametrized weight's
+    ``X.parametrizations.weight.original`` (the real, unquantized weight) becomes ``X.weight``;
+    quantizer state (EMA ranges, LSQ steps, ...) is dropped."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith(_ORIGINAL):
+            out[k[: -len(_ORIGINAL)] + ".weight"] = v
+        elif not _QUANT_STATE.search(k):
+            out[k] = v
+    return out
+
+
+def load_weights(model: torch.nn.Module, path: str, key: str) -> str:
+    """Load the model weights of a run directory or ``checkpoints/step_*`` directory into
+    ``model`` (built without quantizers; any qat config the run had is stripped). A missing path
+    or weights of another model raise :class:`ConfigError` naming ``key``. Returns the
+    checkpoint directory."""
+    from dqt.train.export import find_checkpoint
+
+    if not os.path.exists(path):
+        raise ConfigError(key, f"{path} does not exist (a run directory or one of its "
+                          "checkpoints/step_* directories)")
+    try:
+        ckpt, _ = find_checkpoint(path)
+    except FileNotFoundError as e:
+        raise ConfigError(key, str(e)) from None
+    state = plain_state_dict(torch.load(os.path.join(ckpt, "train.pt"), map_location="cpu",
+                                        weights_only=False)["model"])
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} here {tuple(own[k].shape)}" for k in own
+              if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{what}: {', '.join(ks[:4])}{' ...' if len(ks) > 4 else ''}"
+                 for what, ks in (("missing", missing), ("unexpected", unexpected),
+                                  ("shape", shapes)) if ks]
+        raise ConfigError(key, f"{ckpt} holds the weights of a different model ({'; '.join(parts)})"
+                          "; pass the model (model=..., experiment=...) it was trained with")
+    model.load_state_dict(state)
+    return ckpt

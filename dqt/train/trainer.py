@@ -31,7 +31,7 @@ from dqt.config import OptimConfig, QATConfig, TrainConfig
 from dqt.quant import apply_qat, is_active, qat_penalty, qat_step, quantizer_parameters
 from dqt.quant.summary import format_summary, summarize
 from dqt.train import distributed, preempt
-from dqt.train.checkpoint import Checkpointer, rng_state, set_rng_state
+from dqt.train.checkpoint import Checkpointer, load_weights, rng_state, set_rng_state
 from dqt.train.data import ShardedLoader, build_dataset, eval_shard
 from dqt.train.metrics import MetricLogger, check_logger
 from dqt.train.models import build_model
@@ -124,7 +124,13 @@ class Trainer:
 
         self.data = build_dataset(cfg.data)
         torch.manual_seed(cfg.seed)  # identical initial parameters on every rank
-        model = apply_qat(cfg.qat, build_model(cfg.model, self.data.meta)).to(self.device)
+        model = build_model(cfg.model, self.data.meta)
+        if cfg.checkpoint.init_from and resume is None:  # fine-tuning: weights before quantizers
+            src = load_weights(model, cfg.checkpoint.init_from, "checkpoint.init_from")
+            log.info("initial weights from %s", src)
+        elif cfg.checkpoint.init_from:
+            log.info("checkpoint.init_from ignored: resuming from %s", resume.path)
+        model = apply_qat(cfg.qat, model).to(self.device)
         self.qat_active = is_active(cfg.qat)
         if self.backend == "horovod":  # gradients over Horovod (DDP's buckets, dqt's schemes)
             from dqt.comm.horovod import HorovodDataParallel, build_horovod_scheme
@@ -192,13 +198,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                            enabled=self.autocast_dtype is not None):
-            logits = self.model(x)
-        logits = logits.float().flatten(0, -2) if logits.dim() > 2 else logits.float()
-        y = y.flatten()
-        correct = (logits.argmax(-1) == y).sum()
-        return F.cross_entropy(logits, y), correct
+        return loss_and_correct(self.model, x, y, self.autocast_dtype)
 
     def train_step(self, batches: Iterator) -> dict[str, float]:
         cfg, t = self.cfg, {"data": 0.0, "forward": 0.0, "backward": 0.0, "optim": 0.0}
@@ -249,20 +249,11 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ eval
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
-        split = self.data.test
-        idx = eval_shard(len(split), self.env.rank, self.env.world_size)
-        sums = torch.zeros(3, dtype=torch.float64)
-        for chunk in idx.split(self.cfg.data.eval_batch_size):
-            x, y = (b.to(self.device) for b in split.batch(chunk))
-            loss, correct = self._loss(x, y)
-            n = y.numel()
-            sums += torch.tensor([loss.item() * n, correct.item(), n], dtype=torch.float64)
-        sums = self._all_sum(sums)
-        return {"eval/loss": sums[0].item() / sums[2].item(),
-                "eval/acc": sums[1].item() / sums[2].item()}
+        sums = eval_sums(self.model, self.data.test, self.cfg.data.eval_batch_size, self.device,
+                         self.autocast_dtype, self.env.rank, self.env.world_size)
+        return eval_metrics(self._all_sum(sums))
 
     def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.to(self.device)
@@ -354,6 +345,39 @@ class Trainer:
         log.info("done: %d steps in %.1f s | %s | %s | params identical on all ranks: %s",
                  self.step, wall_s, metric, wire, summary["params_in_sync"])
         return summary
+
+
+def loss_and_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     autocast_dtype: Optional[torch.dtype] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy and the number of correct argmax predictions (LM: per token)."""
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(x)
+    logits = logits.float().flatten(0, -2) if logits.dim() > 2 else logits.float()
+    y = y.flatten()
+    correct = (logits.argmax(-1) == y).sum()
+    return F.cross_entropy(logits, y), correct
+
+
+@torch.no_grad()
+def eval_sums(model: torch.nn.Module, split: Any, batch_size: int, device: torch.device,
+              autocast_dtype: Optional[torch.dtype] = None, rank: int = 0, world_size: int = 1
+              ) -> torch.Tensor:
+    """(loss·n, correct, n) over this rank's shard of ``split`` (fp64; sum over ranks, then
+    :func:`eval_metrics`). The caller puts the model in eval mode."""
+    idx = eval_shard(len(split), rank, world_size)
+    sums = torch.zeros(3, dtype=torch.float64)
+    for chunk in idx.split(batch_size):
+        x, y = (b.to(device) for b in split.batch(chunk))
+        loss, correct = loss_and_correct(model, x, y, autocast_dtype)
+        n = y.numel()
+        sums += torch.tensor([loss.item() * n, correct.item(), n], dtype=torch.float64)
+    return sums
+
+
+def eval_metrics(sums: torch.Tensor) -> dict[str, float]:
+    return {"eval/loss": sums[0].item() / sums[2].item(),
+            "eval/acc": sums[1].item() / sums[2].item()}
 
 
 def _write_atomic(path: str, text: str) -> None:
