@@ -254,6 +254,12 @@ class QuantizerConfig:
     history: Optional[int] = None  # Autoflex: maxima kept per tensor
     order: Optional[int] = None  # HORQ residual order
     rescale: Optional[bool] = None  # DoReFa k>1: scale the weights by mean|W| (no BatchNorm)
+    sub_dim: Optional[int] = None  # Q-CNN product quantization: dimensions per subspace
+    iters: Optional[int] = None  # Q-CNN k-means / BWNH alternations / FFN SDD inner iterations
+    rank: Optional[int] = None  # FFN: number of ternary rank-1 terms (null: min(N, K))
+    response: Optional[bool] = None  # Q-CNN: minimise the layer-response error ‖(W − Ŵ)ᵀX‖
+    grad_bits: Optional[int] = None  # WAGE k_G: bits of the weight gradient (null: fp32)
+    grad_lr: Optional[float] = None  # WAGE η: the learning rate inside Q_G (a power of two)
 
 
 @dataclass

@@ -176,6 +176,8 @@ IDENTITY = {  # name -> (kind, input, args): plain identity STE
     "binary_connect": ("weight", X, {}),
     "horq": ("act", X, {}),
     "flex": ("weight", X, {}),
+    "pq": ("weight", X, {"bits": 1, "sub_dim": 4}), "bwnh": ("weight", X, {}),
+    "ffn": ("weight", X, {"rank": 2}), "wage_w": ("weight", X, {}),
 }
 
 
@@ -191,7 +193,8 @@ def test_qnn_linear_clip_mask():
 
 
 STE = {"int", "uint", "bnn_sign", "xnor", "dorefa_a", "dorefa_w", "bwn", "ttq", "lsq", "pact",
-       "minifloat", "dorefa_g", "qnn_linear", *IDENTITY}
+       "minifloat", "dorefa_g", "qnn_linear", *IDENTITY,
+       "tnn_a", "wage_a", "wage_e"}  # tests in test_quant_seed_c.py (and wage_w's Q_G there)
 
 
 def test_every_quantizer_has_a_gradient_test():

@@ -17,6 +17,11 @@ module             quantizers                                                   
 ``binary``         ``bnn_sign``, ``binary_connect``, ``bwn``, ``xnor``, ``horq``
 ``ternary``        ``twn``, ``ttq``                                               weight
 ``flexpoint``      ``flex`` (flex16+5 with Autoflex)                              w / a / grad
+``product``        ``pq`` (Q-CNN product quantization, k-means codebooks)         weight
+``hashing``        ``bwnh`` (BWNH: binary weights by inner-product hashing)       weight
+``factorized``     ``ffn`` (FFN: W ≈ X·D·Yᵀ, ternary X, Y by SDD)                 weight
+``tnn``            ``tnn_a`` (TNN ternary activations; weights: ``twn``)          act
+``wage``           ``wage_w``, ``wage_a``, ``wage_e`` (WAGE; W carries Q_G)       w / a / grad
 =================  ============================================================  ===========
 
 ``dqt.quant`` never imports ``dqt.train`` or ``dqt.comm``; it imports ``dqt.kernels`` for the
@@ -31,6 +36,7 @@ from torch import nn
 
 from dqt.quant import (binary, dorefa, fixed_point, flexpoint, integer, learned,  # noqa: F401
                        log_quant, minifloat, tanh_quant, ternary)
+from dqt.quant import factorized, hashing, product, tnn, wage  # noqa: F401
 from dqt.quant.base import QUANTIZERS, Quantizer, quantizer_parameters
 from dqt.quant.prepare import prepare, qat_step
 

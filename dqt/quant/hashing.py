@@ -1,0 +1,164 @@
+"""Binary weights learned as inner-product-preserving hashing — BWNH (Hu, Wang & Cheng, AAAI 2018,
+arXiv 1802.02733, "From Hashing to CNNs: Training Binary Weight Networks via Hashing").
+
+``bwnh`` (weights): for every output channel n (w = W[n] ∈ R^K, K = in·kh·kw) find b ∈ {±1}^K
+and α > 0 minimizing the error of the layer's response on its inputs X (K × rows):
+
+    ‖Xᵀw − α·Xᵀb‖² = (w − αb)ᵀ S (w − αb),      S = X Xᵀ
+
+by the paper's alternating updates, starting from b = sign(w):
+
+* α (closed form): α = bᵀSw / bᵀSb;
+* B (discrete, one input coordinate j at a time — a row of the K × N code matrix, for all
+  channels at once): b_j = sign((Sw)_j − α·Σ_{i≠j} S_ji b_i) (b_j unchanged where that is 0);
+
+``iters`` sweeps (B, then α). With S = I this is BWN exactly: b = sign(w), α = mean|w|.
+
+S comes from the layer's own inputs: a forward pre-hook on the layer records Σ xxᵀ over the
+batch rows (Linear: every row; Conv2d: every im2col patch, at most 4096 per batch, evenly
+strided) and their count while training; ``qat_step`` SUM-reduces them over the ranks and
+``commit`` keeps S as an EMA (``momentum``, 0.1) of XXᵀ/rows, plus a ridge 10⁻³·tr(S)/K·I so that
+S is definite. S is therefore identical on every rank; it is a non-persistent buffer (neither
+exported nor checkpointed: a resumed run starts again from S = I and re-learns it from the next
+batch). Layers without recorded inputs (Conv1d/3d, Embedding, before the first step) use S = I.
+
+Backward: identity STE (∂C/∂W = ∂C/∂Ŵ), as the paper's fine-tuning of the full-precision
+weights. Simplifications: the paper solves B, α layer by layer from a pretrained network and then
+fine-tunes; here B, α are re-solved from the current W and S at every step of QAT.
+
+Export: 1-bit ``affine`` codes [b > 0], zero ½, scale 2α.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dqt.quant.base import Quantizer, need, register
+from dqt.quant.codes import Affine
+from dqt.quant.ste import sign, ste
+
+MAX_ROWS = 4096
+RIDGE = 1e-3
+
+
+def input_rows(layer: nn.Module, x: Tensor) -> Optional[Tensor]:
+    """The layer input as rows aligned with ``weight.reshape(N, -1)`` (None: not supported)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(layer, nn.Conv2d) and isinstance(layer.padding, tuple):
+        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return None
+
+
+def hash_binarize(w: Tensor, s: Tensor, iters: int) -> tuple[Tensor, Tensor]:
+    """(b ∈ {±1} (N, K), α (N,)) from W (N, K) and S (K, K) by the alternating updates."""
+    b = sign(w).t().contiguous()  # (K, N): row j = coordinate j of every channel
+    p = s @ w.t()  # Sw, (K, N)
+    q = s @ b  # Sb
+    diag = torch.diagonal(s)
+
+    def alpha() -> Tensor:
+        num, den = (b * p).sum(0), (b * q).sum(0)
+        return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num)).clamp(min=0)
+
+    a = alpha()
+    for _ in range(iters):
+        for j in range(b.shape[0]):
+            v = p[j] - a * (q[j] - diag[j] * b[j])
+            new = torch.where(v > 0, 1.0, torch.where(v < 0, -1.0, b[j]))
+            delta = new - b[j]
+            q += s[:, j:j + 1] * delta[None]
+            b[j] = new
+        a = alpha()
+    return b.t(), a
+
+
+@register
+class BWNH(Quantizer):
+    name = "bwnh"
+    kinds = ("weight",)
+    stateful = True
+    reduce = "sum"
+    bits = 1
+
+    def __init__(self, kind: str, iters: int = 2, momentum: float = 0.1) -> None:
+        super().__init__(kind)
+        self.iters, self.momentum = iters, momentum
+        self.register_buffer("S", torch.zeros(0), persistent=False)  # empty: S = I
+        self._sum: Optional[Tensor] = None
+        self._rows = 0
+        self._memo: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
+
+    @classmethod
+    def check(cls, kind: str, args: dict[str, Any]) -> None:
+        i, m = args.get("iters"), args.get("momentum")
+        need(i is None or 1 <= i <= 100, "iters", f"must be in [1, 100]; got {i}")
+        need(m is None or 0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
+
+    # ------------------------------------------------------------ input statistics
+    def bind(self, layer: nn.Module) -> None:
+        super().bind(layer)
+        layer.register_forward_pre_hook(self._record)
+
+    def _record(self, layer: nn.Module, args: tuple) -> None:
+        if not self.recording or not args[0].is_floating_point():
+            return
+        with torch.no_grad():
+            x = input_rows(layer, args[0].detach().float())
+            if x is None:
+                return
+            if x.shape[0] > MAX_ROWS:
+                x = x[:: -(-x.shape[0] // MAX_ROWS)]
+            xx = x.t() @ x
+            self._sum = xx if self._sum is None else self._sum + xx
+            self._rows += x.shape[0]
+
+    def stats(self) -> Optional[Tensor]:
+        if self._sum is None:
+            return None
+        out = torch.cat([self._sum.reshape(-1).cpu(), torch.tensor([float(self._rows)])])
+        self._sum, self._rows = None, 0
+        return out
+
+    def commit(self, stats: Tensor) -> None:
+        k = int(round((stats.numel() - 1) ** 0.5))
+        rows = float(stats[-1])
+        if rows <= 0:
+            return
+        new = stats[:-1].reshape(k, k) / rows
+        new = new + RIDGE * torch.diagonal(new).mean() * torch.eye(k)
+        dev = self.S.device
+        if self.S.shape != (k, k):
+            self.S = new.to(dev)
+        else:
+            self.S = ((1 - self.momentum) * self.S + self.momentum * new.to(dev))
+
+    # ------------------------------------------------------------ the maths
+    def binarize(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        n = w.shape[0]
+        w2 = w.detach().reshape(n, -1)
+        k = w2.shape[1]
+        s = self.S if self.S.shape == (k, k) else torch.eye(k, device=w.device)
+        m = self._memo
+        if m is not None and m[0].shape == w2.shape and m[1].shape == s.shape \
+                and torch.equal(m[0], w2) and torch.equal(m[1], s):
+            return m[2], m[3]
+        b, a = hash_binarize(w2, s.to(w2.dtype), self.iters)
+        self._memo = (w2.clone(), s.clone(), b, a)
+        return b, a
+
+    def quantize(self, w: Tensor) -> Tensor:
+        b, a = self.binarize(w)
+        codes = (b > 0).to(w.dtype)
+        wq = (2 * a)[:, None] * (codes - torch.tensor(0.5))
+        return ste(w, wq.reshape(w.shape))
+
+    def encode(self, w: Tensor) -> Affine:
+        b, a = self.binarize(w)
+        n = w.shape[0]
+        return Affine((b > 0).to(torch.uint8), (2 * a).float(), torch.full((n,), 0.5), 1)
