@@ -50,8 +50,15 @@ METHODS = {
     "LSQ W4A4": ["qat=lsq_w4a4"],
     "PACT W4A4": ["qat=pact_w4a4"],
     "TTQ, W_p/W_n at the weights' lr": ["qat=ttq", "qat.quantizer_lr_mult=1"],  # ablation
+    "Q-CNN PQ (K=16, d=4)": ["qat=qcnn"],  # second tier of the survey
+    "BWNH": ["qat=bwnh"],
+    "FFN (ternary SDD)": ["qat=ffn"],
+    "TNN (ternary W + A)": ["qat=tnn"],
+    "WAGE 2-8-8-8": ["qat=wage"],
 }
-EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr")
+SEED_C = ("Q-CNN PQ (K=16, d=4)", "BWNH", "FFN (ternary SDD)", "TNN (ternary W + A)",
+          "WAGE 2-8-8-8")
+EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr", *SEED_C)
 DEFAULT = [m for m in METHODS if m not in EXTRA]  # the issue's list
 
 

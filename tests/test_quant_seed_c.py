@@ -161,7 +161,7 @@ def test_ternary_max_is_the_exact_maximiser():
         val = float((t @ s) ** 2 / (t @ t))
         if val > best:
             best, arg = val, list(v)
-    assert ternary_max(s).tolist() == arg == [0.0, -1.0, 1.0, 1.0, 0.0]
+    assert ternary_max(s.numpy()).tolist() == arg == [0.0, -1.0, 1.0, 1.0, 0.0]
 
 
 def test_sdd_recovers_a_ternary_rank_one_matrix_and_converges():

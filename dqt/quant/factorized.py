@@ -7,7 +7,8 @@
 
 found, as in the paper, by the semi-discrete decomposition (SDD; Kolda & O'Leary 1998): r greedy
 rank-1 terms, each fitted to the residual R = W − Σ_{j<i} d_j x_j y_jᵀ by alternating ternary
-updates (``iters`` of them, starting from y = e_c, c the column of R with the largest norm):
+updates (at most ``iters`` of them — fewer once x and y stop changing, a fixed point — starting
+from y = e_c, c the column of R with the largest norm):
 
 * x ← argmax_{x ∈ {−1,0,1}^N} (xᵀRy)² / ‖x‖², solved exactly by sorting: with s = Ry and
   |s|_(1) ≥ |s|_(2) ≥ …, take the J entries with the largest |s| where J maximizes
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,36 +41,45 @@ from dqt.quant.codes import Factored, factored_decode
 from dqt.quant.ste import ste
 
 
-def ternary_max(s: Tensor) -> Tensor:
+def ternary_max(s: np.ndarray) -> np.ndarray:
     """argmax over x ∈ {−1, 0, 1}ⁿ \\ {0} of (xᵀs)² / ‖x‖² (ties: the fewest nonzeros)."""
-    mag, order = torch.sort(s.abs(), descending=True, stable=True)
-    csum = torch.cumsum(mag, 0)
-    j = torch.argmax(csum * csum / torch.arange(1, s.numel() + 1, dtype=s.dtype, device=s.device))
-    x = torch.zeros_like(s)
-    top = order[: int(j) + 1]
-    x[top] = torch.sign(s[top])
+    order = np.argsort(-np.abs(s), kind="stable")
+    csum = np.cumsum(np.abs(s)[order])
+    j = int(np.argmax(csum * csum / np.arange(1, s.size + 1, dtype=s.dtype)))
+    x = np.zeros_like(s)
+    top = order[: j + 1]
+    x[top] = np.sign(s[top])
     return x
 
 
 def sdd(w: Tensor, rank: int, iters: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Semi-discrete decomposition W ≈ X·diag(d)·Yᵀ → (X (N, r), d (r,), Y (K, r))."""
-    n, k = w.shape
-    r_ = w.clone()
-    xs = torch.zeros(n, rank, dtype=w.dtype, device=w.device)
-    ys = torch.zeros(k, rank, dtype=w.dtype, device=w.device)
-    ds = torch.zeros(rank, dtype=w.dtype, device=w.device)
+    """Semi-discrete decomposition W ≈ X·diag(d)·Yᵀ → (X (N, r), d (r,), Y (K, r)).
+
+    Runs in numpy on the CPU (fp32): a few thousand tiny sequential steps, where torch's
+    per-op overhead would dominate."""
+    r_ = w.detach().cpu().float().numpy().copy()
+    n, k = r_.shape
+    xs = np.zeros((n, rank), np.float32)
+    ys = np.zeros((k, rank), np.float32)
+    ds = np.zeros(rank, np.float32)
     for i in range(rank):
-        y = torch.zeros(k, dtype=w.dtype, device=w.device)
-        y[int(torch.argmax((r_ * r_).sum(0)))] = 1.0
+        y = np.zeros(k, np.float32)
+        y[int(np.argmax((r_ * r_).sum(0)))] = 1.0
         x = ternary_max(r_ @ y)
         for _ in range(iters):
-            y = ternary_max(r_.t() @ x)
-            x = ternary_max(r_ @ y)
-        nx, ny = (x * x).sum(), (y * y).sum()
-        d = torch.where(nx * ny > 0, (x @ r_ @ y) / (nx * ny).clamp(min=1), torch.zeros(()))
-        r_ -= d * torch.outer(x, y)
+            y2 = ternary_max(r_.T @ x)
+            x2 = ternary_max(r_ @ y2)
+            done = np.array_equal(x2, x) and np.array_equal(y2, y)  # a fixed point
+            x, y = x2, y2
+            if done:
+                break
+        nxy = float(x @ x) * float(y @ y)
+        d = np.float32(x @ r_ @ y / nxy) if nxy > 0 else np.float32(0.0)
+        r_ -= d * np.outer(x, y)
         xs[:, i], ys[:, i], ds[i] = x, y, d
-    return xs, ds, ys
+    dev = w.device
+    return (torch.from_numpy(xs).to(dev), torch.from_numpy(ds).to(dev),
+            torch.from_numpy(ys).to(dev))
 
 
 @register

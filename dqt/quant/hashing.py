@@ -12,7 +12,7 @@ by the paper's alternating updates, starting from b = sign(w):
 * B (discrete, one input coordinate j at a time — a row of the K × N code matrix, for all
   channels at once): b_j = sign((Sw)_j − α·Σ_{i≠j} S_ji b_i) (b_j unchanged where that is 0);
 
-``iters`` sweeps (B, then α). With S = I this is BWN exactly: b = sign(w), α = mean|w|.
+``iters`` sweeps (B, then α; fewer once a sweep changes no bit). With S = I this is BWN exactly: b = sign(w), α = mean|w|.
 
 S comes from the layer's own inputs: a forward pre-hook on the layer records Σ xxᵀ over the
 batch rows (Linear: every row; Conv2d: every im2col patch, at most 4096 per batch, evenly
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -56,26 +57,36 @@ def input_rows(layer: nn.Module, x: Tensor) -> Optional[Tensor]:
 
 
 def hash_binarize(w: Tensor, s: Tensor, iters: int) -> tuple[Tensor, Tensor]:
-    """(b ∈ {±1} (N, K), α (N,)) from W (N, K) and S (K, K) by the alternating updates."""
-    b = sign(w).t().contiguous()  # (K, N): row j = coordinate j of every channel
-    p = s @ w.t()  # Sw, (K, N)
-    q = s @ b  # Sb
-    diag = torch.diagonal(s)
+    """(b ∈ {±1} (N, K), α (N,)) from W (N, K) and S (K, K) by the alternating updates.
 
-    def alpha() -> Tensor:
+    Runs in numpy on the CPU (fp32): K sequential coordinate steps per sweep, where torch's
+    per-op overhead would dominate."""
+    wn = w.detach().cpu().float().numpy()
+    sn = s.detach().cpu().float().numpy()
+    b = np.where(wn >= 0, 1.0, -1.0).astype(np.float32).T.copy()  # (K, N): row j = coordinate j
+    p = sn @ wn.T  # Sw, (K, N)
+    q = sn @ b  # Sb
+    diag = np.diagonal(sn)
+
+    def alpha() -> np.ndarray:
         num, den = (b * p).sum(0), (b * q).sum(0)
-        return torch.where(den > 0, num / den.clamp(min=1e-30), torch.zeros_like(num)).clamp(min=0)
+        return np.where(den > 0, num / np.maximum(den, 1e-30), 0.0).clip(min=0).astype(np.float32)
 
     a = alpha()
     for _ in range(iters):
+        changed = False
         for j in range(b.shape[0]):
             v = p[j] - a * (q[j] - diag[j] * b[j])
-            new = torch.where(v > 0, 1.0, torch.where(v < 0, -1.0, b[j]))
+            new = np.where(v > 0, 1.0, np.where(v < 0, -1.0, b[j])).astype(np.float32)
             delta = new - b[j]
-            q += s[:, j:j + 1] * delta[None]
-            b[j] = new
+            if delta.any():
+                q += sn[:, j:j + 1] * delta[None]
+                b[j] = new
+                changed = True
+        if not changed:  # a fixed point: α and B would not change again
+            break
         a = alpha()
-    return b.t(), a
+    return torch.from_numpy(b.T.copy()).to(w.device), torch.from_numpy(a).to(w.device)
 
 
 @register

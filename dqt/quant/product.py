@@ -6,7 +6,8 @@ positions (1 for Linear). The input dimension is split into M = ⌈C / d⌉ subs
 ``sub_dim`` channels (C zero-padded to M·d); for a conv every kernel position p is its own FC-like
 (C × N) matrix, as in the paper (§3.3), so there are S = P·M subspaces. In each subspace the N
 sub-vectors w_n^(s) ∈ R^d are quantized with a codebook D^(s) of K = 2^``bits`` sub-codewords
-found by k-means (Lloyd's algorithm, ``iters`` iterations):
+found by k-means (Lloyd's algorithm, at most ``iters`` iterations, fewer once no assignment
+changes):
 
     min_{D, B} Σ_n ‖w_n^(s) − D^(s) b_n^(s)‖²,   b_n^(s) one-hot,   Ŵ[n, s] = D^(s)[k_n^(s)]
 
@@ -64,8 +65,12 @@ def kmeans(v: Tensor, k: int, iters: int) -> tuple[Tensor, Tensor]:
             + (c * c).sum(-1)[:, None, :]
         return dist.argmin(-1)
 
+    prev = None
     for _ in range(iters):
         idx = assign(c)
+        if prev is not None and torch.equal(idx, prev):  # converged: the codebook is final
+            return c, idx
+        prev = idx
         sums = torch.zeros_like(c).scatter_add_(1, idx[..., None].expand(s, n, d), v)
         cnt = torch.zeros(s, k, device=v.device, dtype=v.dtype).scatter_add_(
             1, idx, torch.ones_like(idx, dtype=v.dtype))
