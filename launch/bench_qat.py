@@ -51,13 +51,14 @@ METHODS = {
     "PACT W4A4": ["qat=pact_w4a4"],
     "TTQ, W_p/W_n at the weights' lr": ["qat=ttq", "qat.quantizer_lr_mult=1"],  # ablation
     "Q-CNN PQ (K=16, d=4)": ["qat=qcnn"],  # second tier of the survey
+    "Q-CNN PQ + error correction": ["qat=qcnn_ec"],
     "BWNH": ["qat=bwnh"],
     "FFN (ternary SDD)": ["qat=ffn"],
     "TNN (ternary W + A)": ["qat=tnn"],
     "WAGE 2-8-8-8": ["qat=wage"],
 }
-SEED_C = ("Q-CNN PQ (K=16, d=4)", "BWNH", "FFN (ternary SDD)", "TNN (ternary W + A)",
-          "WAGE 2-8-8-8")
+SEED_C = ("Q-CNN PQ (K=16, d=4)", "Q-CNN PQ + error correction", "BWNH", "FFN (ternary SDD)",
+          "TNN (ternary W + A)", "WAGE 2-8-8-8")
 EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr", *SEED_C)
 DEFAULT = [m for m in METHODS if m not in EXTRA]  # the issue's list
 

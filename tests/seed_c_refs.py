@@ -141,3 +141,35 @@ def np_wage_g(g, k, lr, u):
     a = np.abs(gs)
     return sigma(k) * np.sign(gs) * (np.floor(a) + (u < a - np.floor(a))), \
         np.abs(a - np.floor(a) - u) > 1e-6
+
+
+def np_pq_error_correct(w, s, cb, idx, d):
+    """One round of Q-CNN's error correction for a Linear weight (N, C), C = M·d, from codebooks
+    cb (M, K, d) / indices idx (M, N): per subspace m (columns I), with the other subspaces'
+    errors e fixed, t_n = Σ_{j∉I} S_Ij e_nj; assign argmin_k (w−c_k)ᵀS_II(w−c_k) + 2(w−c_k)ᵀt_n;
+    c_k = mean w + S_II⁻¹ mean t over its members."""
+    w = w.astype(np.float64)
+    s = s.astype(np.float64)
+    cb = cb.astype(np.float64).copy()
+    idx = idx.copy()
+    n, c = w.shape
+    what = np.zeros_like(w)
+    for g in range(c // d):
+        what[:, g * d:(g + 1) * d] = cb[g][idx[g]]
+    for g in range(c // d):
+        cols = list(range(g * d, (g + 1) * d))
+        rest = [j for j in range(c) if j not in cols]
+        e = w - what
+        a = s[np.ix_(cols, cols)]
+        for i in range(n):
+            t = s[np.ix_(cols, rest)] @ e[i, rest]
+            costs = [(w[i, cols] - cb[g][k]) @ a @ (w[i, cols] - cb[g][k])
+                     + 2 * (w[i, cols] - cb[g][k]) @ t for k in range(cb.shape[1])]
+            idx[g][i] = int(np.argmin(costs))
+        for k in range(cb.shape[1]):
+            mem = [i for i in range(n) if idx[g][i] == k]
+            if mem:
+                ts = np.array([s[np.ix_(cols, rest)] @ e[i, rest] for i in mem])
+                cb[g][k] = w[mem][:, cols].mean(0) + np.linalg.solve(a, ts.mean(0))
+        what[:, cols] = cb[g][idx[g]]
+    return what

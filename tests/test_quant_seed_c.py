@@ -19,10 +19,10 @@ from conftest import run_train, summary
 from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
 from dqt.quant.factorized import sdd, ternary_max
-from dqt.quant.hashing import RIDGE
+from dqt.quant.input_stats import RIDGE
 from dqt.quant.wage import init_limit, layer_scale, quantize_grad
 from dqt.train.distributed import teardown
-from seed_c_refs import np_bwnh, np_sdd, np_wage_e, np_wage_g
+from seed_c_refs import np_bwnh, np_pq_error_correct, np_sdd, np_wage_e, np_wage_g
 
 RNG = np.random.default_rng(3)
 
@@ -285,3 +285,46 @@ def test_bwnh_two_rank_run_keeps_parameters_identical(tmp_path):
     assert s["world_size"] == 2 and s["qat"] == "bwnh" and s["params_in_sync"] is True
     assert "params identical on all ranks: True" in (run / "train_rank0.log").read_text()
     assert s["qat/params_by_bits"]["1-bit"] > 0 and math.isfinite(s["eval/acc"])
+
+
+# ------------------------------------------------------------------ Q-CNN error correction
+def _pq_on_inputs(response, x, iters=10):
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 32, bias=False)
+    cfg = QATConfig(name="t", keep_first_last=False, default=QATSlotsConfig(
+        weight=QuantizerConfig(name="pq", bits=2, sub_dim=4, iters=iters, response=response,
+                               momentum=1.0)))
+    model = apply_qat(cfg, nn.Sequential(lin))
+    model(x).sum().backward()
+    qat_step(model)
+    return lin
+
+
+def test_pq_error_correction_golden_and_lower_response_error():
+    torch.manual_seed(1)
+    x = torch.randn(256, 16) @ torch.randn(16, 16)  # correlated inputs
+    plain, corrected = _pq_on_inputs(False, x), _pq_on_inputs(True, x)
+    w = corrected.parametrizations.weight.original.detach()
+    assert torch.equal(w, plain.parametrizations.weight.original.detach())
+    q = corrected.parametrizations.weight[0]
+    assert q.S.shape == (16, 16)
+    # golden: one round of the paper's block coordinate descent from the k-means codebooks
+    from dqt.quant.product import as_ncp, kmeans, subvectors
+    cb, idx = kmeans(subvectors(as_ncp(w), 4), 4, 10)
+    expected = np_pq_error_correct(w.numpy(), q.S.numpy(), cb.numpy(), idx.numpy(), 4)
+    np.testing.assert_allclose(corrected.weight.detach().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+    def response_err(lin):
+        return float((x @ (w - lin.weight.detach()).t()).square().sum())
+
+    assert response_err(corrected) < 0.9 * response_err(plain)
+    codes = q.encode(w)  # the export decodes to the corrected weight, bit for bit
+    assert torch.equal(codes.decode(), corrected.weight.detach())
+    assert plain.parametrizations.weight[0].S.numel() == 0  # response: false records nothing
+
+
+def test_pq_error_correction_with_identity_s_is_kmeans():
+    w = torch.randn(32, 16)
+    a = make("pq", "weight", bits=2, sub_dim=4, iters=200)
+    b = make("pq", "weight", bits=2, sub_dim=4, iters=200, response=True)  # S = I: no stats yet
+    assert torch.equal(a(w), b(w))

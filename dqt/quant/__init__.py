@@ -17,7 +17,7 @@ module             quantizers                                                   
 ``binary``         ``bnn_sign``, ``binary_connect``, ``bwn``, ``xnor``, ``horq``
 ``ternary``        ``twn``, ``ttq``                                               weight
 ``flexpoint``      ``flex`` (flex16+5 with Autoflex)                              w / a / grad
-``product``        ``pq`` (Q-CNN product quantization, k-means codebooks)         weight
+``product``        ``pq`` (Q-CNN product quantization, k-means, error correction)  weight
 ``hashing``        ``bwnh`` (BWNH: binary weights by inner-product hashing)       weight
 ``factorized``     ``ffn`` (FFN: W ≈ X·D·Yᵀ, ternary X, Y by SDD)                 weight
 ``tnn``            ``tnn_a`` (TNN ternary activations; weights: ``twn``)          act

@@ -14,8 +14,8 @@ by the paper's alternating updates, starting from b = sign(w):
 
 ``iters`` sweeps (B, then α; fewer once a sweep changes no bit). With S = I this is BWN exactly: b = sign(w), α = mean|w|.
 
-S comes from the layer's own inputs: a forward pre-hook on the layer records Σ xxᵀ over the
-batch rows (Linear: every row; Conv2d: every im2col patch, at most 4096 per batch, evenly
+S comes from the layer's own inputs (``dqt.quant.input_stats``): a forward pre-hook on the layer
+records Σ xxᵀ over the batch rows (Linear: every row; Conv2d: every im2col patch, at most 4096 per batch, evenly
 strided) and their count while training; ``qat_step`` SUM-reduces them over the ranks and
 ``commit`` keeps S as an EMA (``momentum``, 0.1) of XXᵀ/rows, plus a ridge 10⁻³·tr(S)/K·I so that
 S is definite. S is therefore identical on every rank; it is a non-persistent buffer (neither
@@ -35,25 +35,12 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from dqt.quant.base import Quantizer, need, register
+from dqt.quant.base import need, register
 from dqt.quant.codes import Affine
+from dqt.quant.input_stats import InputCovariance
 from dqt.quant.ste import sign, ste
-
-MAX_ROWS = 4096
-RIDGE = 1e-3
-
-
-def input_rows(layer: nn.Module, x: Tensor) -> Optional[Tensor]:
-    """The layer input as rows aligned with ``weight.reshape(N, -1)`` (None: not supported)."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    if isinstance(layer, nn.Conv2d) and isinstance(layer.padding, tuple):
-        cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    return None
 
 
 def hash_binarize(w: Tensor, s: Tensor, iters: int) -> tuple[Tensor, Tensor]:
@@ -90,19 +77,14 @@ def hash_binarize(w: Tensor, s: Tensor, iters: int) -> tuple[Tensor, Tensor]:
 
 
 @register
-class BWNH(Quantizer):
+class BWNH(InputCovariance):
     name = "bwnh"
     kinds = ("weight",)
-    stateful = True
-    reduce = "sum"
     bits = 1
 
     def __init__(self, kind: str, iters: int = 2, momentum: float = 0.1) -> None:
-        super().__init__(kind)
-        self.iters, self.momentum = iters, momentum
-        self.register_buffer("S", torch.zeros(0), persistent=False)  # empty: S = I
-        self._sum: Optional[Tensor] = None
-        self._rows = 0
+        super().__init__(kind, momentum)
+        self.iters = iters
         self._memo: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
 
     @classmethod
@@ -111,50 +93,12 @@ class BWNH(Quantizer):
         need(i is None or 1 <= i <= 100, "iters", f"must be in [1, 100]; got {i}")
         need(m is None or 0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
 
-    # ------------------------------------------------------------ input statistics
-    def bind(self, layer: nn.Module) -> None:
-        super().bind(layer)
-        layer.register_forward_pre_hook(self._record)
-
-    def _record(self, layer: nn.Module, args: tuple) -> None:
-        if not self.recording or not args[0].is_floating_point():
-            return
-        with torch.no_grad():
-            x = input_rows(layer, args[0].detach().float())
-            if x is None:
-                return
-            if x.shape[0] > MAX_ROWS:
-                x = x[:: -(-x.shape[0] // MAX_ROWS)]
-            xx = x.t() @ x
-            self._sum = xx if self._sum is None else self._sum + xx
-            self._rows += x.shape[0]
-
-    def stats(self) -> Optional[Tensor]:
-        if self._sum is None:
-            return None
-        out = torch.cat([self._sum.reshape(-1).cpu(), torch.tensor([float(self._rows)])])
-        self._sum, self._rows = None, 0
-        return out
-
-    def commit(self, stats: Tensor) -> None:
-        k = int(round((stats.numel() - 1) ** 0.5))
-        rows = float(stats[-1])
-        if rows <= 0:
-            return
-        new = stats[:-1].reshape(k, k) / rows
-        new = new + RIDGE * torch.diagonal(new).mean() * torch.eye(k)
-        dev = self.S.device
-        if self.S.shape != (k, k):
-            self.S = new.to(dev)
-        else:
-            self.S = ((1 - self.momentum) * self.S + self.momentum * new.to(dev))
-
     # ------------------------------------------------------------ the maths
     def binarize(self, w: Tensor) -> tuple[Tensor, Tensor]:
         n = w.shape[0]
         w2 = w.detach().reshape(n, -1)
         k = w2.shape[1]
-        s = self.S if self.S.shape == (k, k) else torch.eye(k, device=w.device)
+        s = self.covariance(k, w.device)
         m = self._memo
         if m is not None and m[0].shape == w2.shape and m[1].shape == s.shape \
                 and torch.equal(m[0], w2) and torch.equal(m[1], s):
