@@ -256,10 +256,15 @@ class QuantizerConfig:
     rescale: Optional[bool] = None  # DoReFa k>1: scale the weights by mean|W| (no BatchNorm)
     rho: Optional[float] = None  # ADMM penalty ρ (ρ/2·‖W − G + λ‖²)
     every: Optional[int] = None  # ADMM: optimizer steps between G/λ updates
-    iters: Optional[int] = None  # ADMM projection / AQN alternations
+    iters: Optional[int] = None  # ADMM projection / AQN alternations / Q-CNN k-means / BWNH / FFN SDD inner iterations
     ste: Optional[bool] = None  # ADMM: forward G with an identity STE (default: W, as the paper)
     approx: Optional[str] = None  # balanced: percentiles by median (exact) or mean (cheap)
     uniform: Optional[bool] = None  # HWGQ: uniform (the paper's) or Lloyd non-uniform levels
+    sub_dim: Optional[int] = None  # Q-CNN product quantization: dimensions per subspace
+    rank: Optional[int] = None  # FFN: number of ternary rank-1 terms (null: min(N, K))
+    response: Optional[bool] = None  # Q-CNN: minimise the layer-response error ‖(W − Ŵ)ᵀX‖
+    grad_bits: Optional[int] = None  # WAGE k_G: bits of the weight gradient (null: fp32)
+    grad_lr: Optional[float] = None  # WAGE η: the learning rate inside Q_G (a power of two)
 
 
 @dataclass

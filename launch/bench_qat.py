@@ -54,9 +54,17 @@ METHODS = {
     "Balanced W2": ["qat=balanced_w2"],
     "HWGQ (BWN + HWGQ A2)": ["qat=hwgq"],
     "AQN W2": ["qat=aqn_w2"],
+    "Q-CNN PQ (K=16, d=4)": ["qat=qcnn"],  # second tier of the survey
+    "Q-CNN PQ + error correction": ["qat=qcnn_ec"],
+    "BWNH": ["qat=bwnh"],
+    "FFN (ternary SDD)": ["qat=ffn"],
+    "TNN (ternary W + A)": ["qat=tnn"],
+    "WAGE 2-8-8-8": ["qat=wage"],
 }
-EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr", "ADMM ternary",
-         "Balanced W2", "HWGQ (BWN + HWGQ A2)", "AQN W2")
+SEED_B = ("ADMM ternary", "Balanced W2", "HWGQ (BWN + HWGQ A2)", "AQN W2")
+SEED_C = ("Q-CNN PQ (K=16, d=4)", "Q-CNN PQ + error correction", "BWNH", "FFN (ternary SDD)",
+          "TNN (ternary W + A)", "WAGE 2-8-8-8")
+EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr", *SEED_B, *SEED_C)
 DEFAULT = [m for m in METHODS if m not in EXTRA]  # the issue's list
 
 

@@ -29,6 +29,7 @@ WEIGHT_ARGS = {  # every weight quantizer, with the arguments it needs
     "tanh": {"bits": 3}, "dorefa_w": {"bits": 2}, "bnn_sign": {}, "binary_connect": {},
     "bwn": {}, "twn": {}, "ttq": {}, "flex": {},
     "balanced": {"bits": 2}, "aqn": {"bits": 3}, "admm": {"bits": 3},
+    "pq": {"bits": 2, "sub_dim": 2}, "bwnh": {}, "ffn": {}, "wage_w": {"grad_bits": 8},
 }
 ACT = QuantizerConfig(name="uint", bits=8)
 

@@ -20,6 +20,7 @@ from dqt.quant.dorefa import dorefa_grad
 from dqt.quant.fixed_point import linear_quantize
 from dqt.quant.log_quant import log_linear_quantize
 from dqt.quant.tanh_quant import tanh_quantize
+from seed_c_refs import np_pq, np_sdd, np_tnn, np_wage_a, np_wage_w  # second-tier survey
 
 RNG = np.random.default_rng(0)
 W = (RNG.standard_normal((16, 24)) * 0.3).astype(np.float32)  # a weight (N=16, K=24)
@@ -347,11 +348,27 @@ GOLDEN = {
               lambda x: np_admm_projection(x, [-1, 1], 3))],
     "hwgq": [("a2", "act", {"bits": 2}, S, lambda x: np_hwgq(x, hwgq_step(2), 3)),
              ("a3", "act", {"bits": 3}, S, lambda x: np_hwgq(x, hwgq_step(3), 7))],
+    "pq": [("linear_k4_d4", "weight", {"bits": 2, "sub_dim": 4, "iters": 5}, W,
+            lambda x: np_pq(x, 2, 4, 5)),
+           ("conv_padded", "weight", {"bits": 3, "sub_dim": 4, "iters": 5}, W.reshape(16, 6, 2, 2),
+            lambda x: np_pq(x, 3, 4, 5))],
+    "bwnh": [("s_identity_is_bwn", "weight", {}, W, np_bwn)],  # with data: test_quant_seed_c
+    "ffn": [("rank4", "weight", {"rank": 4, "iters": 3}, W, lambda x: np_sdd(x, 4, 3)),
+            ("full_rank", "weight", {}, W, lambda x: np_sdd(x, 16, 10))],
+    "tnn_a": [("a", "act", {}, S / 2, np_tnn), ("t03", "act", {"threshold": 0.3}, S / 2,
+                                                  lambda x: np_tnn(x, 0.3))],
+    "wage_w": [("k2", "weight", {"bits": 2}, W * 4, lambda x: np_wage_w(x, 2)),
+               ("k3_conv", "weight", {"bits": 3}, (W * 2).reshape(16, 6, 2, 2),
+                lambda x: np_wage_w(x, 3))],
+    "wage_a": [("k8", "act", {}, S / 2, lambda x: np_wage_a(x, 8)),
+               ("k4", "act", {"bits": 4}, S / 2, lambda x: np_wage_a(x, 4))],
+    "wage_e": [],
     # these two need their layer / the backward pass: golden tests below
     "xnor": [],
     "dorefa_g": [],
 }
-SPECIAL = {"xnor": "test_xnor_linear_and_conv_golden", "dorefa_g": "test_dorefa_g_golden"}
+SPECIAL = {"xnor": "test_xnor_linear_and_conv_golden", "dorefa_g": "test_dorefa_g_golden",
+           "wage_e": "test_quant_seed_c.py::test_wage_e_golden"}
 CASES = [pytest.param(name, kind, args, x, ref, id=f"{name}-{cid}")
          for name, cases in GOLDEN.items() for cid, kind, args, x, ref in cases]
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import CONF
 from dqt.config import ConfigError, QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig, to_typed
-from dqt.quant import apply_qat, qat_step
+from dqt.quant import QUANTIZERS, apply_qat, qat_step
 from dqt.quant.prepare import layer_quantizers
 from dqt.train.data import DataMeta
 from dqt.train.models import build_model
@@ -219,14 +219,11 @@ def test_warning_when_a_quantizer_that_assumes_bn_has_none_after_it(caplog, batc
 BAD = [
     (["qat=dorefa_w2a2", "qat.default.weight.bits=0"], "qat.default.weight.bits: must be in [1, 8]; got 0"),
     (["qat=w8a8", "qat.default.weight.name=nope"],
-     "qat.default.weight.name: unknown quantizer 'nope'; available: admm, ap2, aqn, balanced, "
-     "binary_connect, bnn_sign, bwn, dorefa_a, dorefa_g, dorefa_w, dynamic_fixed, flex, horq, "
-     "hwgq, int, linear, log2, log_linear, lsq, minifloat, pact, pow2, qnn_linear, tanh, ttq, twn, "
-     "uint, xnor"),
+     "qat.default.weight.name: unknown quantizer 'nope'; available: "
+     + ", ".join(QUANTIZERS.names())),  # every registered name, sorted (ap2, ..., xnor)
     (["qat=dorefa_w2a2", "qat.default.act.name=dorefa_w"],
-     "qat.default.act.name: dorefa_w quantizes weight, not act; act quantizers: ap2, bnn_sign, "
-     "dorefa_a, dynamic_fixed, flex, horq, hwgq, int, linear, log2, log_linear, lsq, minifloat, pact, "
-     "qnn_linear, tanh, uint, xnor"),
+     "qat.default.act.name: dorefa_w quantizes weight, not act; act quantizers: "
+     + ", ".join(n for n in QUANTIZERS.names() if "act" in QUANTIZERS.get(n).kinds)),
     (["qat=twn", "qat.default.weight.frac_bits=3"],
      "qat.default.weight.frac_bits: twn does not take frac_bits (it takes: threshold, per_channel)"),
     (["qat=ttq", "qat.default.weight.threshold=1.5"], "qat.default.weight.threshold: must be in (0, 1.0); got 1.5"),

@@ -179,6 +179,8 @@ IDENTITY = {  # name -> (kind, input, args): plain identity STE
     "balanced": ("weight", X, {"bits": 2}),
     "aqn": ("weight", X, {"bits": 2}),
     "admm": ("weight", X, {}),  # the ADMM penalty gradient: tests/test_quant_admm.py
+    "pq": ("weight", X, {"bits": 1, "sub_dim": 4}), "bwnh": ("weight", X, {}),
+    "ffn": ("weight", X, {"rank": 2}), "wage_w": ("weight", X, {}),
 }
 
 
@@ -199,8 +201,9 @@ def test_hwgq_clipped_relu_ste():
     check_mask("hwgq", "act", X, lambda x: (x > 0) & (x <= qm), bits=2)
 
 
-STE = {"hwgq", "int", "uint", "bnn_sign", "xnor", "dorefa_a", "dorefa_w", "bwn", "ttq", "lsq", "pact",
-       "minifloat", "dorefa_g", "qnn_linear", *IDENTITY}
+STE = {"hwgq", "int", "uint", "bnn_sign", "xnor", "dorefa_a", "dorefa_w", "bwn", "ttq", "lsq",
+       "pact", "minifloat", "dorefa_g", "qnn_linear", *IDENTITY,
+       "tnn_a", "wage_a", "wage_e"}  # tests in test_quant_seed_c.py (and wage_w's Q_G there)
 
 
 def test_every_quantizer_has_a_gradient_test():

@@ -21,6 +21,11 @@ module             quantizers                                                   
 ``balanced``       ``balanced`` (Zhou et al.: recursive-percentile bins, uniform)  weight
 ``hwgq``           ``hwgq`` (Cai et al.: half-wave Gaussian Lloyd levels)          act
 ``alternating``    ``aqn`` (Xu et al.: w ≈ Σ αᵢbᵢ by alternating least squares)    weight
+``product``        ``pq`` (Q-CNN product quantization, k-means, error correction)  weight
+``hashing``        ``bwnh`` (BWNH: binary weights by inner-product hashing)       weight
+``factorized``     ``ffn`` (FFN: W ≈ X·D·Yᵀ, ternary X, Y by SDD)                 weight
+``tnn``            ``tnn_a`` (TNN ternary activations; weights: ``twn``)          act
+``wage``           ``wage_w``, ``wage_a``, ``wage_e`` (WAGE; W carries Q_G)       w / a / grad
 =================  ============================================================  ===========
 
 ``dqt.quant`` never imports ``dqt.train`` or ``dqt.comm``; it imports ``dqt.kernels`` for the
@@ -36,6 +41,7 @@ from torch import nn
 from dqt.quant import (admm, alternating, balanced, binary, dorefa,  # noqa: F401
                        fixed_point, flexpoint, hwgq, integer, learned, log_quant, minifloat,
                        tanh_quant, ternary)
+from dqt.quant import factorized, hashing, product, tnn, wage  # noqa: F401
 from dqt.quant.base import QUANTIZERS, Quantizer, quantizer_parameters
 from dqt.quant.prepare import prepare, qat_penalty, qat_step
 

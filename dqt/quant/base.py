@@ -57,6 +57,7 @@ class Quantizer(nn.Module):
     name: ClassVar[str] = ""
     kinds: ClassVar[tuple[str, ...]] = ("weight", "act")
     stateful: ClassVar[bool] = False  # True: implements stats() / commit()
+    reduce: ClassVar[str] = "max"  # how qat_step combines the ranks' stats(): "max" or "sum"
 
     def __init__(self, kind: str) -> None:
         super().__init__()
@@ -106,7 +107,8 @@ class Quantizer(nn.Module):
     # ---------------------------------------------------------------- cross-rank state
     def stats(self) -> Optional[Tensor]:
         """Statistics recorded since the last commit (fixed size; −inf where nothing was
-        recorded); MAX-reduced over ranks before :meth:`commit`."""
+        recorded); reduced over ranks (``reduce``: MAX, or SUM for accumulated sums such as
+        BWNH's XXᵀ) before :meth:`commit`."""
         return None
 
     def commit(self, stats: Tensor) -> None:

@@ -25,6 +25,12 @@ Formats
              {0, ±a, ±2a, ±4a}).
 ``tanh``     the seed's tanh quantizer: codes q ∈ [0, n], n = 2^bits − 1, packed as ``affine``;
              W = atanh(clamp(2q/n − 1, ±(1 − 1/n))).
+``pq``       Q-CNN product quantization: the weight viewed as (N, C, P) (P = kernel positions,
+             1 for Linear), C zero-padded to M·d; subspace s = (p, m) holds a codebook of K
+             sub-codewords of length d (fp32 (S, K, d)) and one index per output row (int16
+             (S, N)): W[n, m·d:(m+1)·d, p] = codebook[s, index[s, n]].
+``factored`` FFN fixed-point factorization W = X·diag(D)·Yᵀ: X (N, r) and Y (K, r) ternary,
+             stored as 2-bit codes t + 1 packed like ``affine``, D fp32 (r,).
 """
 
 from __future__ import annotations
@@ -245,4 +251,73 @@ def codebook_decode(codes: Tensor, table: Tensor) -> Tensor:
     return torch.gather(table.float(), 1, codes.long())
 
 
-FORMATS = {c.format: c for c in (Affine, Ternary2, Log, Minifloat, Flex, Tanh, Codebook)}
+@dataclass
+class ProductCodes:
+    codebook: Tensor  # fp32 (S, K, d)
+    index: Tensor  # int16 (S, N)
+    channels: int  # C (before padding to M·d)
+    positions: int  # P
+    format = "pq"
+
+    def decode(self) -> Tensor:
+        return pq_decode(self.codebook, self.index, self.channels, self.positions)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"codebook": self.codebook.float().contiguous(),
+                "index": self.index.to(torch.int16).contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        s, k, d = self.codebook.shape
+        n = self.index.shape[1]
+        bits = s * (n * max(1, (k - 1).bit_length()) + 32 * k * d) / (n * self.channels * self.positions)
+        return {"channels": self.channels, "positions": self.positions, "codewords": k,
+                "sub_dim": d, "bits": round(bits, 3)}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return pq_decode(t["codebook"], t["index"], meta["channels"], meta["positions"])
+
+
+def pq_decode(codebook: Tensor, index: Tensor, channels: int, positions: int) -> Tensor:
+    """(S, K, d) codebooks + (S, N) indices → the weight as (N, C·P) (the quantizers' forward)."""
+    s, _, d = codebook.shape
+    n = index.shape[1]
+    sub = torch.gather(codebook, 1, index.long()[..., None].expand(s, n, d))  # (S, N, d)
+    m = s // positions
+    w = sub.reshape(positions, m, n, d).permute(2, 1, 3, 0).reshape(n, m * d, positions)
+    return w[:, :channels].reshape(n, channels * positions)
+
+
+@dataclass
+class Factored:
+    x: Tensor  # int8 (N, r) in {−1, 0, 1}
+    d: Tensor  # fp32 (r,)
+    y: Tensor  # int8 (K, r) in {−1, 0, 1}
+    format = "factored"
+
+    def decode(self) -> Tensor:
+        return factored_decode(self.x, self.d, self.y)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"x": pack_weight((self.x + 1).to(torch.uint8), 2),
+                "y": pack_weight((self.y + 1).to(torch.uint8), 2), "d": self.d.float().contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        (n, r), k = self.x.shape, self.y.shape[0]
+        return {"rank": r, "bits": round((2 * r * (n + k) + 32 * r) / (n * k), 3)}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        r = meta["rank"]
+        x = unpack_weight(t["x"], 2, r).to(torch.int8) - 1
+        y = unpack_weight(t["y"], 2, r).to(torch.int8) - 1
+        return factored_decode(x, t["d"], y)
+
+
+def factored_decode(x: Tensor, d: Tensor, y: Tensor) -> Tensor:
+    """X·diag(D)·Yᵀ in fp32 (N, K) — the FFN quantizer's forward and the decoder."""
+    return (x.float() * d.float()) @ y.float().t()
+
+
+FORMATS = {c.format: c for c in (Affine, Ternary2, Log, Minifloat, Flex, Tanh, Codebook,
+                                 ProductCodes, Factored)}

@@ -11,9 +11,10 @@ of) ``nn.Linear`` / ``nn.Conv{1,2,3}d`` / ``nn.Embedding`` works:
 Quantizers are submodules of their layer, so their parameters (LSQ s, PACT α, TTQ W_p/W_n) and
 buffers (EMA ranges, Autoflex state) are in ``state_dict`` and in checkpoints. ``qat_penalty``
 runs before every optimizer step (penalty gradients such as ADMM's). ``qat_step``
-runs after every optimizer step: it all-reduces (MAX) the statistics recorded by stateful
-quantizers in one collective and commits them, so their state is identical on every rank, and
-applies per-step weight constraints (BNN / BinaryConnect clipping).
+runs after every optimizer step: it all-reduces (MAX, or SUM where a quantizer's ``reduce`` says
+so) the statistics recorded by stateful quantizers, one collective per reduction, and commits
+them, so their state is identical on every rank, and applies per-step weight constraints
+(BNN / BinaryConnect clipping).
 """
 
 from __future__ import annotations
@@ -174,13 +175,16 @@ def commit_stats(model: nn.Module) -> None:
     collective, when a process group is up) and commit them."""
     stateful = [m for m in model.modules() if isinstance(m, Quantizer) and m.stateful]
     pending = [(q, s) for q in stateful if (s := q.stats()) is not None]
-    if pending:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        flat = torch.cat([s.detach().float().reshape(-1).to(device) for _, s in pending])
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    for op in ("max", "sum"):  # one collective per reduction that some quantizer asks for
+        group = [(q, s) for q, s in pending if q.reduce == op]
+        if not group:
+            continue
+        flat = torch.cat([s.detach().float().reshape(-1).to(device) for _, s in group])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flat, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         flat = flat.cpu()
         i = 0
-        for q, s in pending:
+        for q, s in group:
             q.commit(flat[i:i + s.numel()])
             i += s.numel()
