@@ -254,6 +254,11 @@ class QuantizerConfig:
     history: Optional[int] = None  # Autoflex: maxima kept per tensor
     order: Optional[int] = None  # HORQ residual order
     rescale: Optional[bool] = None  # DoReFa k>1: scale the weights by mean|W| (no BatchNorm)
+    centroid_init: Optional[str] = None  # kmeans: linear | density | random
+    cluster_step: Optional[int] = None  # kmeans: optimizer step of the clustering (0 = at attach)
+    schedule: Optional[list[float]] = None  # INQ: share of weights quantized at each stage
+    stage_steps: Optional[int] = None  # INQ: optimizer steps per stage
+    terms: Optional[int] = None  # ShiftCNN: N power-of-two terms per weight
 
 
 @dataclass

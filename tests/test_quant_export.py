@@ -28,6 +28,7 @@ WEIGHT_ARGS = {  # every weight quantizer, with the arguments it needs
     "lsq": {"bits": 3}, "log_linear": {}, "ap2": {}, "log2": {"bits": 4}, "pow2": {},
     "tanh": {"bits": 3}, "dorefa_w": {"bits": 2}, "bnn_sign": {}, "binary_connect": {},
     "bwn": {}, "twn": {}, "ttq": {}, "flex": {},
+    "kmeans": {"bits": 2}, "inq": {"schedule": [0.5, 1.0], "stage_steps": 2}, "shiftcnn": {},
 }
 ACT = QuantizerConfig(name="uint", bits=8)
 

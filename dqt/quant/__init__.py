@@ -17,6 +17,9 @@ module             quantizers                                                   
 ``binary``         ``bnn_sign``, ``binary_connect``, ``bwn``, ``xnor``, ``horq``
 ``ternary``        ``twn``, ``ttq``                                               weight
 ``flexpoint``      ``flex`` (flex16+5 with Autoflex)                              w / a / grad
+``weight_sharing`` ``kmeans`` (Deep Compression: shared centroids)               weight
+``inq``            ``inq`` (incremental power-of-two quantization, staged)       weight
+``shiftcnn``       ``shiftcnn`` (sum of N power-of-two codewords)                weight
 =================  ============================================================  ===========
 
 ``dqt.quant`` never imports ``dqt.train`` or ``dqt.comm``; it imports ``dqt.kernels`` for the
@@ -29,8 +32,9 @@ from typing import Any
 
 from torch import nn
 
-from dqt.quant import (binary, dorefa, fixed_point, flexpoint, integer, learned,  # noqa: F401
-                       log_quant, minifloat, tanh_quant, ternary)
+from dqt.quant import (binary, dorefa, fixed_point, flexpoint, inq, integer,  # noqa: F401
+                       learned, log_quant, minifloat, shiftcnn, tanh_quant, ternary,
+                       weight_sharing)
 from dqt.quant.base import QUANTIZERS, Quantizer, quantizer_parameters
 from dqt.quant.prepare import prepare, qat_step
 

@@ -57,6 +57,8 @@ class Quantizer(nn.Module):
     name: ClassVar[str] = ""
     kinds: ClassVar[tuple[str, ...]] = ("weight", "act")
     stateful: ClassVar[bool] = False  # True: implements stats() / commit()
+    # state (buffers, parameters) that ``encode``'s codes stand for: checkpointed, not exported
+    encoded_state: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, kind: str) -> None:
         super().__init__()

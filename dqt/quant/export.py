@@ -57,7 +57,7 @@ def convert(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
         q = weight_quantizer(m)
         if q is None:
             continue
-        w, _ = _quantizer_input(m)
+        w, qi = _quantizer_input(m)
         was = q.training
         q.eval()
         codes = q.encode(w.detach().float())
@@ -74,6 +74,7 @@ def convert(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             tensors[f"{name}.bias_folded"] = folded_bias(m, fold.bn).float()
         layers[name] = meta
         skip.add(f"{name}.{ORIGINAL}")
+        skip |= {f"{name}.parametrizations.weight.{qi}.{b}" for b in q.encoded_state}
     for key, t in model.state_dict().items():
         if key not in skip and key not in tensors:
             tensors[key] = t
