@@ -51,11 +51,13 @@ METHODS = {
     "PACT W4A4": ["qat=pact_w4a4"],
     "TTQ, W_p/W_n at the weights' lr": ["qat=ttq", "qat.quantizer_lr_mult=1"],  # ablation
     "Deep Compression k-means W4": ["qat=kmeans"],
+    "Deep Compression k-means W2": ["qat=kmeans", "qat.default.weight.bits=2"],
     "INQ W5 (staged pow2)": ["qat=inq"],
     "ShiftCNN N2 B4": ["qat=shiftcnn"],
 }
 EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr",
-         "Deep Compression k-means W4", "INQ W5 (staged pow2)", "ShiftCNN N2 B4")
+         "Deep Compression k-means W4", "Deep Compression k-means W2", "INQ W5 (staged pow2)",
+         "ShiftCNN N2 B4")
 DEFAULT = [m for m in METHODS if m not in EXTRA]  # the issue's list
 
 

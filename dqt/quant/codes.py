@@ -41,6 +41,7 @@ import torch
 from torch import Tensor
 
 from dqt.kernels.lowbit_pack import BITS, dequantize_weight, pack_weight, unpack_weight
+from dqt.quant.huffman import huffman_bits
 
 
 def storage_bits(bits: int) -> int:
@@ -238,8 +239,6 @@ class Codebook:
                 "centroids": self.centroids.float().contiguous()}
 
     def meta(self) -> dict[str, Any]:
-        from dqt.quant.huffman import huffman_bits
-
         counts = torch.bincount(self.codes.reshape(-1).long(), minlength=self.centroids.numel())
         return {"bits": self.bits, "storage_bits": storage_bits(self.bits),
                 "clusters": int(self.centroids.numel()),
