@@ -220,8 +220,8 @@ BAD = [
     (["qat=dorefa_w2a2", "qat.default.weight.bits=0"], "qat.default.weight.bits: must be in [1, 8]; got 0"),
     (["qat=w8a8", "qat.default.weight.name=nope"],
      "qat.default.weight.name: unknown quantizer 'nope'; available: ap2, binary_connect, bnn_sign, "
-     "bwn, dorefa_a, dorefa_g, dorefa_w, dynamic_fixed, flex, horq, int, linear, log2, log_linear, "
-     "lsq, minifloat, pact, pow2, qnn_linear, tanh, ttq, twn, uint, xnor"),
+     "bwn, dorefa_a, dorefa_g, dorefa_w, dynamic_fixed, flex, horq, inq, int, kmeans, linear, log2, "
+     "log_linear, lsq, minifloat, pact, pow2, qnn_linear, shiftcnn, tanh, ttq, twn, uint, xnor"),
     (["qat=dorefa_w2a2", "qat.default.act.name=dorefa_w"],
      "qat.default.act.name: dorefa_w quantizes weight, not act; act quantizers: ap2, bnn_sign, "
      "dorefa_a, dynamic_fixed, flex, horq, int, linear, log2, log_linear, lsq, minifloat, pact, "

@@ -50,13 +50,12 @@ def test_centroid_initializations():
     assert init_centroids(w, 3, "density").tolist() == [1.0, 4.0, 16.0]
     d = init_centroids(w, 4, "density").tolist()
     assert d == pytest.approx([1.0, 2 + 2 / 3, 4 + 8 / 3, 16.0])
-    r1 = init_centroids(torch.randn(50), 8, "random")
-    r2 = init_centroids(torch.randn(50), 8, "random")
     x = torch.arange(50.0)
     r = init_centroids(x, 8, "random")
     assert torch.equal(r, init_centroids(x, 8, "random"))  # seeded: identical on every rank
-    assert len(set(r.tolist())) == 8 and set(r.tolist()) <= set(x.tolist())
-    assert r1.shape == r2.shape == (8,)
+    assert len(set(r.tolist())) == 8 and set(r.tolist()) <= set(x.tolist())  # 8 distinct weights
+    few = init_centroids(torch.arange(3.0), 5, "random")  # k > n: every weight, then repeats
+    assert few.shape == (5,) and set(few.tolist()) == {0.0, 1.0, 2.0}
 
 
 def test_kmeans_reduces_the_within_cluster_sum_of_squares():
