@@ -265,6 +265,11 @@ class QuantizerConfig:
     response: Optional[bool] = None  # Q-CNN: minimise the layer-response error ‖(W − Ŵ)ᵀX‖
     grad_bits: Optional[int] = None  # WAGE k_G: bits of the weight gradient (null: fp32)
     grad_lr: Optional[float] = None  # WAGE η: the learning rate inside Q_G (a power of two)
+    centroid_init: Optional[str] = None  # kmeans: linear | density | random
+    cluster_step: Optional[int] = None  # kmeans: optimizer step of the clustering (0 = at attach)
+    schedule: Optional[list[float]] = None  # INQ: share of weights quantized at each stage
+    stage_steps: Optional[int] = None  # INQ: optimizer steps per stage
+    terms: Optional[int] = None  # ShiftCNN: N power-of-two terms per weight
 
 
 @dataclass

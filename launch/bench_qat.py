@@ -60,11 +60,18 @@ METHODS = {
     "FFN (ternary SDD)": ["qat=ffn"],
     "TNN (ternary W + A)": ["qat=tnn"],
     "WAGE 2-8-8-8": ["qat=wage"],
+    "Deep Compression k-means W4": ["qat=kmeans"],
+    "Deep Compression k-means W2": ["qat=kmeans", "qat.default.weight.bits=2"],
+    "INQ W5 (staged pow2)": ["qat=inq"],
+    "ShiftCNN N2 B4": ["qat=shiftcnn"],
 }
+SEED_A = ("Deep Compression k-means W4", "Deep Compression k-means W2", "INQ W5 (staged pow2)",
+          "ShiftCNN N2 B4")
 SEED_B = ("ADMM ternary", "Balanced W2", "HWGQ (BWN + HWGQ A2)", "AQN W2")
 SEED_C = ("Q-CNN PQ (K=16, d=4)", "Q-CNN PQ + error correction", "BWNH", "FFN (ternary SDD)",
           "TNN (ternary W + A)", "WAGE 2-8-8-8")
-EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr", *SEED_B, *SEED_C)
+EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr", *SEED_A, *SEED_B,
+         *SEED_C)
 DEFAULT = [m for m in METHODS if m not in EXTRA]  # the issue's list
 
 

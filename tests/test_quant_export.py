@@ -30,6 +30,7 @@ WEIGHT_ARGS = {  # every weight quantizer, with the arguments it needs
     "bwn": {}, "twn": {}, "ttq": {}, "flex": {},
     "balanced": {"bits": 2}, "aqn": {"bits": 3}, "admm": {"bits": 3},
     "pq": {"bits": 2, "sub_dim": 2}, "bwnh": {}, "ffn": {}, "wage_w": {"grad_bits": 8},
+    "kmeans": {"bits": 2}, "inq": {"schedule": [0.5, 1.0], "stage_steps": 2}, "shiftcnn": {},
 }
 ACT = QuantizerConfig(name="uint", bits=8)
 

@@ -285,6 +285,44 @@ def hwgq_step(bits):
                    for i in range(m))
     return minimize_scalar(mse, bounds=(0.05, 2.0), method="bounded",
                            options={"xatol": 1e-10}).x
+def np_kmeans(w, k, init):
+    """Deep Compression: Lloyd's k-means on the values (argmin distance), linear / CDF init."""
+    x = w.astype(np.float64).ravel()
+    c = np.linspace(x.min(), x.max(), k) if init == "linear" else np.quantile(x, np.linspace(0, 1, k))
+    lab = np.abs(x[:, None] - c[None]).argmin(1)
+    for _ in range(100):
+        c = np.array([x[lab == j].mean() if (lab == j).any() else c[j] for j in range(k)])
+        new = np.abs(x[:, None] - c[None]).argmin(1)
+        if (new == lab).all():
+            break
+        lab = new
+    d = np.sort(np.abs(x[:, None] - c[None]), 1)
+    return c[lab].reshape(w.shape), (d[:, 1] - d[:, 0] > 1e-6).reshape(w.shape)
+
+
+def np_inq(w, bits, share):
+    """INQ's first stage: the round(share·n) largest |w| on pow2's levels, the rest unchanged."""
+    q, ok = np_pow2(w, bits)
+    top = np.zeros(w.size, dtype=bool)
+    top[np.argsort(-np.abs(w).ravel(), kind="stable")[:int(np.floor(share * w.size + 0.5))]] = True
+    top = top.reshape(w.shape)
+    return np.where(top, q, w), ok | ~top
+
+
+def np_shiftcnn(w, terms, bits, per_channel=False):
+    """ShiftCNN as gudovskiy/ShiftCNN's script: r = w/max|w|, greedy nearest power of two
+    (border 1.5·2^k), zero below C_n's smallest magnitude 2^(−n−⌊M/2⌋+2), M = 2^B − 1."""
+    m = rows_amax(w) if per_channel else np.abs(w).max()
+    r = w.astype(np.float64) / m
+    out, ok = np.zeros_like(r), np.ones_like(r, dtype=bool)
+    for n in range(1, terms + 1):
+        lg = np.log2(np.abs(r) + 1e-32)
+        k = np.floor(lg)
+        ok &= np.abs(lg - k - np.log2(1.5)) > 1e-4
+        k = np.where(lg > k + np.log2(1.5), k + 1, k)
+        q = np.where(k < -n - ((2 ** bits - 1) // 2) + 2, 0.0, np.sign(r) * 2.0 ** k)
+        out, r = out + q, r - q
+    return out * m, ok
 
 
 # name -> list of (id, kind, args, input, reference(x) -> (expected, compare-mask))
@@ -363,6 +401,15 @@ GOLDEN = {
     "wage_a": [("k8", "act", {}, S / 2, lambda x: np_wage_a(x, 8)),
                ("k4", "act", {"bits": 4}, S / 2, lambda x: np_wage_a(x, 4))],
     "wage_e": [],
+    "kmeans": [("b2_linear", "weight", {"bits": 2}, W, lambda x: np_kmeans(x, 4, "linear")),
+               ("b3_density", "weight", {"bits": 3, "centroid_init": "density"}, W,
+                lambda x: np_kmeans(x, 8, "density"))],
+    "inq": [("b5_first_stage", "weight", {"bits": 5}, W, lambda x: np_inq(x, 5, 0.5)),
+            ("b3_all", "weight", {"bits": 3, "schedule": [1.0]}, W, lambda x: np_inq(x, 3, 1.0))],
+    "shiftcnn": [("n2_b4", "weight", {}, W, lambda x: np_shiftcnn(x, 2, 4)),
+                 ("n1_b3_per_channel", "weight", {"bits": 3, "terms": 1, "per_channel": True}, W,
+                  lambda x: np_shiftcnn(x, 1, 3, True)),
+                 ("n3_b2", "weight", {"bits": 2, "terms": 3}, W, lambda x: np_shiftcnn(x, 3, 2))],
     # these two need their layer / the backward pass: golden tests below
     "xnor": [],
     "dorefa_g": [],

@@ -181,6 +181,7 @@ IDENTITY = {  # name -> (kind, input, args): plain identity STE
     "admm": ("weight", X, {}),  # the ADMM penalty gradient: tests/test_quant_admm.py
     "pq": ("weight", X, {"bits": 1, "sub_dim": 4}), "bwnh": ("weight", X, {}),
     "ffn": ("weight", X, {"rank": 2}), "wage_w": ("weight", X, {}),
+    "shiftcnn": ("weight", X, {}),
 }
 
 
@@ -220,3 +221,39 @@ def test_fake_quant_runs_in_fp32_under_autocast():
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), q(w.to(torch.bfloat16).float()).to(torch.bfloat16).float())
     assert ref.dtype == torch.float32
+
+
+def test_kmeans_grad_sums_each_cluster_and_stops_at_the_weight():
+    """Deep Compression eq. 3: ∂L/∂c_j = Σ_{idx_i = j} ∂L/∂W_q[i]; the weight gets 0 (shared)."""
+    q = make("kmeans", "weight", bits=2, cluster_step=1)
+    w = X.clone()
+    q.init_from(w)
+    gx, g, y = grad_of(q, w)  # before clustering: identity, zero centroid gradient
+    same(gx, g)
+    assert torch.equal(q.centroids.grad, torch.zeros(4))
+    q.centroids.grad = None
+    q.after_step(w)  # step 1 = cluster_step: clustered now
+    gx, g, y = grad_of(q, w)
+    idx = q.index.long()
+    expected = torch.stack([g[idx == j].sum() for j in range(4)])
+    torch.testing.assert_close(q.centroids.grad, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(gx, torch.zeros_like(w))
+    assert torch.equal(y, q.centroids.detach()[idx])
+
+
+def test_inq_grad_is_zero_on_frozen_weights_identity_elsewhere():
+    q = make("inq", "weight", schedule=[0.5, 0.75], stage_steps=1)
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    q.init_from(w)
+    frozen = q.frozen.clone()
+    assert frozen.float().mean() == 0.5
+    assert torch.equal(frozen, w.abs() >= w.abs().flatten().kthvalue(65).values)
+    gx, g, _ = grad_of(q, w)
+    same(gx, g * ~frozen)
+    q.after_step(w)
+    assert q.frozen.float().mean() == 0.75
+    gx, g, _ = grad_of(q, w)
+    same(gx, g * ~q.frozen)
+
+
+STE |= {"kmeans", "inq"}

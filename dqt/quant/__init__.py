@@ -26,6 +26,9 @@ module             quantizers                                                   
 ``factorized``     ``ffn`` (FFN: W ≈ X·D·Yᵀ, ternary X, Y by SDD)                 weight
 ``tnn``            ``tnn_a`` (TNN ternary activations; weights: ``twn``)          act
 ``wage``           ``wage_w``, ``wage_a``, ``wage_e`` (WAGE; W carries Q_G)       w / a / grad
+``weight_sharing`` ``kmeans`` (Deep Compression: shared centroids)               weight
+``inq``            ``inq`` (incremental power-of-two quantization, staged)       weight
+``shiftcnn``       ``shiftcnn`` (sum of N power-of-two codewords)                weight
 =================  ============================================================  ===========
 
 ``dqt.quant`` never imports ``dqt.train`` or ``dqt.comm``; it imports ``dqt.kernels`` for the
@@ -42,6 +45,7 @@ from dqt.quant import (admm, alternating, balanced, binary, dorefa,  # noqa: F40
                        fixed_point, flexpoint, hwgq, integer, learned, log_quant, minifloat,
                        tanh_quant, ternary)
 from dqt.quant import factorized, hashing, product, tnn, wage  # noqa: F401
+from dqt.quant import inq, shiftcnn, weight_sharing  # noqa: F401
 from dqt.quant.base import QUANTIZERS, Quantizer, quantizer_parameters
 from dqt.quant.prepare import prepare, qat_penalty, qat_step
 

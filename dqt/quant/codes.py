@@ -31,6 +31,14 @@ Formats
              (S, N)): W[n, m·d:(m+1)·d, p] = codebook[s, index[s, n]].
 ``factored`` FFN fixed-point factorization W = X·diag(D)·Yᵀ: X (N, r) and Y (K, r) ternary,
              stored as 2-bit codes t + 1 packed like ``affine``, D fp32 (r,).
+``shared_codebook`` weight sharing (Deep Compression): cluster indices packed as ``affine``
+             codes at ``storage_bits(bits)`` and one fp32 codebook per layer: W[n,k] = c[code[n,k]]; the
+             JSON also gives the size of the Huffman-coded indices (``huffman_bits``).
+``shift``    ShiftCNN: ``terms`` B-bit codes per weight (term-major along K, packed as above) and
+             one fp32 scale per row: W[n,k] = scale[n] · Σ_t C_t[code[n,t,k]], C_t[0] = 0,
+             C_t[j] = 2^(2−t−j), C_t[j + L] = −2^(2−t−j) (t = 1..N, j = 1..L, L = 2^(B−1) − 1).
+``dense``    fp32 as is: a weight not (yet) quantized everywhere (INQ before its last stage,
+             ``kmeans`` before its clustering step).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import torch
 from torch import Tensor
 
 from dqt.kernels.lowbit_pack import BITS, dequantize_weight, pack_weight, unpack_weight
+from dqt.quant.huffman import huffman_bits
 
 
 def storage_bits(bits: int) -> int:
@@ -319,5 +328,99 @@ def factored_decode(x: Tensor, d: Tensor, y: Tensor) -> Tensor:
     return (x.float() * d.float()) @ y.float().t()
 
 
+
+@dataclass
+class SharedCodebook:
+    codes: Tensor  # uint8 (N, K) cluster indices in [0, k)
+    centroids: Tensor  # fp32 (k,)
+    bits: int
+    format = "shared_codebook"
+
+    def decode(self) -> Tensor:
+        return self.centroids.float()[self.codes.long()]
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"packed": pack_weight(self.codes, storage_bits(self.bits)),
+                "centroids": self.centroids.float().contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        counts = torch.bincount(self.codes.reshape(-1).long(), minlength=self.centroids.numel())
+        return {"bits": self.bits, "storage_bits": storage_bits(self.bits),
+                "clusters": int(self.centroids.numel()),
+                "huffman_bits": huffman_bits(counts.tolist())}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return t["centroids"].float()[unpack_weight(t["packed"], meta["storage_bits"], k).long()]
+
+
+@dataclass
+class Shift:
+    codes: Tensor  # uint8 (N, terms, K) in [0, 2^bits − 1)
+    scale: Tensor  # fp32 (N,)
+    bits: int
+    format = "shift"
+
+    def decode(self) -> Tensor:
+        return shift_decode(self.codes, self.scale, self.bits)
+
+    def tensors(self) -> dict[str, Tensor]:
+        n = self.codes.shape[0]
+        return {"packed": pack_weight(self.codes.reshape(n, -1), storage_bits(self.bits)),
+                "scale": self.scale.float().contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"bits": self.bits * self.codes.shape[1], "code_bits": self.bits,
+                "terms": int(self.codes.shape[1]),
+                "storage_bits": storage_bits(self.bits) * self.codes.shape[1]}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        n, terms = t["scale"].shape[0], meta["terms"]
+        sb = meta["storage_bits"] // terms
+        codes = unpack_weight(t["packed"], sb, terms * k).reshape(n, terms, k)
+        return shift_decode(codes, t["scale"], meta["code_bits"])
+
+
+def shift_value(codes: Tensor, term: int, bits: int) -> Tensor:
+    """C_t[code] in fp32 (exact powers of two) for term t = 1..N (see the ``shift`` format)."""
+    half = 2 ** (bits - 1) - 1
+    c = codes.to(torch.int32)
+    j = torch.where(c > half, c - half, c)
+    mag = torch.exp2((2 - term - j).float())
+    return torch.where(c == 0, torch.zeros_like(mag), torch.where(c > half, -mag, mag))
+
+
+def shift_sum(codes: Tensor, bits: int) -> Tensor:
+    """Σ_t C_t[codes[..., t, :]] over dim −2 (codes (..., terms, K)), summed in term order."""
+    out = shift_value(codes.select(-2, 0), 1, bits)
+    for t in range(1, codes.shape[-2]):
+        out = out + shift_value(codes.select(-2, t), t + 1, bits)
+    return out
+
+
+def shift_decode(codes: Tensor, scale: Tensor, bits: int) -> Tensor:
+    return shift_sum(codes, bits) * scale.float()[:, None]
+
+
+@dataclass
+class Dense:
+    weight: Tensor  # fp32 (N, K)
+    format = "dense"
+
+    def decode(self) -> Tensor:
+        return self.weight.float()
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"weight": self.weight.float().contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"bits": 32, "storage_bits": 32}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return t["weight"].float()
+
+
 FORMATS = {c.format: c for c in (Affine, Ternary2, Log, Minifloat, Flex, Tanh, Codebook,
-                                 ProductCodes, Factored)}
+                                 ProductCodes, Factored, SharedCodebook, Shift, Dense)}

@@ -12,8 +12,9 @@
 * ``pow2`` — power-of-two weights of INQ (Zhou et al. 2017, arXiv 1702.03044, eq. 2–4):
   n1 = ⌊log2(4·max|W|/3)⌋, n2 = n1 + 1 − 2^(b−1)/2, levels {0, ±2^n2, …, ±2^n1}; a weight
   goes to β·sign(W) when (α + β)/2 ≤ |W| < 3β/2 for adjacent levels α < β, else to 0.
-  (INQ's incremental partition-and-retrain schedule is not reproduced: all weights are
-  quantized from the first step, trained through the STE.)
+  All weights are quantized from the first step, trained through the STE; INQ's incremental
+  partition-and-retrain schedule is the ``inq`` quantizer (``dqt.quant.inq``), which reuses
+  this rounding (:func:`pow2_codes`).
 
 STE: identity for all of them. Export format ``log`` (one int8 code per weight: sign and
 exponent), see ``dqt.quant.codes``.
@@ -155,13 +156,25 @@ class Pow2(_LogBase):
         _check_bits(args, 2, 8)
 
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        a = x.abs()
-        n1 = torch.floor(torch.log2(a.amax().clamp(min=2.0 ** -100) * 4 / 3))
-        n2 = n1 + 1 - 2 ** (self.bits - 1) / 2
-        k = torch.floor(torch.log2(a.clamp(min=2.0 ** -126) * 4 / 3))
-        k = torch.clamp(k, max=n1)
-        below = k < n2
-        keep = ~below | (a >= torch.exp2(n2 - 1))  # [2^(n2−1), 3/4·2^n2) rounds up to 2^n2
-        e = torch.where(below, n2.expand_as(k), k)
-        s = torch.where(keep & (a > 0), torch.sign(x), torch.zeros_like(x))
-        return s, e
+        return pow2_codes(x, self.bits)
+
+
+def pow2_n1(amax: Tensor) -> Tensor:
+    """INQ's largest exponent n1 = ⌊log2(4·max|W|/3)⌋."""
+    return torch.floor(torch.log2(amax.clamp(min=2.0 ** -100) * 4 / 3))
+
+
+def pow2_codes(x: Tensor, bits: int, n1: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(sign, exponent) of INQ's rounding onto {0, ±2^n2, …, ±2^n1} (n1 from max|x| unless
+    given — the ``inq`` quantizer fixes it at its first stage)."""
+    a = x.abs()
+    if n1 is None:
+        n1 = pow2_n1(a.amax())
+    n2 = n1 + 1 - 2 ** (bits - 1) / 2
+    k = torch.floor(torch.log2(a.clamp(min=2.0 ** -126) * 4 / 3))
+    k = torch.clamp(k, max=n1)
+    below = k < n2
+    keep = ~below | (a >= torch.exp2(n2 - 1))  # [2^(n2−1), 3/4·2^n2) rounds up to 2^n2
+    e = torch.where(below, n2.expand_as(k), k)
+    s = torch.where(keep & (a > 0), torch.sign(x), torch.zeros_like(x))
+    return s, e
