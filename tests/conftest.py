@@ -7,6 +7,8 @@ before triton is first imported: this file sets ``TRITON_INTERPRET=1`` then (ker
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import os
 import subprocess
@@ -25,6 +27,29 @@ os.environ.setdefault("DQT_TRITON_AUTOTUNE", "0")  # tests check correctness, no
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 TRAIN = str(REPO / "launch" / "train.py")
+
+
+def rank_process(body):
+    """Decorator for a module-level ``mp.spawn`` rank function that initialises a process
+    group: run ``body``, then, once its objects (DDP models and their reducers, schemes) are
+    gone, tear the group down after a barrier, then leave with ``os._exit(0)`` without running
+    interpreter-exit destructors. Twice in CI a rank of these tests aborted with "terminate
+    called without an active exception" after writing its results; gloo objects destroyed late
+    (a reducer still holding the group) or at interpreter exit are the suspects (not
+    reproduced here)."""
+
+    @functools.wraps(body)
+    def rank_main(*args):
+        body(*args)
+        gc.collect()
+        from dqt.train.distributed import teardown
+
+        teardown(barrier=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    return rank_main
 
 
 def clean_env(**extra: str) -> dict[str, str]:

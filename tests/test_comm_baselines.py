@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dqt.comm import SCHEMES, build_scheme, wire_bytes
 from dqt.config import PowerSGDSchemeConfig, TorchCastSchemeConfig
 import dqt.comm.torch_hooks  # noqa: F401
+from conftest import rank_process
 from dqt.train.distributed import teardown
 
 STEPS = 4
@@ -37,6 +38,7 @@ def _model() -> nn.Module:
                          nn.Linear(29, 5))
 
 
+@rank_process
 def _worker(rank: int, world: int, store_path: str, name: str, out: str) -> None:  # noqa: C901
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
                             world_size=world)
@@ -63,7 +65,6 @@ def _worker(rank: int, world: int, store_path: str, name: str, out: str) -> None
             for p in model.parameters():
                 p -= 0.1 * p.grad
     torch.save({"records": records, "state": scheme.state_dict()}, f"{out}/rank{rank}.pt")
-    teardown(barrier=True)
 
 
 def _run(name: str, world: int, tmp_path) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ from dqt.comm.meter import CommMeter
 from dqt.config import CompressedSchemeConfig, QSGDConfig, TernaryGradConfig
 from dqt.kernels import blockq
 from dqt.kernels.philox import mix_seed
+from conftest import rank_process
 from dqt.train.distributed import teardown
 
 SEED, STEP, BUCKET = 7, 3, 1
@@ -62,6 +63,7 @@ def _residual(rank: int) -> torch.Tensor:
     return 0.01 * torch.randn(2000, generator=torch.Generator().manual_seed(2000 + rank))
 
 
+@rank_process
 def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     n = sum(SIZES)
@@ -86,7 +88,6 @@ def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
             results[(variant, mode)] = {"out": got, "stats": meter.pop(), "worker": worker,
                                         "server": server, "M": layout.msg_nbytes}
     torch.save(results, f"{out}/rank{rank}.pt")
-    teardown(barrier=True)
 
 
 def _simulate(variant: str, world: int) -> tuple[torch.Tensor, list[Any], list[Any]]:
@@ -183,6 +184,7 @@ def _backward(model: DDP, rank: int, step: int) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+@rank_process
 def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results = {}
@@ -208,7 +210,6 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
         results[name] = {"steps": steps, "state": scheme.state_dict(), "before_inf": before,
                          "inf_grads": inf_grads}
     torch.save(results, f"{out}/rank{rank}.pt")
-    teardown(barrier=True)
 
 
 @pytest.fixture(scope="module", params=[2, 3])
@@ -278,6 +279,7 @@ def test_residual_state_is_per_rank_and_round_trips(ddp_runs, name):
 
 
 # ---------------------------------------------------------------- scheme.auto
+@rank_process
 def _auto_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results = {}
@@ -291,7 +293,6 @@ def _auto_worker(rank: int, world: int, store: str, out: str) -> None:
         results[margin] = {"steps": steps, "choice": dict(scheme.auto_choice),
                            "state": scheme.state_dict()}
     torch.save(results, f"{out}/rank{rank}.pt")
-    teardown(barrier=True)
 
 
 def test_auto_keeps_the_faster_path_on_every_rank(tmp_path):

@@ -15,13 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import run_train, summary
+from conftest import rank_process, run_train, summary
 from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
 from dqt.quant.factorized import sdd, ternary_max
 from dqt.quant.input_stats import RIDGE
 from dqt.quant.wage import init_limit, layer_scale, quantize_grad
-from dqt.train.distributed import teardown
 from seed_c_refs import np_bwnh, np_pq_error_correct, np_sdd, np_wage_e, np_wage_g
 
 RNG = np.random.default_rng(3)
@@ -236,6 +235,7 @@ def test_bad_arguments_name_the_key():
 
 
 # ------------------------------------------------------------------ 2 gloo ranks
+@rank_process
 def _bwnh_worker(rank: int, world: int, store: str, out: str) -> None:
     torch.manual_seed(0)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -255,7 +255,6 @@ def _bwnh_worker(rank: int, world: int, store: str, out: str) -> None:
     torch.save({"S": model[0].parametrizations.weight[0].S.clone(), "xs": xs,
                 "w": model[0].weight.detach().clone(), "state": model.state_dict()},
                f"{out}/rank{rank}.pt")
-    teardown(barrier=True)
 
 
 @pytest.mark.slow

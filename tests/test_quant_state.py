@@ -15,10 +15,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import read_metrics, run_train, summary
+from conftest import rank_process, read_metrics, run_train, summary
 from dqt.config import QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
-from dqt.train.distributed import teardown
 
 
 def ref_autoflex(maxima, history=16, bits=16):
@@ -99,6 +98,7 @@ def test_quantizer_state_round_trips_through_state_dict():
 
 
 # ------------------------------------------------------------------ 2 gloo ranks
+@rank_process
 def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
     torch.manual_seed(0)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -120,7 +120,6 @@ def _ddp_worker(rank: int, world: int, store: str, out: str) -> None:
         qat_step(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save({"state": state, "local_max": local}, f"{out}/rank{rank}.pt")
-    teardown(barrier=True)
 
 
 
