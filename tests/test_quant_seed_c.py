@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from conftest import rank_process, run_train, summary
+from test_quant_ste import grad_of, make
 from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
 from dqt.quant.factorized import sdd, ternary_max
@@ -24,18 +25,6 @@ from dqt.quant.wage import init_limit, layer_scale, quantize_grad
 from seed_c_refs import np_bwnh, np_pq_error_correct, np_sdd, np_wage_e, np_wage_g
 
 RNG = np.random.default_rng(3)
-
-
-def make(name, kind, **args):
-    return QUANTIZERS.get(name)(kind, **args)
-
-
-def grad_of(q, x, g=None):
-    x = x.clone().requires_grad_(True)
-    y = q(x)
-    g = torch.randn_like(y) if g is None else g
-    y.backward(g)
-    return x.grad, g, y
 
 
 # ------------------------------------------------------------------ WAGE
