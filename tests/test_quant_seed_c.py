@@ -18,7 +18,7 @@ from torch import nn
 from conftest import rank_process, run_train, summary
 from test_quant_ste import grad_of, make
 from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig
-from dqt.quant import QUANTIZERS, apply_qat, qat_step
+from dqt.quant import apply_qat, qat_step
 from dqt.quant.factorized import sdd, ternary_max
 from dqt.quant.input_stats import RIDGE
 from dqt.quant.wage import init_limit, layer_scale, quantize_grad
