@@ -145,13 +145,48 @@ def _gpu_time(fn, graph: bool = False) -> tuple[float, float]:
     return t, g
 
 
+def _decode_kernel_times(case: Case) -> dict[str, float]:
+    """The decode time of each Triton decode kernel that can take this case — "bytes" (the
+    lane-per-code kernel), "words" (1/2/4/8-bit codes on aligned blocks), "trits" (base-3) —
+    whichever the default picks: the A/B of them, each checked to give the default's output
+    first."""
+    from dqt.kernels import blockq_triton as bt
+
+    saved = bt.DECODE_WORDS, bt.WORDS_MIN_BLOCK, bt.DECODE_TRITS
+    case.decompress("triton")
+    default = case.out.clone()
+    times = {}
+    try:
+        for kind in ("bytes", "words", "trits"):
+            bt.DECODE_WORDS, bt.WORDS_MIN_BLOCK = kind == "words", 0
+            bt.DECODE_TRITS = kind == "trits"
+            if kind == "words" and bt.decode_path(case.spec, case.peers, case.nbytes) != "words":
+                continue
+            if kind == "trits" and case.spec.code_bits != 0:
+                continue
+            case.out.fill_(float("nan"))
+            case.decompress("triton")
+            if not torch.equal(case.out, default):
+                raise AssertionError(f"the {kind} decode kernel differs from the default")
+            times[kind] = _gpu_time(lambda: case.decompress("triton"))[0]
+    finally:
+        bt.DECODE_WORDS, bt.WORDS_MIN_BLOCK, bt.DECODE_TRITS = saved
+    return times
+
+
+def _pct(t: float | None, nbytes: int, clone_bw: float) -> str:
+    """"µs (% of clone)" of a call moving ``nbytes`` in ``t`` ms, or "—"."""
+    return "—" if t is None else f"{1e3 * t:.0f} ({100 * nbytes / t / 1e6 / clone_bw:.0f}%)"
+
+
 def gpu_comm_tables(sizes: list[int]) -> str:
     lines = ["## GPU wire kernels (Triton): per-call time and bandwidth\n",
              "effective = bytes read + written / time; clone moves 8 bytes per value.\n",
              "| scheme | elements | = reference | clone GB/s | compress+EF µs | compress GB/s "
              f"(eff.) | % of clone | decompress {PEERS} peers µs | decompress GB/s (eff.) | "
-             "% of clone | torch reference compress µs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "% of clone | A/B decompress µs (% of clone): byte kernel | word kernel | "
+             "trit kernel | torch reference compress µs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n in sizes:
         x = torch.randn(n, device="cuda")
         t_clone, _ = _gpu_time(lambda: x.clone())
@@ -161,13 +196,16 @@ def gpu_comm_tables(sizes: list[int]) -> str:
             same = case.check("triton")
             t_c, _ = _gpu_time(lambda: case.compress("triton"))
             t_d, _ = _gpu_time(lambda: case.decompress("triton"))
+            ab = _decode_kernel_times(case)
             t_ref = _gpu_time(lambda: case.compress("reference"))[0] if n <= 1 << 24 else float("nan")
             c_bytes = 12 * n + case.nbytes + case.table.numel() * 8
             d_bytes = PEERS * case.nbytes + 4 * n + case.table.numel() * 8
             c_bw, d_bw = c_bytes / t_c / 1e6, d_bytes / t_d / 1e6
             lines.append(f"| {label} | {_label(n)} | {same} | {clone_bw:.0f} | {1e3 * t_c:.0f} | "
                          f"{c_bw:.0f} | {100 * c_bw / clone_bw:.0f}% | {1e3 * t_d:.0f} | "
-                         f"{d_bw:.0f} | {100 * d_bw / clone_bw:.0f}% | {1e3 * t_ref:.0f} |")
+                         f"{d_bw:.0f} | {100 * d_bw / clone_bw:.0f}% | "
+                         + " | ".join(_pct(ab.get(k), d_bytes, clone_bw) for k in ("bytes", "words", "trits"))
+                         + f" | {1e3 * t_ref:.0f} |")
             print(lines[-1], file=sys.stderr, flush=True)
             del case
     return "\n".join(lines)
@@ -182,7 +220,7 @@ def gpu_decode_sweep(n: int, configs: list[tuple[int, int]], dev: str = "cuda") 
     """Decode time (µs) and % of clone per (values per program, warps) of the Triton decode."""
     from dqt.kernels import blockq_triton as bt
 
-    saved = bt.DECODE_TILE, bt.DECODE_WARPS
+    saved = bt.DECODE_TILE, bt.DECODE_WARPS, bt.WORDS_TILE, bt.WORDS_WARPS
     x = torch.randn(n, device=dev)
     t_clone, _ = _gpu_time(lambda: x.clone())
     clone_bw = 8 * n / t_clone / 1e6
@@ -197,7 +235,7 @@ def gpu_decode_sweep(n: int, configs: list[tuple[int, int]], dev: str = "cuda") 
         ref.copy_(case.out)
         cells = []
         for tile, warps in configs:
-            bt.DECODE_TILE, bt.DECODE_WARPS = tile, warps
+            bt.DECODE_TILE, bt.DECODE_WARPS = bt.WORDS_TILE, bt.WORDS_WARPS = tile, warps
             case.out.fill_(float("nan"))
             case.decompress("triton")
             same = torch.equal(case.out, ref)
@@ -207,7 +245,7 @@ def gpu_decode_sweep(n: int, configs: list[tuple[int, int]], dev: str = "cuda") 
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
         print(lines[-1], file=sys.stderr, flush=True)
         del case
-    bt.DECODE_TILE, bt.DECODE_WARPS = saved
+    bt.DECODE_TILE, bt.DECODE_WARPS, bt.WORDS_TILE, bt.WORDS_WARPS = saved
     return "\n".join(lines)
 
 

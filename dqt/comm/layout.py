@@ -12,9 +12,10 @@ tensors**: a scale is never shared by values of very different magnitude (a bias
 matrix), which is what makes scaled sign with error feedback contract (Karimireddy et al. 2019).
 
 Chunk r's message is ``[scales of its blocks][codes of block 0][codes of block 1]…`` padded
-with zero bytes to M, the largest chunk message (+1 trailing flag byte for majority vote), so
-the collectives exchange equal-sized messages. Every rank builds the same layout from the same
-parameters, so the offsets need not travel.
+with zero bytes to M, the largest chunk message (+1 trailing flag byte for majority vote)
+rounded up to a multiple of 4 bytes, so the collectives exchange equal-sized messages that
+start on 32-bit words (what lets the GPU decode read codes a word at a time). Every rank
+builds the same layout from the same parameters, so the offsets need not travel.
 
 Tables (int64, one row per block, columns of :mod:`dqt.kernels.blockq`):
 
@@ -89,7 +90,8 @@ def build_layout(slots: list[ParamSlot], chunks: int, rank: int, spec: BlockSpec
             start = piece_end
         pos += s.numel
     sizes = [spec.message_nbytes([b[2] for b in blocks]) for blocks in per_chunk]
-    M = max(sizes) + (1 if flag else 0) if sizes else 0
+    # M: whole 32-bit words, so every peer's message starts word-aligned (the word decode)
+    M = -(-(max(sizes) + (1 if flag else 0)) // 4) * 4 if sizes else 0
     all_rows, own_rows, chunk_of = [], [], []
     ctr = 0
     for r, blocks in enumerate(per_chunk):

@@ -8,6 +8,13 @@ scale bytes and the new residual — one pass over the data. ``decode``: several
 program (``DECODE_TILE`` values, ``DECODE_WARPS`` warps); for each block, unpack and
 dequantize the block from every peer's message (base-3 trits by multiply-shift, no division),
 sum in peer order, reduce (copy/mean/vote) and store — the fp32 result is written once.
+Blocks of 1/2/4/8-bit codes whose data offset, length and code offset are multiples of 4 (every
+block of a bucket whose tensors are multiples of 4 values long; the layout pads messages to
+whole words) go to the *word* decode kernel instead: a 32-bit load per code word and peer,
+codes tested in place (``word & (mask << shift)``), 16-byte stores. Base-3 blocks go to the
+*trit* kernel: a lane per code byte, its five codes from a 256-entry table (``trit_table``),
+five accumulators, stores with a stride of 5. ``DQT_DECODE_WORDS=0`` / ``DQT_DECODE_TRITS=0``
+turn them off (the benchmark times every kernel that can take a scheme).
 
 The arithmetic is the reference's, operation for operation: divisions use ``tl.math.div_rn``
 (IEEE round-to-nearest; Triton's ``/`` on fp32 is approximate on NVIDIA GPUs) and kernels are
@@ -26,7 +33,7 @@ import os
 import torch
 from torch import Tensor
 
-from dqt.kernels.blockq import f32_recip
+from dqt.kernels.blockq import CODE, DATA, LEN, MSG, SCALE, f32_recip
 
 try:
     import triton
@@ -348,9 +355,183 @@ if triton is not None:
         tl.store(out_ptr + data + e, acc, mask=m)
 
 
+    @triton.jit
+    def _msg_byte(mw_ptr, off, mask):
+        """The byte at byte offset ``off`` of the messages, read through their 32-bit words."""
+        w = tl.load(mw_ptr + (off >> 2), mask=mask, other=0).to(tl.uint32, bitcast=True)
+        return (w >> (8 * (off & 3)).to(tl.uint32)) & 0xFF
+
+    @triton.jit
+    def _decode_words_kernel(mw_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv_n,
+                             NPEERS: tl.constexpr, KIND: tl.constexpr, CODE_BITS: tl.constexpr,
+                             SCALE_FMT: tl.constexpr, LEVELS: tl.constexpr, BLOCK: tl.constexpr,
+                             BPP: tl.constexpr, MODE: tl.constexpr, HAS_FLAG: tl.constexpr):
+        """The decode of blocks whose data, length and codes are 4-aligned (``aligned_rows``),
+        for 1/2/4/8-bit codes: BPP blocks per program as a (BPP, words, 32/k) tile — lane j of
+        word w is value (32/k)·w + j, so each code word is one 32-bit load per peer, its codes
+        are constant shifts, and the fp32 results of a word are contiguous, 16-byte-aligned
+        stores. Same arithmetic, same order as :func:`_decode_kernel`."""
+        V: tl.constexpr = 32 // CODE_BITS
+        W: tl.constexpr = BLOCK // V
+        pid = tl.program_id(0).to(tl.int64)
+        blk = pid * BPP + tl.arange(0, BPP).to(tl.int64)[:, None, None]
+        bm = blk < nblocks
+        row = tab_ptr + blk * 8
+        data = tl.multiple_of(tl.load(row + 0, mask=bm, other=0), [4, 4, 4])
+        n = tl.multiple_of(tl.load(row + 2, mask=bm, other=0), [4, 4, 4])
+        mbase = tl.load(row + 3, mask=bm, other=0)
+        srel = tl.load(row + 4, mask=bm, other=0)
+        crel = tl.load(row + 5, mask=bm, other=0)
+        gw = tl.arange(0, W)[None, :, None]
+        j = tl.arange(0, V)[None, None, :]
+        e = V * gw + j
+        m = e < n
+        nw = tl.maximum((n + V - 1) // V, 1)  # words of codes (reads stay inside them)
+        acc = tl.zeros((BPP, W, V), dtype=tl.float32)
+        for p in tl.static_range(NPEERS):  # unrolled: every peer's loads in flight at once
+            base = mbase + p * stride
+            if SCALE_FMT == 1:
+                s = tl.load(mw_ptr + ((base + srel) >> 2), mask=bm, other=0).to(
+                    tl.float32, bitcast=True)
+            elif SCALE_FMT == 2:
+                sw = tl.load(mw_ptr + ((base + srel) >> 2), mask=bm, other=0).to(
+                    tl.uint32, bitcast=True)
+                s = (((sw >> (8 * ((base + srel) & 3)).to(tl.uint32)) & 0xFFFF) << 16).to(
+                    tl.float32, bitcast=True)
+            elif SCALE_FMT == 3:
+                s = _e8m0_value(_msg_byte(mw_ptr, base + srel, bm))
+            else:
+                s = 1.0
+            word = tl.load(mw_ptr + ((base + crel) >> 2) + tl.minimum(gw, nw - 1)).to(
+                tl.uint32, bitcast=True)
+            sh = (CODE_BITS * j).to(tl.uint32)
+            cm = word & (((1 << CODE_BITS) - 1) << sh)  # the code, in place: c·2^sh
+            if KIND <= 1:
+                d = tl.where(cm != 0, s, -s)
+            elif KIND == 2:
+                d = tl.where(cm == (2 << sh), s, tl.where(cm == 0, -s, 0.0))
+            else:
+                c = (cm >> sh).to(tl.int32)
+                step = tl.math.div_rn(s, s * 0 + LEVELS)
+                lev = ((c >> 1) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                mag = lev * step
+                d = tl.where((c & 1) == 1, -mag, mag)
+            if HAS_FLAG:
+                f = _msg_byte(mw_ptr, base + flag_off, bm)
+                d = tl.where(f != 0, float("nan"), d)
+            if p == 0:
+                acc = d
+            else:
+                acc = acc + d
+        if MODE == 1:
+            acc = acc * inv_n
+        elif MODE == 2:
+            acc = tl.where(acc != acc, acc, tl.where(acc >= 0, 1.0, -1.0))
+        tl.store(out_ptr + data + e, acc, mask=m)
+
+
+    @triton.jit
+    def _trit_value(codes, s, f, M: tl.constexpr, HAS_FLAG: tl.constexpr):
+        """The decoded value of trit M of every byte, from its five codes as 2-bit fields
+        (``trit_table``), tested in place: −s / 0 / +s (NaN where flagged)."""
+        cm = codes & (3 << (2 * M))
+        d = tl.where(cm == (2 << (2 * M)), s, tl.where(cm == 0, -s, 0.0))
+        if HAS_FLAG:
+            d = tl.where(f != 0, float("nan"), d)
+        return d
+
+    @triton.jit
+    def _finish(acc, inv_n, MODE: tl.constexpr):
+        if MODE == 1:
+            acc = acc * inv_n
+        elif MODE == 2:
+            acc = tl.where(acc != acc, acc, tl.where(acc >= 0, 1.0, -1.0))
+        return acc
+
+    @triton.jit
+    def _decode_trits_kernel(msg_ptr, lut_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv_n,
+                             NPEERS: tl.constexpr, SCALE_FMT: tl.constexpr, BPP: tl.constexpr,
+                             NBC: tl.constexpr, NCHUNK: tl.constexpr, MODE: tl.constexpr,
+                             HAS_FLAG: tl.constexpr):
+        """Base-3 ternary decode, trit-major: BPP blocks per program, their code bytes in
+        chunks of NBC; one lane per byte (not per value: no idle lanes), each byte loaded once
+        per peer and looked up in ``trit_table`` (its five codes as 2-bit fields; 1 KB, stays
+        in L1), the five trits tested in place into five accumulators, value 5b + m of trit m
+        stored with a stride of 5 (the five stores fill the lines)."""
+        pid = tl.program_id(0).to(tl.int64)
+        blk = pid * BPP + tl.arange(0, BPP).to(tl.int64)[:, None]
+        bm = blk < nblocks
+        row = tab_ptr + blk * 8
+        data = tl.load(row + 0, mask=bm, other=0)
+        n = tl.load(row + 2, mask=bm, other=0)
+        mbase = tl.load(row + 3, mask=bm, other=0)
+        srel = tl.load(row + 4, mask=bm, other=0)
+        crel = tl.load(row + 5, mask=bm, other=0)
+        nbytes = (n + 4) // 5
+        for ch in range(NCHUNK):
+            b = ch * NBC + tl.arange(0, NBC)[None, :]
+            bmask = b < nbytes
+            e = 5 * b
+            a0 = tl.zeros((BPP, NBC), dtype=tl.float32)
+            a1 = a0
+            a2 = a0
+            a3 = a0
+            a4 = a0
+            for p in tl.static_range(NPEERS):  # unrolled: every peer's loads in flight at once
+                base = mbase + p * stride
+                if SCALE_FMT == 1:
+                    s0 = tl.load(msg_ptr + base + srel, mask=bm, other=0).to(tl.uint32)
+                    s1 = tl.load(msg_ptr + base + srel + 1, mask=bm, other=0).to(tl.uint32)
+                    s2 = tl.load(msg_ptr + base + srel + 2, mask=bm, other=0).to(tl.uint32)
+                    s3 = tl.load(msg_ptr + base + srel + 3, mask=bm, other=0).to(tl.uint32)
+                    s = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
+                elif SCALE_FMT == 2:
+                    s0 = tl.load(msg_ptr + base + srel, mask=bm, other=0).to(tl.uint32)
+                    s1 = tl.load(msg_ptr + base + srel + 1, mask=bm, other=0).to(tl.uint32)
+                    s = ((s0 | (s1 << 8)) << 16).to(tl.float32, bitcast=True)
+                elif SCALE_FMT == 3:
+                    s = _e8m0_value(tl.load(msg_ptr + base + srel, mask=bm, other=0)
+                                    .to(tl.uint32))
+                else:
+                    s = tl.zeros((BPP, 1), dtype=tl.float32) + 1.0
+                f = 0
+                if HAS_FLAG:
+                    f = tl.load(msg_ptr + base + flag_off, mask=bm, other=0)
+                byte = tl.load(msg_ptr + base + crel + b, mask=bmask, other=0).to(tl.int32)
+                codes = tl.load(lut_ptr + byte)
+                d0 = _trit_value(codes, s, f, 0, HAS_FLAG)
+                d1 = _trit_value(codes, s, f, 1, HAS_FLAG)
+                d2 = _trit_value(codes, s, f, 2, HAS_FLAG)
+                d3 = _trit_value(codes, s, f, 3, HAS_FLAG)
+                d4 = _trit_value(codes, s, f, 4, HAS_FLAG)
+                if p == 0:
+                    a0, a1, a2, a3, a4 = d0, d1, d2, d3, d4
+                else:
+                    a0, a1, a2, a3, a4 = a0 + d0, a1 + d1, a2 + d2, a3 + d3, a4 + d4
+            o = out_ptr + data + e
+            tl.store(o, _finish(a0, inv_n, MODE), mask=e < n)
+            tl.store(o + 1, _finish(a1, inv_n, MODE), mask=e + 1 < n)
+            tl.store(o + 2, _finish(a2, inv_n, MODE), mask=e + 2 < n)
+            tl.store(o + 3, _finish(a3, inv_n, MODE), mask=e + 3 < n)
+            tl.store(o + 4, _finish(a4, inv_n, MODE), mask=e + 4 < n)
+
+
 # decode: values (lanes) per program and warps per program; blocks smaller than the tile are
 # batched BPP to a program so each program has enough loads in flight (the benchmark sweeps these)
 DECODE_TILE = 2048
+# the word kernel (aligned rows of 1/2/4/8-bit codes); DQT_DECODE_WORDS=0 turns it off (A/B)
+DECODE_WORDS = os.environ.get("DQT_DECODE_WORDS", "1") != "0"
+WORDS_TILE = 2048
+WORDS_WARPS = 4
+# blocks under this many values keep the byte kernel: with 128-value blocks (onebit) the word
+# kernel compiles to more instructions per value (per-block work, 16 blocks per program) and the
+# byte kernel was measured at 85-90 % of clone on an H100; the benchmark times both
+WORDS_MIN_BLOCK = 256
+# base-3: the trit-major kernel (a lane per code byte, chunks of TRITS_CHUNK bytes, about
+# TRITS_TILE bytes per program); DQT_DECODE_TRITS=0 turns it off (A/B)
+DECODE_TRITS = os.environ.get("DQT_DECODE_TRITS", "1") != "0"
+TRITS_CHUNK = 512
+TRITS_TILE = 512
 ENCODE_VALUES_PER_THREAD = 8
 DECODE_WARPS = 4
 
@@ -386,10 +567,101 @@ def encode(spec, x: Tensor, table: Tensor, msg: Tensor, residual: Tensor | None,
         num_warps=_warps(BLOCK), **({} if _INTERPRET else {"enable_fp_fusion": False}))
 
 
+def word_rows(spec, table: Tensor) -> Tensor:
+    """Which rows of ``table`` the word kernel may decode (bool, on the table's device): data
+    offset, length and code offset multiples of 4, the scale inside one 32-bit word. Computed
+    once per table (cached on it; recomputed if the table is written in place)."""
+    key = (table._version, spec.code_bits, spec.scale)
+    cached = getattr(table, "_dqt_word_rows", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    t = table.cpu()
+    ok = (t[:, DATA] % 4 == 0) & (t[:, LEN] % 4 == 0) & ((t[:, MSG] + t[:, CODE]) % 4 == 0)
+    if spec.scale == "fp32":
+        ok &= (t[:, MSG] + t[:, SCALE]) % 4 == 0
+    elif spec.scale == "bf16":
+        ok &= (t[:, MSG] + t[:, SCALE]) % 2 == 0
+    rows = ok.to(table.device)
+    table._dqt_word_rows = (key, rows)
+    return rows
+
+
+def decode_path(spec, msg: Tensor, peer_stride: int) -> str:
+    """"words" where the word kernel can take aligned rows of this call, else "bytes"."""
+    ok = (DECODE_WORDS and spec.code_bits in (1, 2, 4, 8) and _block(spec) >= WORDS_MIN_BLOCK
+          and _block(spec) * spec.code_bits >= 32
+          and peer_stride % 4 == 0 and msg.numel() % 4 == 0 and msg.data_ptr() % 4 == 0)
+    return "words" if ok else "bytes"
+
+
 def decode(spec, msg: Tensor, table: Tensor, out: Tensor, npeers: int, peer_stride: int,
            flag_off: int, mode: str) -> None:
     nblocks = table.shape[0]
     if nblocks == 0:
+        return
+    if decode_path(spec, msg, peer_stride) == "words":
+        rows = word_rows(spec, table)
+        parts = getattr(table, "_dqt_word_parts", None)
+        if parts is None or parts[0] is not rows:
+            aligned, rest = table[rows], table[~rows]
+            parts = (rows, aligned.contiguous(), rest.contiguous())
+            table._dqt_word_parts = parts
+        _, aligned, rest = parts
+        if aligned.shape[0]:
+            _decode_words(spec, msg, aligned, out, npeers, peer_stride, flag_off, mode)
+        table = rest
+        if table.shape[0] == 0:
+            return
+    _decode_bytes(spec, msg, table, out, npeers, peer_stride, flag_off, mode)
+
+
+def _decode_words(spec, msg, table, out, npeers, peer_stride, flag_off, mode) -> None:
+    BLOCK = _block(spec)
+    nblocks = table.shape[0]
+    bpp = max(1, min(WORDS_TILE // BLOCK, triton.next_power_of_2(nblocks)))
+    _decode_words_kernel[(triton.cdiv(nblocks, bpp),)](
+        msg.view(torch.int32), table, out, nblocks, int(peer_stride), int(flag_off),
+        f32_recip(npeers), NPEERS=int(npeers), KIND=_KINDS[spec.kind],
+        CODE_BITS=spec.code_bits, SCALE_FMT=_SCALES[spec.scale], LEVELS=spec.levels,
+        BLOCK=BLOCK, BPP=bpp, MODE=_MODES[mode], HAS_FLAG=flag_off >= 0,
+        num_warps=max(1, min(WORDS_WARPS, bpp * BLOCK // 128)),
+        **({} if _INTERPRET else {"enable_fp_fusion": False}))
+
+
+_TRIT_TABLES: dict = {}
+
+
+def trit_table(device: torch.device) -> Tensor:
+    """int32 (256,): entry b holds the five codes of base-3 byte b as 2-bit fields (code m at
+    bits 2m, 2m+1), made from :func:`dqt.kernels.bitpack.unpack_base3` itself (every byte,
+    the 13 that no encoder writes included), so the lookup decodes what the reference does."""
+    t = _TRIT_TABLES.get(device)
+    if t is None:
+        from dqt.kernels.bitpack import unpack_base3
+
+        codes = unpack_base3(torch.arange(256, dtype=torch.uint8), 5 * 256).view(256, 5)
+        t = (codes.to(torch.int32) << (2 * torch.arange(5, dtype=torch.int32))).sum(1)
+        t = _TRIT_TABLES[device] = t.to(torch.int32).to(device)
+    return t
+
+
+def _decode_trits(spec, msg, table, out, npeers, peer_stride, flag_off, mode) -> None:
+    nblocks = table.shape[0]
+    nb = -(-spec.block // 5)  # code bytes of a full block
+    nbc = min(TRITS_CHUNK, triton.next_power_of_2(nb))
+    bpp = max(1, min(TRITS_TILE // nbc, triton.next_power_of_2(nblocks)))
+    _decode_trits_kernel[(triton.cdiv(nblocks, bpp),)](
+        msg, trit_table(msg.device), table, out, nblocks, int(peer_stride), int(flag_off), f32_recip(npeers),
+        NPEERS=int(npeers), SCALE_FMT=_SCALES[spec.scale], BPP=bpp, NBC=nbc,
+        NCHUNK=-(-nb // nbc), MODE=_MODES[mode], HAS_FLAG=flag_off >= 0,
+        num_warps=max(1, min(DECODE_WARPS, bpp * nbc // 128)),
+        **({} if _INTERPRET else {"enable_fp_fusion": False}))
+
+
+def _decode_bytes(spec, msg, table, out, npeers, peer_stride, flag_off, mode) -> None:
+    nblocks = table.shape[0]
+    if spec.code_bits == 0 and DECODE_TRITS:
+        _decode_trits(spec, msg, table, out, npeers, peer_stride, flag_off, mode)
         return
     BLOCK = _block(spec)
     nb3 = triton.next_power_of_2(-(-spec.block // 5))
