@@ -249,6 +249,26 @@ def gpu_decode_sweep(n: int, configs: list[tuple[int, int]], dev: str = "cuda") 
     return "\n".join(lines)
 
 
+def gpu_launch_floor() -> str:
+    """What a batch-1 GEMV cannot go under on this GPU, timed the same way (CUDA-graph replay):
+    an empty Triton kernel, and clones of 4 MB and 8 MB (the packed 2-bit weights of 4096×4096
+    and 8192×4096) — the latency floor the 4096×4096 target (≈ 3.4 µs) is up against."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty(p):
+        tl.store(p + tl.program_id(0), 0)
+
+    buf = torch.zeros(256, dtype=torch.int32, device="cuda")
+    t_empty = _gpu_time(lambda: _empty[(256,)](buf), graph=True)[1]
+    cells = [f"empty Triton kernel (256 programs) {1e3 * t_empty:.1f} µs"]
+    for mb in (4, 8):
+        x = torch.empty(mb << 19, dtype=torch.float16, device="cuda")
+        cells.append(f"clone of {mb} MB {1e3 * _gpu_time(lambda: x.clone(), graph=True)[1]:.1f} µs")
+    return "Launch floor (CUDA-graph replay): " + "; ".join(cells) + ".\n"
+
+
 def gpu_gemm_tables(batched: bool = True) -> str:
     import torch.nn.functional as F
 
@@ -332,6 +352,7 @@ def main() -> None:
             if args.decode_sweep:
                 parts.append(gpu_decode_sweep(_size(args.gpu_sizes[0]),
                                               [(2048, 4), (2048, 2), (1024, 2), (4096, 8)]))
+            parts.append(gpu_launch_floor())
             parts.append(gpu_gemm_tables(batched=not args.gemv_only))
     text = "\n\n".join(parts)
     print(text)
