@@ -167,6 +167,61 @@ def test_srun_style_launch_without_torchrun(tmp_path):
     assert (run_dir / "train_rank1.log").exists()
 
 
+
+def test_sweep_under_torchrun_runs_every_job_in_one_directory(tmp_path):
+    """``torchrun ... launch/train.py -m``: every rank runs the sweep, so each rank's process
+    makes one process group per job. Each job's group gets its own key prefix in torchrun's
+    store (a second job used to hang reading the first job's keys), and the ranks agree on the
+    sweep directory through the store (``${now:}`` differs between ranks that straddle a
+    second)."""
+    p = subprocess.run(train_cmd("-m", "+scheme=onebit,ternary_grad,fp16", "steps=20",
+                                 "eval_every=0", "log_every=10", nproc=2),
+                       cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    sweeps = glob.glob(f"{tmp_path}/multirun/*/*")
+    assert len(sweeps) == 1, f"ranks must share one sweep directory, got {sweeps}"
+    jobs = sorted(Path(sweeps[0]).glob("[0-9]*"))
+    assert [j.name for j in jobs] == ["0", "1", "2"]
+    schemes = []
+    for job in jobs:
+        s = summary(job)
+        assert s["steps"] == 20 and s["world_size"] == 2 and s["params_in_sync"] is True
+        assert (job / "train_rank0.log").exists() and (job / "train_rank1.log").exists()
+        assert sorted(p.name for p in checkpoints(job)[-1].glob("rank*.pt")) == \
+            ["rank0.pt", "rank1.pt"]
+        schemes.append(s["scheme"])
+    assert schemes == ["onebit", "ternary_grad", "fp16"]
+
+
+def test_elastic_restart_resumes_from_the_last_checkpoint(tmp_path):
+    """``torchrun --max-restarts=1`` with ``DQT_RUN_DIR`` (README: elastic restarts): a worker
+    killed mid-run makes torchrun restart both; the new attempt's process group meets in the
+    agent store under that attempt's prefix (never the dead attempt's keys), resumes from the
+    last checkpoint and finishes."""
+    run = tmp_path / "run"
+    cmd = train_cmd("steps=1500", "checkpoint.every=50", "eval_every=0", "log_every=10", nproc=2)
+    cmd.insert(cmd.index("--standalone") + 1, "--max-restarts=1")
+    with open(tmp_path / "out.log", "w") as log:
+        p = subprocess.Popen(cmd, cwd=tmp_path, env=clean_env(DQT_RUN_DIR=str(run)), stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for_step(run, 120)
+            workers = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                     text=True).stdout.split()
+            assert len(workers) == 2, workers
+            os.kill(int(workers[-1]), signal.SIGKILL)
+            assert p.wait(timeout=240) == 0, (tmp_path / "out.log").read_text()[-3000:]
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    log = (run / "train_rank0.log").read_text()
+    resumed = [int(line.rsplit("resumed from step ", 1)[1].split()[0])
+               for line in log.splitlines() if "resumed from step" in line]
+    assert len(resumed) == 1 and resumed[0] >= 100 and resumed[0] % 50 == 0, resumed
+    s = summary(run)
+    assert s["steps"] == 1500 and s["params_in_sync"] is True
+
 def test_failing_rank_is_reported_with_its_rank_and_traceback(tmp_path):
     """``@record`` sits inside Hydra (which would swallow the exception), so torchrun's failure
     summary names the rank that failed and shows its traceback."""

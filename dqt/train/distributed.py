@@ -159,13 +159,34 @@ def init(env: DistEnv, cfg: BackendConfig) -> tuple[str, torch.device]:
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=cfg.timeout_s)
     if not dist.is_initialized():
+        global _GROUPS
         if env.launcher == "single":
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timeout)
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            dist.init_process_group(backend, store=_agent_store(timeout), rank=env.rank,
+                                    world_size=env.world_size, timeout=timeout)
         else:
             dist.init_process_group(backend, init_method="env://", rank=env.rank,
                                     world_size=env.world_size, timeout=timeout)
+        _GROUPS += 1
     return backend, device
+
+
+_GROUPS = 0  # process groups this process has made: the jobs of a sweep (-m) run in one process
+
+
+def _agent_store(timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's agent store, as ``env://`` makes it (under the restart attempt's prefix, so an
+    elastic restart never reads the failed attempt's keys), plus a prefix of its own for each
+    process group of this process. The agent store outlives the jobs of a Hydra sweep run under
+    torchrun; without that prefix the second job's rendezvous would read the first job's keys
+    (its barrier count, its gloo addresses) and wait for ever. Every rank runs the same jobs in
+    the same order, so the ranks agree on the prefix."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"/worker/attempt_{attempt}/dqt/group{_GROUPS}/", store)
 
 
 def teardown(barrier: bool = False) -> None:

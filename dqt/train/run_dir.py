@@ -12,7 +12,10 @@ torchrun would each create their own directory. ``${dqt_run_dir:BASE}`` picks, i
 
 A sweep (``-m``, e.g. ``hydra/launcher=slurm``) does not use this: each sweep point runs in
 ``hydra.sweep.dir/hydra.sweep.subdir``, fixed when the sweep is launched (submitit pickles it with
-the job), so a point's ranks and its requeued job share it too.
+the job), so a point's ranks and its requeued job share it too. ``${dqt_sweep_dir:BASE}`` (the
+default ``hydra.sweep.dir``) is agreed through torchrun's / horovodrun's store as in 3. when
+every rank runs the sweep itself (``torchrun ... launch/train.py -m ...``), else
+``BASE/<date>/<time>``.
 
 ``${dqt_rank0_only:X}`` is X on rank 0 and null elsewhere (only rank 0 writes ``.hydra/``);
 ``${dqt_rank0_level:L}`` is L on rank 0 and WARNING elsewhere (console noise from one rank);
@@ -41,7 +44,7 @@ def _timestamped(base: str) -> str:
     return os.path.join(base, now.strftime("%Y-%m-%d"), now.strftime("%H-%M-%S"))
 
 
-def _agreed_through_torchrun_store(base: str) -> str | None:
+def _agreed_through_torchrun_store(base: str, key: str = _KEY) -> str | None:
     env = os.environ
     if int(env.get("WORLD_SIZE", "1")) <= 1 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
@@ -50,11 +53,11 @@ def _agreed_through_torchrun_store(base: str) -> str | None:
     store = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
                      timeout=datetime.timedelta(seconds=300))
     if env_rank() == 0:
-        store.set(_KEY, _timestamped(base))
-    return store.get(_KEY).decode()
+        store.set(key, _timestamped(base))
+    return store.get(key).decode()
 
 
-def _agreed_through_horovodrun(base: str) -> str | None:
+def _agreed_through_horovodrun(base: str, key: str = "run_dir") -> str | None:
     env = os.environ
     if int(env.get("HOROVOD_SIZE", "1")) <= 1 or "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in env:
         return None
@@ -62,11 +65,11 @@ def _agreed_through_horovodrun(base: str) -> str | None:
 
     where = (env["HOROVOD_GLOO_RENDEZVOUS_ADDR"], int(env["HOROVOD_GLOO_RENDEZVOUS_PORT"]))
     if env_rank() == 0:
-        put_data_into_kvstore(*where, "dqt", "run_dir", _timestamped(base))
+        put_data_into_kvstore(*where, "dqt", key, _timestamped(base))
     deadline = time.monotonic() + 300
     while True:
         try:
-            return read_data_from_kvstore(*where, "dqt", "run_dir")
+            return read_data_from_kvstore(*where, "dqt", key)
         except RuntimeError:
             if time.monotonic() > deadline:
                 raise
@@ -86,10 +89,22 @@ def run_dir(base: str = "outputs") -> str:
             or _timestamped(base))
 
 
+@functools.lru_cache(maxsize=None)
+def sweep_dir(base: str = "multirun") -> str:
+    """``hydra.sweep.dir``: the ranks of a sweep (``-m``) run under torchrun or horovodrun agree
+    on it as on a run directory (each rank runs the sweep; ``${now:}`` would differ where they
+    straddle a second); a submitit sweep's single launching process takes BASE/<date>/<time>."""
+    return (_agreed_through_torchrun_store(base, "dqt/sweep_dir")
+            or _agreed_through_horovodrun(base, "sweep_dir") or _timestamped(base))
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     OmegaConf.register_new_resolver("dqt_run_dir", run_dir, replace=True)
+    # use_cache: the value lands in the config's resolver cache, which Hydra's launchers copy
+    # into every job's config (a submitit job, in another process, gets the launcher's value)
+    OmegaConf.register_new_resolver("dqt_sweep_dir", sweep_dir, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("dqt_rank", env_rank, replace=True)
     OmegaConf.register_new_resolver(
         "dqt_rank0_only", lambda value: value if env_rank() == 0 else None, replace=True)
