@@ -377,39 +377,11 @@ def test_word_decode_on_gpu_matches_reference(name, monkeypatch):
     assert _equal(out_gpu.cpu(), out_ref)
 
 
-def test_word_decode_compiles_to_16_byte_stores():
-    """Compiled for sm_90 (H100) without a GPU — ptxas ships with triton — the word kernel
-    writes its fp32 results with 16-byte stores (STG.E.128) and loads whole code words, where
-    the byte kernel stores 4 bytes at a time: the property the kernel exists for."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    code = ("import sys; sys.path.insert(0, 'launch')\n"
-            "from sass_decode import *\n"
-            "spec = build_compressor('ternary_grad', format='2bit').spec\n"
-            "const = dict(NPEERS=4, KIND=2, CODE_BITS=2, SCALE_FMT=1, LEVELS=0, BLOCK=2048,"
-            " BPP=1, MODE=1, HAS_FLAG=False)\n"
-            "for fn, ptr, extra in ((bt._decode_words_kernel, 'mw_ptr', {}),"
-            " (bt._decode_kernel, 'msg_ptr', {'NB3': 512})):\n"
-            "    sig = dict(SIG, **{ptr: '*i32' if ptr == 'mw_ptr' else '*u8'})\n"
-            "    print(profile(compile_sass(fn, sig, dict(const, **extra), 4))[1])\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=root, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    words, byte = (eval(line) for line in out.stdout.strip().splitlines())
-    assert words.get("STG.E.128", 0) == 4 and "STG.E" not in words, words
-    assert "LDG.E.U8" not in words and words["LDG.E"] == 8, words  # 2 words × 4 peers
-    assert byte.get("STG.E", 0) == 16, byte  # the byte kernel: 16 scalar stores per thread
-
-
-def test_trit_major_decode_compiles_without_idle_lanes():
-    """Compiled for sm_90: the base-3 trit-major kernel keeps each thread on whole bytes (20
-    values from 4 bytes per peer, one table lookup per byte), with no shared-memory round
-    trip, and needs fewer instructions per value than the lane-per-trit kernel."""
+@pytest.fixture(scope="module")
+def sass_profile() -> dict[tuple[str, str], dict]:
+    """``launch/sass_decode.py``'s table — every decode kernel compiled for sm_90 (H100)
+    without a GPU, with the ptxas/nvdisasm that ship with triton — as (scheme, kernel) →
+    {"per_thread": values per thread, "per_value": SASS per value, "mem": {op: count}}."""
     import os
     import subprocess
     import sys
@@ -420,10 +392,36 @@ def test_trit_major_decode_compiles_without_idle_lanes():
     out = subprocess.run([sys.executable, "launch/sass_decode.py"], capture_output=True,
                          text=True, env=env, cwd=root, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")
-            for line in out.stdout.splitlines() if "ternary_grad (base3)" in line}
-    trits, old = rows[("ternary_grad (base3)", "trits")], rows[("ternary_grad (base3)", "bytes")]
-    assert trits[4].strip() == "20"  # values per thread: 4 bytes x 5 trits
-    assert "LDS" not in trits[7] and "STS" not in trits[7], trits[7]
-    assert "LDG.E 16" in trits[7]  # the table lookups: 4 bytes x 4 peers
-    assert float(trits[6]) < 0.7 * float(old[6]), (trits[6], old[6])
+    rows = {}
+    for line in out.stdout.splitlines()[2:]:
+        scheme, kernel, _, per_thread, _, per_value, mem = (c.strip() for c in line.split("|")[1:8])
+        rows[(scheme, kernel)] = {"per_thread": int(per_thread), "per_value": float(per_value),
+                                  "mem": {k: int(v) for k, v in (m.rsplit(" ", 1)
+                                                                 for m in mem.split(", "))}}
+    return rows
+
+
+def test_word_decode_compiles_to_16_byte_stores(sass_profile):
+    """The word kernel writes its fp32 results with 16-byte stores (STG.E.128) and loads whole
+    code words, where the byte kernel stores 4 bytes at a time and loads bytes: the property
+    the kernel exists for (ternary 2-bit, 16 values per thread, 4 peers)."""
+    words = sass_profile[("ternary_grad (2bit)", "words")]["mem"]
+    byte = sass_profile[("ternary_grad (2bit)", "bytes")]["mem"]
+    assert words.get("STG.E.128") == 4 and "STG.E" not in words, words
+    assert "LDG.E.U8" not in words and words["LDG.E"] == 8, words  # 2 words x 4 peers
+    assert byte.get("STG.E") == 16 and byte.get("LDG.E.U8", 0) > 0, byte
+    for scheme in ("ef_signsgd", "signsgd", "qsgd bits=8"):  # and no shared-memory round trip
+        mem = sass_profile[(scheme, "words")]["mem"]
+        assert not [k for k in mem if k.startswith(("LDS", "STS"))], (scheme, mem)
+
+
+def test_trit_major_decode_compiles_without_idle_lanes(sass_profile):
+    """The base-3 trit-major kernel keeps each thread on whole bytes (20 values from 4 bytes
+    per peer, one table lookup per byte), with no shared-memory round trip, and needs fewer
+    instructions per value than the lane-per-trit kernel."""
+    trits = sass_profile[("ternary_grad (base3)", "trits")]
+    old = sass_profile[("ternary_grad (base3)", "bytes")]
+    assert trits["per_thread"] == 20  # values per thread: 4 bytes x 5 trits
+    assert not [k for k in trits["mem"] if k.startswith(("LDS", "STS"))], trits["mem"]
+    assert trits["mem"]["LDG.E"] == 16  # the table lookups: 4 bytes x 4 peers
+    assert trits["per_value"] < 0.7 * old["per_value"], (trits, old)

@@ -270,12 +270,7 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         blk = pid * BPP + tl.arange(0, BPP).to(tl.int64)[:, None, None]
         bm = blk < nblocks
-        row = tab_ptr + blk * 8
-        data = tl.load(row + 0, mask=bm, other=0)
-        n = tl.load(row + 2, mask=bm, other=0)
-        mbase = tl.load(row + 3, mask=bm, other=0)
-        srel = tl.load(row + 4, mask=bm, other=0)
-        crel = tl.load(row + 5, mask=bm, other=0)
+        data, n, mbase, srel, crel = _table_rows(tab_ptr, blk, bm)
         if CODE_BITS == 0:  # lanes (block, byte gg, trit mm): value 5gg + mm
             gg = tl.arange(0, NB3)[None, :, None]
             mm = tl.arange(0, 8)[None, None, :]
@@ -294,20 +289,7 @@ if triton is not None:
             acc = tl.zeros((BPP, G, 8), dtype=tl.float32)
         for p in tl.static_range(NPEERS):  # unrolled: every peer's loads in flight at once
             base = mbase + p * stride
-            if SCALE_FMT == 1:
-                s0 = tl.load(msg_ptr + base + srel, mask=bm, other=0).to(tl.uint32)
-                s1 = tl.load(msg_ptr + base + srel + 1, mask=bm, other=0).to(tl.uint32)
-                s2 = tl.load(msg_ptr + base + srel + 2, mask=bm, other=0).to(tl.uint32)
-                s3 = tl.load(msg_ptr + base + srel + 3, mask=bm, other=0).to(tl.uint32)
-                s = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
-            elif SCALE_FMT == 2:
-                s0 = tl.load(msg_ptr + base + srel, mask=bm, other=0).to(tl.uint32)
-                s1 = tl.load(msg_ptr + base + srel + 1, mask=bm, other=0).to(tl.uint32)
-                s = ((s0 | (s1 << 8)) << 16).to(tl.float32, bitcast=True)
-            elif SCALE_FMT == 3:
-                s = _e8m0_value(tl.load(msg_ptr + base + srel, mask=bm, other=0).to(tl.uint32))
-            else:
-                s = 1.0
+            s = _scale_bytes(msg_ptr + base + srel, bm, SCALE_FMT)
             cp = msg_ptr + base + crel
             if CODE_BITS == 0:
                 cb = tl.load(cp + gg, mask=gm, other=0).to(tl.int32)
@@ -331,28 +313,71 @@ if triton is not None:
                                  other=0).to(tl.uint64)
                     word = word | (wb << (8 * b))
                 c = ((word >> (CODE_BITS * t).to(tl.uint64)) & ((1 << CODE_BITS) - 1)).to(tl.int32)
-            if KIND <= 1:
-                d = tl.where(c == 1, s, -s)
-            elif KIND == 2:
-                d = tl.where(c == 2, s, tl.where(c == 0, -s, 0.0))
-            else:
-                step = tl.math.div_rn(s, s * 0 + LEVELS)
-                # the level as fp32 without the (quarter-rate) int→float unit: 2²³ + lev − 2²³
-                lev = ((c >> 1) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                mag = lev * step
-                d = tl.where((c & 1) == 1, -mag, mag)
-            if HAS_FLAG:
-                f = tl.load(msg_ptr + base + flag_off, mask=bm, other=0)
-                d = tl.where(f != 0, float("nan"), d)
-            if p == 0:
-                acc = d
-            else:
-                acc = acc + d
+            f = tl.load(msg_ptr + base + flag_off, mask=bm, other=0) if HAS_FLAG else 0
+            acc = _add_peer(acc, _decode_code(c, s, KIND, LEVELS), f, p == 0, HAS_FLAG)
+        tl.store(out_ptr + data + e, _finish(acc, inv_n, MODE), mask=m)
+
+    @triton.jit
+    def _add_peer(acc, d, f, FIRST: tl.constexpr, HAS_FLAG: tl.constexpr):
+        """acc + d in peer order (d itself for the first peer); NaN where the peer flagged."""
+        if HAS_FLAG:
+            d = tl.where(f != 0, float("nan"), d)
+        if FIRST:
+            acc = d
+        else:
+            acc = acc + d
+        return acc
+
+    @triton.jit
+    def _table_rows(tab_ptr, blk, bm):
+        """DATA, LEN, MSG, SCALE, CODE of blocks blk (0 where not bm)."""
+        row = tab_ptr + blk * 8
+        return (tl.load(row + 0, mask=bm, other=0), tl.load(row + 2, mask=bm, other=0),
+                tl.load(row + 3, mask=bm, other=0), tl.load(row + 4, mask=bm, other=0),
+                tl.load(row + 5, mask=bm, other=0))
+
+    @triton.jit
+    def _scale_bytes(p, mask, SCALE_FMT: tl.constexpr):
+        """A block's scale from its little-endian bytes at p (fp32, bf16, e8m0; none: 1)."""
+        if SCALE_FMT == 1:
+            s0 = tl.load(p, mask=mask, other=0).to(tl.uint32)
+            s1 = tl.load(p + 1, mask=mask, other=0).to(tl.uint32)
+            s2 = tl.load(p + 2, mask=mask, other=0).to(tl.uint32)
+            s3 = tl.load(p + 3, mask=mask, other=0).to(tl.uint32)
+            s = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
+        elif SCALE_FMT == 2:
+            s0 = tl.load(p, mask=mask, other=0).to(tl.uint32)
+            s1 = tl.load(p + 1, mask=mask, other=0).to(tl.uint32)
+            s = ((s0 | (s1 << 8)) << 16).to(tl.float32, bitcast=True)
+        elif SCALE_FMT == 3:
+            s = _e8m0_value(tl.load(p, mask=mask, other=0).to(tl.uint32))
+        else:
+            s = 1.0
+        return s
+
+    @triton.jit
+    def _decode_code(c, s, KIND: tl.constexpr, LEVELS: tl.constexpr):
+        """The value of code c of a block with scale s (the reference's decode)."""
+        if KIND <= 1:
+            d = tl.where(c == 1, s, -s)
+        elif KIND == 2:
+            d = tl.where(c == 2, s, tl.where(c == 0, -s, 0.0))
+        else:
+            step = tl.math.div_rn(s, s * 0 + LEVELS)
+            # the level as fp32 without the (quarter-rate) int→float unit: 2²³ + lev − 2²³
+            lev = ((c >> 1) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            mag = lev * step
+            d = tl.where((c & 1) == 1, -mag, mag)
+        return d
+
+    @triton.jit
+    def _finish(acc, inv_n, MODE: tl.constexpr):
+        """copy / mean (× fp32(1/N)) / vote (sign, NaN kept) of the peers' sum."""
         if MODE == 1:
             acc = acc * inv_n
         elif MODE == 2:
             acc = tl.where(acc != acc, acc, tl.where(acc >= 0, 1.0, -1.0))
-        tl.store(out_ptr + data + e, acc, mask=m)
+        return acc
 
 
     @triton.jit
@@ -376,12 +401,9 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         blk = pid * BPP + tl.arange(0, BPP).to(tl.int64)[:, None, None]
         bm = blk < nblocks
-        row = tab_ptr + blk * 8
-        data = tl.multiple_of(tl.load(row + 0, mask=bm, other=0), [4, 4, 4])
-        n = tl.multiple_of(tl.load(row + 2, mask=bm, other=0), [4, 4, 4])
-        mbase = tl.load(row + 3, mask=bm, other=0)
-        srel = tl.load(row + 4, mask=bm, other=0)
-        crel = tl.load(row + 5, mask=bm, other=0)
+        data, n, mbase, srel, crel = _table_rows(tab_ptr, blk, bm)
+        data = tl.multiple_of(data, [4, 4, 4])  # aligned rows only (word_rows)
+        n = tl.multiple_of(n, [4, 4, 4])
         gw = tl.arange(0, W)[None, :, None]
         j = tl.arange(0, V)[None, None, :]
         e = V * gw + j
@@ -411,23 +433,10 @@ if triton is not None:
             elif KIND == 2:
                 d = tl.where(cm == (2 << sh), s, tl.where(cm == 0, -s, 0.0))
             else:
-                c = (cm >> sh).to(tl.int32)
-                step = tl.math.div_rn(s, s * 0 + LEVELS)
-                lev = ((c >> 1) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                mag = lev * step
-                d = tl.where((c & 1) == 1, -mag, mag)
-            if HAS_FLAG:
-                f = _msg_byte(mw_ptr, base + flag_off, bm)
-                d = tl.where(f != 0, float("nan"), d)
-            if p == 0:
-                acc = d
-            else:
-                acc = acc + d
-        if MODE == 1:
-            acc = acc * inv_n
-        elif MODE == 2:
-            acc = tl.where(acc != acc, acc, tl.where(acc >= 0, 1.0, -1.0))
-        tl.store(out_ptr + data + e, acc, mask=m)
+                d = _decode_code((cm >> sh).to(tl.int32), s, KIND, LEVELS)
+            f = _msg_byte(mw_ptr, base + flag_off, bm) if HAS_FLAG else 0
+            acc = _add_peer(acc, d, f, p == 0, HAS_FLAG)
+        tl.store(out_ptr + data + e, _finish(acc, inv_n, MODE), mask=m)
 
 
     @triton.jit
@@ -439,14 +448,6 @@ if triton is not None:
         if HAS_FLAG:
             d = tl.where(f != 0, float("nan"), d)
         return d
-
-    @triton.jit
-    def _finish(acc, inv_n, MODE: tl.constexpr):
-        if MODE == 1:
-            acc = acc * inv_n
-        elif MODE == 2:
-            acc = tl.where(acc != acc, acc, tl.where(acc >= 0, 1.0, -1.0))
-        return acc
 
     @triton.jit
     def _decode_trits_kernel(msg_ptr, lut_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv_n,
@@ -461,12 +462,7 @@ if triton is not None:
         pid = tl.program_id(0).to(tl.int64)
         blk = pid * BPP + tl.arange(0, BPP).to(tl.int64)[:, None]
         bm = blk < nblocks
-        row = tab_ptr + blk * 8
-        data = tl.load(row + 0, mask=bm, other=0)
-        n = tl.load(row + 2, mask=bm, other=0)
-        mbase = tl.load(row + 3, mask=bm, other=0)
-        srel = tl.load(row + 4, mask=bm, other=0)
-        crel = tl.load(row + 5, mask=bm, other=0)
+        data, n, mbase, srel, crel = _table_rows(tab_ptr, blk, bm)
         nbytes = (n + 4) // 5
         for ch in range(NCHUNK):
             b = ch * NBC + tl.arange(0, NBC)[None, :]
@@ -479,21 +475,7 @@ if triton is not None:
             a4 = a0
             for p in tl.static_range(NPEERS):  # unrolled: every peer's loads in flight at once
                 base = mbase + p * stride
-                if SCALE_FMT == 1:
-                    s0 = tl.load(msg_ptr + base + srel, mask=bm, other=0).to(tl.uint32)
-                    s1 = tl.load(msg_ptr + base + srel + 1, mask=bm, other=0).to(tl.uint32)
-                    s2 = tl.load(msg_ptr + base + srel + 2, mask=bm, other=0).to(tl.uint32)
-                    s3 = tl.load(msg_ptr + base + srel + 3, mask=bm, other=0).to(tl.uint32)
-                    s = (s0 | (s1 << 8) | (s2 << 16) | (s3 << 24)).to(tl.float32, bitcast=True)
-                elif SCALE_FMT == 2:
-                    s0 = tl.load(msg_ptr + base + srel, mask=bm, other=0).to(tl.uint32)
-                    s1 = tl.load(msg_ptr + base + srel + 1, mask=bm, other=0).to(tl.uint32)
-                    s = ((s0 | (s1 << 8)) << 16).to(tl.float32, bitcast=True)
-                elif SCALE_FMT == 3:
-                    s = _e8m0_value(tl.load(msg_ptr + base + srel, mask=bm, other=0)
-                                    .to(tl.uint32))
-                else:
-                    s = tl.zeros((BPP, 1), dtype=tl.float32) + 1.0
+                s = _scale_bytes(msg_ptr + base + srel, bm, SCALE_FMT)
                 f = 0
                 if HAS_FLAG:
                     f = tl.load(msg_ptr + base + flag_off, mask=bm, other=0)
