@@ -31,6 +31,7 @@ SPECS = {
     "qsgd/2": BlockSpec("qsgd", 64, 2, "fp32", levels=1),
     "qsgd/3": BlockSpec("qsgd", 64, 3, "fp32", levels=3),
     "qsgd/4": BlockSpec("qsgd", 2048, 4, "fp32", levels=7),
+    "qsgd/6": BlockSpec("qsgd", 64, 6, "fp32", levels=31),  # 48-bit groups (64-bit words)
     "qsgd/8": BlockSpec("qsgd", 64, 8, "fp32", levels=127),
 }
 

@@ -298,24 +298,22 @@ if triton is not None:
             elif CODE_BITS == 8:
                 c = tl.load(cp + e, mask=m, other=0).to(tl.int32)
             elif CODE_BITS <= 4:  # the group's bytes in one 32-bit word
-                word = tl.load(cp + gg * CODE_BITS, mask=gg * CODE_BITS < nbytes,
-                               other=0).to(tl.uint32)
-                for b in tl.static_range(1, CODE_BITS):
-                    wb = tl.load(cp + gg * CODE_BITS + b, mask=gg * CODE_BITS + b < nbytes,
-                                 other=0).to(tl.uint32)
-                    word = word | (wb << (8 * b))
-                c = ((word >> (CODE_BITS * t).to(tl.uint32)) & ((1 << CODE_BITS) - 1)).to(tl.int32)
+                c = _group_codes(cp, gg, t, nbytes, CODE_BITS, tl.uint32)
             else:  # 5..7 bits: 40..56-bit groups
-                word = tl.load(cp + gg * CODE_BITS, mask=gg * CODE_BITS < nbytes,
-                               other=0).to(tl.uint64)
-                for b in tl.static_range(1, CODE_BITS):
-                    wb = tl.load(cp + gg * CODE_BITS + b, mask=gg * CODE_BITS + b < nbytes,
-                                 other=0).to(tl.uint64)
-                    word = word | (wb << (8 * b))
-                c = ((word >> (CODE_BITS * t).to(tl.uint64)) & ((1 << CODE_BITS) - 1)).to(tl.int32)
+                c = _group_codes(cp, gg, t, nbytes, CODE_BITS, tl.uint64)
             f = tl.load(msg_ptr + base + flag_off, mask=bm, other=0) if HAS_FLAG else 0
             acc = _add_peer(acc, _decode_code(c, s, KIND, LEVELS), f, p == 0, HAS_FLAG)
         tl.store(out_ptr + data + e, _finish(acc, inv_n, MODE), mask=m)
+
+    @triton.jit
+    def _group_codes(cp, gg, t, nbytes, CODE_BITS: tl.constexpr, WT: tl.constexpr):
+        """Code t of each group gg: the group's CODE_BITS bytes joined into one WT word."""
+        word = tl.load(cp + gg * CODE_BITS, mask=gg * CODE_BITS < nbytes, other=0).to(WT)
+        for b in tl.static_range(1, CODE_BITS):
+            wb = tl.load(cp + gg * CODE_BITS + b, mask=gg * CODE_BITS + b < nbytes,
+                         other=0).to(WT)
+            word = word | (wb << (8 * b))
+        return ((word >> (CODE_BITS * t).to(WT)) & ((1 << CODE_BITS) - 1)).to(tl.int32)
 
     @triton.jit
     def _add_peer(acc, d, f, FIRST: tl.constexpr, HAS_FLAG: tl.constexpr):
