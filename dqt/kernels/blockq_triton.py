@@ -377,7 +377,6 @@ if triton is not None:
             acc = tl.where(acc != acc, acc, tl.where(acc >= 0, 1.0, -1.0))
         return acc
 
-
     @triton.jit
     def _msg_byte(mw_ptr, off, mask):
         """The byte at byte offset ``off`` of the messages, read through their 32-bit words."""
@@ -389,7 +388,7 @@ if triton is not None:
                              NPEERS: tl.constexpr, KIND: tl.constexpr, CODE_BITS: tl.constexpr,
                              SCALE_FMT: tl.constexpr, LEVELS: tl.constexpr, BLOCK: tl.constexpr,
                              BPP: tl.constexpr, MODE: tl.constexpr, HAS_FLAG: tl.constexpr):
-        """The decode of blocks whose data, length and codes are 4-aligned (``aligned_rows``),
+        """The decode of blocks whose data, length and codes are 4-aligned (:func:`word_rows`),
         for 1/2/4/8-bit codes: BPP blocks per program as a (BPP, words, 32/k) tile — lane j of
         word w is value (32/k)·w + j, so each code word is one 32-bit load per peer, its codes
         are constant shifts, and the fp32 results of a word are contiguous, 16-byte-aligned
@@ -435,7 +434,6 @@ if triton is not None:
             f = _msg_byte(mw_ptr, base + flag_off, bm) if HAS_FLAG else 0
             acc = _add_peer(acc, d, f, p == 0, HAS_FLAG)
         tl.store(out_ptr + data + e, _finish(acc, inv_n, MODE), mask=m)
-
 
     @triton.jit
     def _trit_value(codes, s, f, M: tl.constexpr, HAS_FLAG: tl.constexpr):
@@ -631,7 +629,8 @@ def _decode_trits(spec, msg, table, out, npeers, peer_stride, flag_off, mode) ->
     nbc = min(TRITS_CHUNK, triton.next_power_of_2(nb))
     bpp = max(1, min(TRITS_TILE // nbc, triton.next_power_of_2(nblocks)))
     _decode_trits_kernel[(triton.cdiv(nblocks, bpp),)](
-        msg, trit_table(msg.device), table, out, nblocks, int(peer_stride), int(flag_off), f32_recip(npeers),
+        msg, trit_table(msg.device), table, out, nblocks, int(peer_stride), int(flag_off),
+        f32_recip(npeers),
         NPEERS=int(npeers), SCALE_FMT=_SCALES[spec.scale], BPP=bpp, NBC=nbc,
         NCHUNK=-(-nb // nbc), MODE=_MODES[mode], HAS_FLAG=flag_off >= 0,
         num_warps=max(1, min(DECODE_WARPS, bpp * nbc // 128)),
