@@ -36,9 +36,9 @@ train: install
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) launch/train.py $(SCHEME) $(ARGS)
 
 # Optional: Horovod for backend=horovod and tests/test_horovod.py (a patched source build,
-# cached as a wheel; see launch/build_horovod.sh).
+# cached as a wheel; see tools/build_horovod.sh).
 horovod: install-dev
-	launch/build_horovod.sh $(PY)
+	tools/build_horovod.sh $(PY)
 
 test: install-dev
 	$(PY) -m pytest -q $(ARGS)

@@ -12,12 +12,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from dqt.quant.summary import format_summary, summarize  # noqa: E402
-from dqt.train.export import export_run, find_checkpoint, load_export  # noqa: E402
+from dqt.quant.summary import format_summary, summarize
+from dqt.train.export import export_run, find_checkpoint, load_export
 
 
 def main(argv: list[str] | None = None) -> int:

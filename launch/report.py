@@ -14,9 +14,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dqt.train.report import load_run, plot, plot_link, results_table  # noqa: E402
+from dqt.train.report import load_run, plot, plot_link, results_table
 
 
 def main(argv: list[str] | None = None) -> int:

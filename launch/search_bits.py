@@ -15,14 +15,12 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from dqt.config import ConfigError, register_configs, to_typed  # noqa: E402
-from dqt.train.run_dir import register_resolvers  # noqa: E402
+from dqt.config import ConfigError, register_configs, to_typed
+from dqt.train.run_dir import register_resolvers
 
 register_configs()
 register_resolvers()

@@ -15,20 +15,18 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dqt.train import preempt  # noqa: E402  (signal and os only)
+from dqt.train import preempt  # signal and os only
 
 if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun rank: keep a SIGTERM that comes during
     preempt.install()  # start-up (launch/slurm/train.sbatch has torchrun itself ignore SIGTERM)
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-from torch.distributed.elastic.multiprocessing.errors import record  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import record
 
-from dqt.config import ConfigError, register_configs, to_typed  # noqa: E402
-from dqt.train.run_dir import env_rank, register_resolvers  # noqa: E402
+from dqt.config import ConfigError, register_configs, to_typed
+from dqt.train.run_dir import env_rank, register_resolvers
 
 register_configs()
 register_resolvers()

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dqt.comm import SCHEMES, build_scheme, wire_bytes
 from dqt.config import PowerSGDSchemeConfig, TorchCastSchemeConfig
 import dqt.comm.torch_hooks  # noqa: F401
-from conftest import rank_process
+from tests.conftest import rank_process
 from dqt.train.distributed import teardown
 
 STEPS = 4
@@ -74,7 +74,7 @@ def _run(name: str, world: int, tmp_path) -> list[dict[str, Any]]:
 
 
 def test_every_registered_scheme_has_test_settings():
-    from test_comm_compressed import TESTED as COMPRESSED
+    from tests.test_comm_compressed import TESTED as COMPRESSED
 
     missing = set(SCHEMES.names()) - set(CASES) - set(COMPRESSED)
     assert not missing, (f"schemes without multi-process tests: {sorted(missing)}; add them to "

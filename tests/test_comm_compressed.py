@@ -29,7 +29,7 @@ from dqt.comm.meter import CommMeter
 from dqt.config import CompressedSchemeConfig, QSGDConfig, TernaryGradConfig
 from dqt.kernels import blockq
 from dqt.kernels.philox import mix_seed
-from conftest import rank_process
+from tests.conftest import rank_process
 from dqt.train.distributed import teardown
 
 SEED, STEP, BUCKET = 7, 3, 1

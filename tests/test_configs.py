@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from conftest import CONF, run_train
+from tests.conftest import CONF, run_train
 from dqt.comm.scheme import SCHEMES, build_scheme  # noqa: F401
 from dqt.config import ConfigError, TrainConfig, to_typed
 import dqt.comm.torch_hooks  # noqa: F401  (registers the baselines)

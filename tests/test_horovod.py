@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TRAIN, checkpoints, clean_env, read_metrics, run_train, summary
+from tests.conftest import REPO, TRAIN, checkpoints, clean_env, read_metrics, run_train, summary
 
 COMPRESSED_SCHEMES = ["onebit", "signsgd", "ternary_grad", "qsgd"]
 SCHEMES = ["allreduce", "fp16", *COMPRESSED_SCHEMES]

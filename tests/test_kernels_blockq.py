@@ -380,7 +380,7 @@ def test_word_decode_on_gpu_matches_reference(name, monkeypatch):
 
 @pytest.fixture(scope="module")
 def sass_profile() -> dict[tuple[str, str], dict]:
-    """``launch/sass_decode.py``'s table — every decode kernel compiled for sm_90 (H100)
+    """``benchmarks/sass_decode.py``'s table — every decode kernel compiled for sm_90 (H100)
     without a GPU, with the ptxas/nvdisasm that ship with triton — as (scheme, kernel) →
     {"per_thread": values per thread, "per_value": SASS per value, "mem": {op: count}}."""
     import os
@@ -390,7 +390,7 @@ def sass_profile() -> dict[tuple[str, str], dict]:
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    out = subprocess.run([sys.executable, "launch/sass_decode.py"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sass_decode"], capture_output=True,
                          text=True, env=env, cwd=root, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {}

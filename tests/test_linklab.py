@@ -1,4 +1,4 @@
-"""launch/linklab.py and launch/bench_link.py on real network namespaces (root only): the links
+"""benchmarks/linklab.py and benchmarks/bench_link.py on real network namespaces (root only): the links
 carry at most the shaped rate, ranks train over them, and nothing is left behind — also when the
 code inside the lab raises."""
 
@@ -12,10 +12,9 @@ import time
 
 import pytest
 
-from conftest import REPO, clean_env, summary
+from tests.conftest import REPO, clean_env, summary
 
-sys.path.insert(0, str(REPO / "launch"))
-from linklab import LinkLab, check_root, leftover_namespaces  # noqa: E402
+from benchmarks.linklab import LinkLab, check_root, leftover_namespaces
 
 if check_root() is not None and os.environ.get("DQT_REQUIRE_NETNS") == "1":
     raise RuntimeError(f"DQT_REQUIRE_NETNS=1 (set by .ci/run as root) but: {check_root()}")
@@ -81,7 +80,7 @@ def test_bench_link_trains_over_the_link(tmp_path):
     sync, and rank 0's interface carried at least the bytes the hook counted."""
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "bench_link.py"), "--models", "mlp_20m",
+        [sys.executable, "-m", "benchmarks.bench_link", "--models", "mlp_20m",
          "--schemes", "fp32 all-reduce", "ternary_grad", "--steps", "4", "--warmup", "1",
          "--extra", "model.widths=[256,256]", "--out", str(out), "--json",
          str(tmp_path / "rows.json")],
@@ -101,10 +100,10 @@ def test_bench_link_trains_over_the_link(tmp_path):
 
 
 def test_study_reports_time_to_target(tmp_path):
-    """launch/study.py end to end on loopback torchrun (no namespaces needed, but it runs with
+    """benchmarks/study.py end to end on loopback torchrun (no namespaces needed, but it runs with
     the other link tests): per-run JSON with the steps and bytes to the target, and the table."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "launch" / "study.py"), "--no-link", "--models", "mlp",
+        [sys.executable, "-m", "benchmarks.study", "--no-link", "--models", "mlp",
          "--schemes", "allreduce", "ternary_grad", "--qat", "fp32", "--seeds", "1",
          "--extra", "steps=50", "eval_every=25", "--out", str(tmp_path / "study"),
          "--json", str(tmp_path / "study.json")],

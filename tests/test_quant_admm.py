@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import checkpoints, run_train, summary
+from tests.conftest import checkpoints, run_train, summary
 from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig, to_typed
 from dqt.quant import apply_qat, qat_penalty, qat_step
 from dqt.quant.admm import code_set, project

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import REPO, clean_env, run_train
+from tests.conftest import REPO, clean_env, run_train
 from dqt.config import QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.kernels.lowbit_pack import dequantize_weight, unpack_weight
 from dqt.quant import QUANTIZERS, apply_qat, qat_step

@@ -20,7 +20,7 @@ from dqt.quant.dorefa import dorefa_grad
 from dqt.quant.fixed_point import linear_quantize
 from dqt.quant.log_quant import log_linear_quantize
 from dqt.quant.tanh_quant import tanh_quantize
-from seed_c_refs import np_pq, np_sdd, np_tnn, np_wage_a, np_wage_w  # second-tier survey
+from tests.seed_c_refs import np_pq, np_sdd, np_tnn, np_wage_a, np_wage_w  # second-tier survey
 
 RNG = np.random.default_rng(0)
 W = (RNG.standard_normal((16, 24)) * 0.3).astype(np.float32)  # a weight (N=16, K=24)

@@ -12,7 +12,7 @@ from dqt.quant import apply_qat
 from dqt.quant.export import load_packed, read_export, save_export
 from dqt.quant.packed_linear import use_packed_gemm
 from dqt.train.models import LeNetCNN
-from test_quant_export import trained
+from tests.test_quant_export import trained
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["reference"] + (["triton"] if lowbit_gemm_triton.available(torch.device(DEVICE)) else [])

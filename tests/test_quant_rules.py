@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CONF
+from tests.conftest import CONF
 from dqt.config import ConfigError, QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig, to_typed
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
 from dqt.quant.prepare import layer_quantizers

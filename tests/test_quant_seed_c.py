@@ -15,14 +15,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import rank_process, run_train, summary
-from test_quant_ste import grad_of, make
+from tests.conftest import rank_process, run_train, summary
+from tests.test_quant_ste import grad_of, make
 from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import apply_qat, qat_step
 from dqt.quant.factorized import sdd, ternary_max
 from dqt.quant.input_stats import RIDGE
 from dqt.quant.wage import init_limit, layer_scale, quantize_grad
-from seed_c_refs import np_bwnh, np_pq_error_correct, np_sdd, np_wage_e, np_wage_g
+from tests.seed_c_refs import np_bwnh, np_pq_error_correct, np_sdd, np_wage_e, np_wage_g
 
 RNG = np.random.default_rng(3)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_train, summary
+from tests.conftest import run_train, summary
 from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
 from dqt.quant.codes import Dense, Log, SharedCodebook, shift_value

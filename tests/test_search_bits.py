@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import CONF, REPO, clean_env
+from tests.conftest import CONF, REPO, clean_env
 from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig, to_typed
 from dqt.quant import QUANTIZERS, apply_qat
 from dqt.quant.prepare import layer_quantizers

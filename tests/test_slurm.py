@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, TRAIN, checkpoints, clean_env, read_metrics, summary,
+from tests.conftest import (REPO, TRAIN, checkpoints, clean_env, read_metrics, summary,
                       wait_for_step)
 
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, checkpoints, clean_env, read_metrics, run_train, summary,
+from tests.conftest import (REPO, checkpoints, clean_env, read_metrics, run_train, summary,
                       train_cmd, wait_for_step)
-from wandb_log import config_and_history
+from tests.wandb_log import config_and_history
 
 pytestmark = pytest.mark.slow
 # the same training maths in every run below; only bookkeeping knobs differ

@@ -1,7 +1,7 @@
 """Accuracy at equal steps: every scheme vs plain all-reduce, several seeds, real torchrun runs.
 
-    python launch/bench_accuracy.py                          # digits, 4 ranks, seeds 1 2 3
-    python launch/bench_accuracy.py --nproc 2 --seeds 1 --schemes onebit qsgd
+    python -m benchmarks.bench_accuracy                          # digits, 4 ranks, seeds 1 2 3
+    python -m benchmarks.bench_accuracy --nproc 2 --seeds 1 --schemes onebit qsgd
 
 Prints a markdown table: mean ± std of the final test accuracy over seeds, the difference to
 plain all-reduce, and bytes sent per rank per step (from the hooks' counters). Run directories

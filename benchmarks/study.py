@@ -1,12 +1,12 @@
 """Time-to-accuracy study: every scheme × {fp32, one QAT setting} × seeds, on real ranks over a
 shaped link.
 
-    sudo python launch/study.py                                  # the full study, 1 Gbit/s link
-    python launch/study.py --no-link --models mlp --seeds 1      # loopback torchrun, no root
+    sudo python -m benchmarks.study                                  # the full study, 1 Gbit/s link
+    python -m benchmarks.study --no-link --models mlp --seeds 1      # loopback torchrun, no root
 
 For each model (digits MLP, digits CNN, the character GPT on the text corpus), scheme and QAT
 setting it trains ``--seeds`` runs of the real ``launch/train.py`` (ranks in network namespaces
-joined by a ``--rate`` link, see ``launch/linklab.py``; or torchrun over loopback with
+joined by a ``--rate`` link, see ``benchmarks/linklab.py``; or torchrun over loopback with
 ``--no-link``), evaluating every ``eval_every`` steps, and reports the final metric (mean ±
 std over seeds) and, against a fixed target per model, the steps, the bytes one rank sent, and
 the wall time from the first step until the target was first met (mean over the seeds that
@@ -29,9 +29,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-
-from linklab import LinkLab, check_root  # noqa: E402
+from benchmarks.linklab import LinkLab, check_root
 
 # model -> (overrides, target metric, target value, higher is better)
 MODELS = {

@@ -1,11 +1,11 @@
 """QAT accuracy at equal steps: every preset vs the fp32 baseline, several seeds, real torchrun
-runs (like launch/bench_accuracy.py).
+runs (like benchmarks/bench_accuracy.py).
 
-    python launch/bench_qat.py                              # digits CNN + BN, 2 ranks, seeds 1 2 3
-    python launch/bench_qat.py --nproc 4 --methods fp32 "DoReFa W2A2 G32"
-    python launch/bench_qat.py --experiment digits_cnn      # the same CNN without BatchNorm
-    python launch/bench_qat.py -- steps=600                 # extra overrides for every run
-    python launch/bench_qat.py --methods fp32 "LSQ W4A4" "PACT W4A4" "TTQ, W_p/W_n at the weights' lr"
+    python -m benchmarks.bench_qat                              # digits CNN + BN, 2 ranks, seeds 1 2 3
+    python -m benchmarks.bench_qat --nproc 4 --methods fp32 "DoReFa W2A2 G32"
+    python -m benchmarks.bench_qat --experiment digits_cnn      # the same CNN without BatchNorm
+    python -m benchmarks.bench_qat -- steps=600                 # extra overrides for every run
+    python -m benchmarks.bench_qat --methods fp32 "LSQ W4A4" "PACT W4A4" "TTQ, W_p/W_n at the weights' lr"
 
 Prints a markdown table: mean ± std of the final test accuracy over seeds, the difference to
 fp32, the per-seed values and the packed model size (from the run's QAT summary). Every method

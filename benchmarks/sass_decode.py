@@ -8,7 +8,7 @@ value of the block (lanes that hold no value — base-3 padding — count agains
 straight-line code: no loops at these sizes, so static = dynamic), global loads/stores by width,
 and shared-memory traffic (layout conversions). A proxy for issue cost only — GPU time comes from ``bench_kernels.py --gpu``.
 
-    python launch/sass_decode.py            (TRITON_INTERPRET must be unset)
+    python -m benchmarks.sass_decode            (TRITON_INTERPRET must be unset)
 """
 
 from __future__ import annotations
@@ -20,16 +20,14 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from dqt.comm.compressors import build_compressor
+from dqt.kernels import blockq_triton as bt
 
-from dqt.comm.compressors import build_compressor  # noqa: E402
-from dqt.kernels import blockq_triton as bt  # noqa: E402
-
-from bench_kernels import VARIANTS  # noqa: E402
+from benchmarks.bench_kernels import VARIANTS
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SIG = {"tab_ptr": "*i64", "out_ptr": "*fp32", "nblocks": "i32", "stride": "i64",

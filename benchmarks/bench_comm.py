@@ -1,7 +1,7 @@
 """Communication benchmark: bytes on the wire and compress/decompress throughput per scheme.
 
-    python launch/bench_comm.py                      # 16.8M-value bucket, 2 ranks; 1M..64M
-    python launch/bench_comm.py --bytes-size 4M --world 4 --sizes 1M 16M
+    python -m benchmarks.bench_comm                      # 16.8M-value bucket, 2 ranks; 1M..64M
+    python -m benchmarks.bench_comm --bytes-size 4M --world 4 --sizes 1M 16M
 
 Part 1 — bytes sent per rank per step on a real gloo group (a DDP model holding one bucket of
 the given size), counted by the hooks: fp32 all-reduce (DDP's default), PyTorch's bf16 and
@@ -9,7 +9,7 @@ PowerSGD (rank 1 and 4) hooks, and every dqt scheme.
 
 Part 2 — CPU throughput in GB/s of fp32 gradient of the fused C kernel and the torch reference
 (compress with error feedback; decompress-and-reduce of 4 peers), with ``clone()`` as the
-roofline: the CPU table of ``launch/bench_kernels.py``, which also has the GPU tables.
+roofline: the CPU table of ``benchmarks/bench_kernels.py``, which also has the GPU tables.
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from bench_kernels import VARIANTS, _size, cpu_tables  # noqa: E402  (launch/ is on sys.path)
+from benchmarks.bench_kernels import VARIANTS, _size, cpu_tables
 
 # ------------------------------------------------------------------ part 1: bytes via hooks
 def _scheme_configs():

@@ -1,11 +1,11 @@
 """End-to-end step time over a real, bandwidth-limited link: every scheme, on real processes.
 
-    sudo python launch/bench_link.py                                  # 2 ranks, 1 Gbit/s, 20M MLP
-    sudo python launch/bench_link.py --rates 100mbit 1gbit 10gbit unshaped --models mlp_20m resnet20 gpt
-    python launch/bench_link.py --unshaped-only                       # no root: loopback torchrun
+    sudo python -m benchmarks.bench_link                                  # 2 ranks, 1 Gbit/s, 20M MLP
+    sudo python -m benchmarks.bench_link --rates 100mbit 1gbit 10gbit unshaped --models mlp_20m resnet20 gpt
+    python -m benchmarks.bench_link --unshaped-only                       # no root: loopback torchrun
 
 Each rank runs the real ``launch/train.py`` in a network namespace of its own, joined to the
-others through veth links shaped with ``tc … tbf`` (``launch/linklab.py``), on gloo with
+others through veth links shaped with ``tc … tbf`` (``benchmarks/linklab.py``), on gloo with
 ``GLOO_SOCKET_IFNAME`` set to the shaped interface. For each (model, link rate, scheme) it
 reports the median step time after ``--warmup`` steps (the trainer's ``time/step_ms``:
 data, forward, backward with the hook's communication, optimizer), the bytes each rank sends
@@ -32,9 +32,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-
-from linklab import LinkLab, check_root  # noqa: E402
+from benchmarks.linklab import LinkLab, check_root
 
 MODELS = {  # name -> overrides (same per-rank batch in every run)
     "mlp_20m": ["model=mlp_20m", "data=synthetic", "optim.lr=0.01"],

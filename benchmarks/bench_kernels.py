@@ -2,9 +2,9 @@
 low-bit GEMV/GEMM. Prints markdown tables; not a test (numbers depend on the machine: compare
 ratios measured in one run).
 
-    python launch/bench_kernels.py                        # CPU: reference vs fused C vs clone
-    python launch/bench_kernels.py --sizes 1M 16M --reps 3
-    python launch/bench_kernels.py --gpu --out gpu.md     # + Triton on CUDA (if there is a GPU)
+    python -m benchmarks.bench_kernels                        # CPU: reference vs fused C vs clone
+    python -m benchmarks.bench_kernels --sizes 1M 16M --reps 3
+    python -m benchmarks.bench_kernels --gpu --out gpu.md     # + Triton on CUDA (if there is a GPU)
 
 CPU — GB/s of fp32 gradient (4·n bytes / time) for n-value buckets in blocks of the scheme:
   compress   = encode with error feedback: read g and e, write e' and the message
@@ -26,13 +26,11 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from dqt.comm.compressors import build_compressor  # noqa: E402
-from dqt.kernels import blockq  # noqa: E402
-from dqt.kernels.blockq import linear_table  # noqa: E402
+from dqt.comm.compressors import build_compressor
+from dqt.kernels import blockq
+from dqt.kernels.blockq import linear_table
 
 VARIANTS = {  # label -> (scheme name, compressor options)
     "onebit": ("onebit", {}),

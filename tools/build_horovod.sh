@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and install Horovod 0.28.1 (its last release) for backend=horovod, CPU/Gloo, into the
-# given Python's environment:   launch/build_horovod.sh [PYTHON] [WHEEL_CACHE_DIR]
+# given Python's environment:   tools/build_horovod.sh [PYTHON] [WHEEL_CACHE_DIR]
 #
 # 0.28.1 does not build against PyTorch >= 2.1 as released: its CMake files ask for C++14 and
 # PyTorch's headers need C++17. This script builds the release source with CMAKE_CXX_STANDARD 17

@@ -1,11 +1,11 @@
-"""Post-training quantization: the fp32-trained model of ``launch/bench_qat.py`` (its ``fp32``
+"""Post-training quantization: the fp32-trained model of ``benchmarks/bench_qat.py`` (its ``fp32``
 runs, same seeds and run directories, trained first if missing) with a weight quantizer attached
 and **no fine-tuning**, evaluated on the test split — ShiftCNN's setting (Gudovskiy & Rigazio
 2017 convert a trained network without retraining), and Deep Compression's k-means before its
 centroid fine-tuning for comparison.
 
-    python launch/bench_ptq.py --out /tmp/bench                # digits CNN + BN, seeds 1 2 3
-    python launch/bench_ptq.py --methods "ShiftCNN N2 B4" "ShiftCNN N1 B4"
+    python -m benchmarks.bench_ptq --out /tmp/bench                # digits CNN + BN, seeds 1 2 3
+    python -m benchmarks.bench_ptq --methods "ShiftCNN N2 B4" "ShiftCNN N1 B4"
 
 Each method is a list of Hydra overrides of the ``qat`` group; the quantizers are attached to the
 trained weights (``init_from`` sees them: k-means clusters them at attach, cluster_step=0).
@@ -24,8 +24,7 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_qat  # noqa: E402
+from benchmarks import bench_qat
 
 METHODS = {
     "fp32": [],

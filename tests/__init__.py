@@ -1,0 +1,1 @@
+"""dqt test suite (a package, so benchmarks can import the shared case tables in ``tests.cases``)."""
