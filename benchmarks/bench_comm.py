@@ -27,22 +27,13 @@ from benchmarks.bench_kernels import VARIANTS, _size, cpu_tables
 
 # ------------------------------------------------------------------ part 1: bytes via hooks
 def _scheme_configs():
-    from dqt.config import (CompressedSchemeConfig, PowerSGDSchemeConfig, QSGDConfig,
-                            TernaryGradConfig, TorchCastSchemeConfig)
+    from dqt.comm.config import SCHEME_CONFIGS, BF16Config, PowerSGDConfig
 
-    cfgs = {"fp32 all-reduce": None, "bf16 (torch hook)": TorchCastSchemeConfig(name="bf16"),
-            "powersgd rank 1": PowerSGDSchemeConfig(matrix_approximation_rank=1,
-                                                    start_powerSGD_iter=2),
-            "powersgd rank 4": PowerSGDSchemeConfig(matrix_approximation_rank=4,
-                                                    start_powerSGD_iter=2)}
+    cfgs = {"fp32 all-reduce": None, "bf16 (torch hook)": BF16Config(),
+            "powersgd rank 1": PowerSGDConfig(matrix_approximation_rank=1, start_powerSGD_iter=2),
+            "powersgd rank 4": PowerSGDConfig(matrix_approximation_rank=4, start_powerSGD_iter=2)}
     for label, (name, opts) in VARIANTS.items():
-        if name == "ternary_grad":
-            cfgs[label] = TernaryGradConfig(**opts)
-        elif name == "qsgd":
-            cfgs[label] = QSGDConfig(**opts)
-        else:
-            cfgs[label] = CompressedSchemeConfig(name=name,
-                                                 error_feedback=name != "signsgd")
+        cfgs[label] = SCHEME_CONFIGS[name](**opts)  # the preset, with the variant's options
     return cfgs
 
 

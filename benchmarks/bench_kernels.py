@@ -31,17 +31,9 @@ import torch
 from dqt.comm.compressors import build_compressor
 from dqt.kernels import blockq
 from dqt.kernels.blockq import linear_table
+from tests.cases import bench_variants
 
-VARIANTS = {  # label -> (scheme name, compressor options)
-    "onebit": ("onebit", {}),
-    "ef_signsgd": ("ef_signsgd", {}),
-    "signsgd": ("signsgd", {}),
-    "ternary_grad (2bit)": ("ternary_grad", {"format": "2bit"}),
-    "ternary_grad (base3)": ("ternary_grad", {"format": "base3"}),
-    "qsgd bits=2": ("qsgd", {"bits": 2}),
-    "qsgd bits=4": ("qsgd", {"bits": 4}),
-    "qsgd bits=8": ("qsgd", {"bits": 8}),
-}
+VARIANTS = bench_variants()  # label -> (scheme name, config options), from tests/cases.py
 PEERS = 4
 
 

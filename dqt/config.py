@@ -1,4 +1,8 @@
-"""Typed configuration: one dataclass per config-group option, stored in Hydra's ConfigStore.
+"""The trainer's typed configuration: :class:`TrainConfig` and the schemas of the trainer's own
+groups (model, data, optim, precision, logger, backend, checkpoint, the bit-width search). The
+components' configs are defined where the components live — ``scheme`` in
+:mod:`dqt.comm.config`, ``qat`` in :mod:`dqt.quant.config` — and composed here; all are stored
+in Hydra's ConfigStore by :func:`register_configs`.
 
 Each YAML file under ``conf/<group>/`` extends its schema explicitly
 (``defaults: [/schema/<group>@_here_: <option>, _self_]``), so Hydra's struct mode rejects
@@ -14,27 +18,13 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from dqt.comm.config import SCHEME_CONFIGS
+from dqt.errors import ConfigError, check
+from dqt.errors import check_bool as _check_bool
+from dqt.errors import check_choice as _choice
+from dqt.quant.config import QATConfig
 
-class ConfigError(ValueError):
-    """A bad config value; the message starts with the full key, e.g. ``optim.lr: ...``."""
-
-    def __init__(self, key: str, msg: str) -> None:
-        self.key = key
-        super().__init__(f"{key}: {msg}")
-
-
-def check(ok: bool, key: str, msg: str) -> None:
-    if not ok:
-        raise ConfigError(key, msg)
-
-
-def _check_bool(value: Any, key: str) -> None:
-    """Hydra rejects a non-boolean from YAML/CLI; this catches one set from Python."""
-    check(isinstance(value, bool), key, f"must be true or false; got {value!r}")
-
-
-def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
-    check(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+__all__ = ["ConfigError", "TrainConfig", "SearchBitsConfig", "register_configs", "to_typed"]
 
 
 # --------------------------------------------------------------------------- model
@@ -230,99 +220,6 @@ class OptimConfig:
         check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off); got {self.grad_clip}")
 
 
-# --------------------------------------------------------------------------- qat
-@dataclass
-class QuantizerConfig:
-    """One tensor's quantizer: ``name`` from the quantizer registry (``dqt.quant.QUANTIZERS``)
-    and its arguments. A null argument takes the quantizer's default; setting an argument the
-    quantizer does not take is an error naming the key (``qat.rules[1].weight.t...``)."""
-
-    name: str = MISSING
-    bits: Optional[int] = None  # bit-width (mantissa bits for flex)
-    per_channel: Optional[bool] = None  # one scale per output channel (weights)
-    frac_bits: Optional[int] = None  # fixed point: fractional bits (the seed's ``sf``)
-    exp_bits: Optional[int] = None  # minifloat / flex exponent bits
-    mant_bits: Optional[int] = None  # minifloat mantissa bits
-    step: Optional[float] = None  # QNN LinearQuant step s
-    min_val: Optional[float] = None  # QNN clip minV
-    max_val: Optional[float] = None  # QNN clip maxV
-    fsr: Optional[int] = None  # log quantizer full-scale range (exponent of the largest level)
-    momentum: Optional[float] = None  # EMA range observer: weight of the new batch
-    stochastic: Optional[bool] = None  # BNN / BinaryConnect stochastic binarization
-    threshold: Optional[float] = None  # TWN Δ factor (0.7), TTQ t (0.05)
-    init: Optional[float] = None  # PACT α₀, LSQ s₀, TTQ W_p/W_n (null = derived from data)
-    history: Optional[int] = None  # Autoflex: maxima kept per tensor
-    order: Optional[int] = None  # HORQ residual order
-    rescale: Optional[bool] = None  # DoReFa k>1: scale the weights by mean|W| (no BatchNorm)
-    rho: Optional[float] = None  # ADMM penalty ρ (ρ/2·‖W − G + λ‖²)
-    every: Optional[int] = None  # ADMM: optimizer steps between G/λ updates
-    iters: Optional[int] = None  # ADMM projection / AQN alternations / Q-CNN k-means / BWNH / FFN SDD inner iterations
-    ste: Optional[bool] = None  # ADMM: forward G with an identity STE (default: W, as the paper)
-    approx: Optional[str] = None  # balanced: percentiles by median (exact) or mean (cheap)
-    uniform: Optional[bool] = None  # HWGQ: uniform (the paper's) or Lloyd non-uniform levels
-    sub_dim: Optional[int] = None  # Q-CNN product quantization: dimensions per subspace
-    rank: Optional[int] = None  # FFN: number of ternary rank-1 terms (null: min(N, K))
-    response: Optional[bool] = None  # Q-CNN: minimise the layer-response error ‖(W − Ŵ)ᵀX‖
-    grad_bits: Optional[int] = None  # WAGE k_G: bits of the weight gradient (null: fp32)
-    grad_lr: Optional[float] = None  # WAGE η: the learning rate inside Q_G (a power of two)
-    centroid_init: Optional[str] = None  # kmeans: linear | density | random
-    cluster_step: Optional[int] = None  # kmeans: optimizer step of the clustering (0 = at attach)
-    schedule: Optional[list[float]] = None  # INQ: share of weights quantized at each stage
-    stage_steps: Optional[int] = None  # INQ: optimizer steps per stage
-    terms: Optional[int] = None  # ShiftCNN: N power-of-two terms per weight
-
-
-@dataclass
-class QATSlotsConfig:
-    """The quantizers of one layer: its weight, its input activation, and the gradient flowing
-    back into its output (identity forward). null = full precision."""
-
-    weight: Optional[QuantizerConfig] = None
-    act: Optional[QuantizerConfig] = None
-    grad: Optional[QuantizerConfig] = None
-
-
-@dataclass
-class QATRuleConfig(QATSlotsConfig):
-    """``match``: exact module name, glob (``layer2.*``) or ``re:<regex>`` (full match);
-    ``type``: module class name (``Linear``, ``Conv2d``, ``torch.nn.Embedding``). With both, both
-    must hold. The first matching rule is the layer's whole plan (slots it omits stay fp)."""
-
-    match: Optional[str] = None
-    type: Optional[str] = None
-
-
-@dataclass
-class QATConfig:
-    """Quantization-aware training: ordered ``rules`` (first match wins), then the ``default``
-    for every other quantizable layer (``types``); ``keep_first_last`` leaves the first and last
-    quantizable layers in full precision unless a rule names them; ``strict`` makes a rule that
-    matches no layer an error. ``fold_bn`` folds a BatchNorm into the conv or Linear before it;
-    ``replace_relu`` swaps ``nn.ReLU`` modules (hardtanh/identity: binary activations need a
-    signed input). ``none`` (no quantizer anywhere) trains in full precision.
-
-    Quantizer parameters (TTQ W_p/W_n, LSQ s, PACT α; ``dqt.quant.quantizer_parameters``) get
-    their own optimizer param group: learning rate ``optim.lr × quantizer_lr_mult`` (same
-    schedule) and weight decay ``quantizer_weight_decay`` (0: scales are not decayed; PACT's L2
-    penalty on α goes here)."""
-
-    name: str = "none"
-    default: QATSlotsConfig = field(default_factory=QATSlotsConfig)
-    rules: list[QATRuleConfig] = field(default_factory=list)
-    keep_first_last: bool = True
-    strict: bool = False
-    types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Embedding"])
-    fold_bn: bool = False
-    replace_relu: Optional[str] = None
-    quantizer_lr_mult: float = 1.0
-    quantizer_weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        from dqt.quant.validate import validate_qat  # lazy: dqt.quant imports torch
-
-        validate_qat(self)
-
-
 # --------------------------------------------------------------------------- precision
 @dataclass
 class PrecisionConfig:
@@ -371,112 +268,6 @@ class BackendConfig:
     def __post_init__(self) -> None:
         _choice(self.name, ("auto", "gloo", "nccl", "horovod"), "backend.name")
         check(self.timeout_s > 0, "backend.timeout_s", f"must be > 0; got {self.timeout_s}")
-
-
-# --------------------------------------------------------------------------- scheme
-@dataclass
-class SchemeConfig:
-    """Gradient-communication scheme, added with ``+scheme=NAME`` (absent = plain all-reduce)."""
-
-    name: str = MISSING
-
-
-@dataclass
-class TorchCastSchemeConfig(SchemeConfig):
-    """PyTorch's fp16/bf16 compression hooks (cast, all-reduce, cast back)."""
-
-
-@dataclass
-class PowerSGDSchemeConfig(SchemeConfig):
-    """PyTorch's PowerSGD hook (Vogels et al. 2019); fields are ``PowerSGDState``'s."""
-
-    name: str = "powersgd"
-    matrix_approximation_rank: int = 1
-    start_powerSGD_iter: int = 10
-    min_compression_rate: float = 2.0
-    use_error_feedback: bool = True
-    warm_start: bool = True
-    orthogonalization_epsilon: float = 0.0
-
-    def __post_init__(self) -> None:
-        check(self.matrix_approximation_rank >= 1, "scheme.matrix_approximation_rank",
-              f"must be >= 1; got {self.matrix_approximation_rank}")
-        check(self.start_powerSGD_iter >= 2, "scheme.start_powerSGD_iter",
-              f"must be >= 2 (PyTorch requires it with error feedback); got {self.start_powerSGD_iter}")
-        check(self.min_compression_rate >= 0, "scheme.min_compression_rate",
-              f"must be >= 0; got {self.min_compression_rate}")
-
-
-@dataclass
-class CompressedSchemeConfig(SchemeConfig):
-    """dqt's compressed all-reduce (``dqt.comm``): onebit, signsgd, ef_signsgd, ternary_grad, qsgd.
-
-    ``block_size``: values per scale, a multiple of 8 (null = the compressor's default); blocks
-    never cross a parameter tensor; ``error_feedback``: worker + server residuals (biased
-    schemes); ``warmup_steps``: steps of plain fp32 all-reduce first; ``min_bucket_numel``:
-    smaller buckets go uncompressed; ``collective``: two_phase (all_to_all + all_gather) or
-    allgather; ``seed``: the Philox key of stochastic rounding; ``kernel``: auto (C on CPU,
-    Triton on CUDA), c, triton or reference (the pure-torch reference, slow); ``auto``: time
-    the compressed and the plain all-reduce of each bucket on the first ``auto_trials``
-    compressed steps and keep the faster (compressed wins if its time × ``auto_margin`` is
-    smaller), the same choice on every rank.
-    """
-
-    block_size: Optional[int] = None
-    error_feedback: bool = False
-    warmup_steps: int = 0
-    min_bucket_numel: int = 1024
-    collective: str = "two_phase"
-    seed: int = 0
-    kernel: str = "auto"
-    auto: bool = False
-    auto_trials: int = 2
-    auto_margin: float = 1.0
-    scale_dtype: Optional[str] = None  # onebit/ef_signsgd: fp32, bf16 or e8m0 (null = default)
-
-    def __post_init__(self) -> None:
-        check(self.block_size is None or (self.block_size >= 8 and self.block_size % 8 == 0),
-              "scheme.block_size", f"must be a positive multiple of 8; got {self.block_size}")
-        check(self.warmup_steps >= 0, "scheme.warmup_steps", f"must be >= 0; got {self.warmup_steps}")
-        check(self.min_bucket_numel >= 0, "scheme.min_bucket_numel",
-              f"must be >= 0; got {self.min_bucket_numel}")
-        _choice(self.collective, ("two_phase", "allgather"), "scheme.collective")
-        check(self.scale_dtype in (None, "fp32", "bf16", "e8m0"), "scheme.scale_dtype",
-              f"must be fp32, bf16 or e8m0; got {self.scale_dtype}")
-        check(self.scale_dtype is None or self.name in ("onebit", "ef_signsgd"),
-              "scheme.scale_dtype", f"only onebit and ef_signsgd take it, not {self.name}")
-        _choice(self.kernel, ("auto", "c", "triton", "reference"), "scheme.kernel")
-        check(self.auto_trials >= 1, "scheme.auto_trials", f"must be >= 1; got {self.auto_trials}")
-        check(self.auto_margin > 0, "scheme.auto_margin", f"must be > 0; got {self.auto_margin}")
-        check(not (self.name == "signsgd" and self.error_feedback), "scheme.error_feedback",
-              "signsgd is plain majority-vote signSGD; use scheme=ef_signsgd for error feedback")
-
-
-@dataclass
-class TernaryGradConfig(CompressedSchemeConfig):
-    """TernGrad: ``format`` 2bit (4 values/byte) or base3 (5 values/byte, 1.6 bits);
-    ``clip_sigma`` > 0 clips at ±clip_sigma·σ before ternarizing (the paper uses 2.5)."""
-
-    name: str = "ternary_grad"
-    format: str = "2bit"
-    clip_sigma: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _choice(self.format, ("2bit", "base3"), "scheme.format")
-        check(self.clip_sigma >= 0, "scheme.clip_sigma", f"must be >= 0 (0 = off); got {self.clip_sigma}")
-
-
-@dataclass
-class QSGDConfig(CompressedSchemeConfig):
-    """QSGD: ``bits`` per value (sign + bits−1 for the level), 2..8."""
-
-    name: str = "qsgd"
-    bits: int = 4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(2 <= self.bits <= 8, "scheme.bits", f"must be in [2, 8]; got {self.bits}")
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -624,9 +415,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "precision": {"precision": PrecisionConfig},
     "logger": {"logger": LoggerConfig},
     "backend": {"backend": BackendConfig},
-    "scheme": {"torch_cast": TorchCastSchemeConfig, "powersgd": PowerSGDSchemeConfig,
-               "compressed": CompressedSchemeConfig, "ternary_grad": TernaryGradConfig,
-               "qsgd": QSGDConfig},
+    "scheme": dict(SCHEME_CONFIGS),
 }
 
 

@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dqt.comm import SCHEMES, build_scheme, wire_bytes
-from dqt.config import PowerSGDSchemeConfig, TorchCastSchemeConfig
+from dqt.comm import build_scheme, scheme_names, wire_bytes
+from dqt.comm.config import BF16Config, FP16Config, PowerSGDConfig
 import dqt.comm.torch_hooks  # noqa: F401
 from tests.conftest import rank_process
 from dqt.train.distributed import teardown
@@ -26,9 +26,9 @@ STEPS = 4
 #            expected bytes_sent / bytes_raw, or None when data-dependent)
 CASES: dict[str, tuple[Any, float, float | None]] = {
     "allreduce": (None, 1e-6, 1.0),
-    "fp16": (TorchCastSchemeConfig(name="fp16"), 2e-3, 0.5),
-    "bf16": (TorchCastSchemeConfig(name="bf16"), 1e-2, 0.5),
-    "powersgd": (PowerSGDSchemeConfig(start_powerSGD_iter=2), None, None),
+    "fp16": (FP16Config(), 2e-3, 0.5),
+    "bf16": (BF16Config(), 1e-2, 0.5),
+    "powersgd": (PowerSGDConfig(start_powerSGD_iter=2), None, None),
 }
 
 
@@ -76,7 +76,7 @@ def _run(name: str, world: int, tmp_path) -> list[dict[str, Any]]:
 def test_every_registered_scheme_has_test_settings():
     from tests.test_comm_compressed import TESTED as COMPRESSED
 
-    missing = set(SCHEMES.names()) - set(CASES) - set(COMPRESSED)
+    missing = set(scheme_names()) - set(CASES) - set(COMPRESSED)
     assert not missing, (f"schemes without multi-process tests: {sorted(missing)}; add them to "
                          "CASES here or TESTED in test_comm_compressed.py")
 
@@ -124,7 +124,7 @@ def test_powersgd_state_round_trips(tmp_path):
     assert state["iter"] == STEPS
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        fresh = build_scheme(PowerSGDSchemeConfig(start_powerSGD_iter=2))
+        fresh = build_scheme(PowerSGDConfig(start_powerSGD_iter=2))
         fresh.load_state_dict(ranks[0]["state"])
         again = fresh.state_dict()["powersgd"]
         assert fresh.state.process_group is fresh.process_group

@@ -26,18 +26,16 @@ from dqt.comm.collective import (SERVER, WORKER, BucketContext, allgather_allred
 from dqt.comm.compressors import build_compressor
 from dqt.comm.layout import ParamSlot, build_layout
 from dqt.comm.meter import CommMeter
-from dqt.config import CompressedSchemeConfig, QSGDConfig, TernaryGradConfig
+from dqt.comm.config import SCHEME_CONFIGS
 from dqt.kernels import blockq
 from dqt.kernels.philox import mix_seed
+from tests.cases import CODECS, HOOK
 from tests.conftest import rank_process
 from dqt.train.distributed import teardown
 
 SEED, STEP, BUCKET = 7, 3, 1
 TESTED = ("onebit", "signsgd", "ef_signsgd", "ternary_grad", "qsgd")  # the DDP hook tests below
-VARIANTS: dict[str, dict[str, Any]] = {
-    "onebit": {}, "signsgd": {}, "ef_signsgd": {}, "ternary_grad": {},
-    "ternary_grad/base3": {"format": "base3"}, "qsgd": {"bits": 4}, "qsgd/3": {"bits": 3},
-}
+VARIANTS = HOOK  # case ids of tests/cases.py
 # a bucket of five parameters (flat offsets in a bigger model), in DDP's (reverse) order
 SIZES = [517, 3, 1000, 64, 77]
 FLAT = [10, 600, 700, 1800, 1900]
@@ -52,7 +50,8 @@ def _slots() -> list[ParamSlot]:
 
 
 def _compressor(variant: str):
-    return build_compressor(variant.split("/")[0], block_size=64, **VARIANTS[variant])
+    name, options = CODECS[variant]
+    return build_compressor(name, **{**options, "block_size": 64})
 
 
 def _input(rank: int, n: int) -> torch.Tensor:
@@ -152,21 +151,14 @@ def test_two_phase_average_error_shrinks_with_bits():
     n = sum(SIZES)
     exact = torch.stack([_input(r, n) for r in range(4)]).mean(0)
     for bits in (2, 4, 8):
-        VARIANTS[f"qsgd/{bits}b"] = {"bits": bits}
-        try:
-            errs[bits] = float((_simulate(f"qsgd/{bits}b", 4)[0] - exact).norm() / exact.norm())
-        finally:
-            del VARIANTS[f"qsgd/{bits}b"]
+        errs[bits] = float((_simulate(f"qsgd/{bits}", 4)[0] - exact).norm() / exact.norm())
     assert errs[8] < errs[4] < errs[2] and errs[8] < 0.05
 
 
 # ---------------------------------------------------------------- the DDP hook
 def _cfg(name: str, **kw: Any):
-    if name == "ternary_grad":
-        return TernaryGradConfig(**kw)
-    if name == "qsgd":
-        return QSGDConfig(**kw)
-    return CompressedSchemeConfig(name=name, error_feedback=name in ("onebit", "ef_signsgd"), **kw)
+    """The shipped preset of ``name`` (error feedback on for onebit and ef_signsgd)."""
+    return SCHEME_CONFIGS[name](**kw)
 
 
 def _model() -> nn.Module:

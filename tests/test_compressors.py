@@ -1,6 +1,6 @@
 """dqt.comm.compressors over the block formats of dqt.kernels.blockq, parametrized over the
-registry (a newly registered compressor with no entry in VARIANTS fails here until it is given
-settings):
+registry (a newly registered compressor with no case in tests/cases.py fails here until it is
+given one):
 
 * golden message bytes: worked out by hand for the deterministic schemes; for the stochastic
   ones re-derived by an independent pure-Python Philox and numpy fp32 arithmetic — and every
@@ -21,38 +21,26 @@ import torch
 
 from dqt.comm.compressors import COMPRESSORS, build_compressor, mix_seed
 from dqt.kernels.blockq import available_impls
+from tests.cases import CODECS, STOCHASTIC
 
-VARIANTS: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {
-    "onebit": {"onebit": ("onebit", {}), "onebit/bf16": ("onebit", {"scale_dtype": "bf16"})},
-    "ef_signsgd": {"ef_signsgd": ("ef_signsgd", {})},
-    "signsgd": {"signsgd": ("signsgd", {})},
-    "ternary_grad": {"ternary_grad": ("ternary_grad", {}),
-                     "ternary_grad/base3": ("ternary_grad", {"format": "base3"})},
-    "qsgd": {"qsgd/2": ("qsgd", {"bits": 2}), "qsgd/3": ("qsgd", {"bits": 3}),
-             "qsgd/4": ("qsgd", {"bits": 4}), "qsgd/8": ("qsgd", {"bits": 8})},
-}
-STOCHASTIC = ["ternary_grad", "ternary_grad/base3", "qsgd/2", "qsgd/3", "qsgd/4", "qsgd/8"]
 IMPLS = available_impls("cpu")  # c (if a compiler is here), triton (interpreter), reference
 
 
 def _variant_params() -> list[Any]:
-    return [pytest.param(vid, id=vid) for name in COMPRESSORS.names()
-            for vid in VARIANTS.get(name, {name: None})]
+    return [pytest.param(vid, id=vid) for vid in CODECS]
 
 
 ALL = _variant_params()
 
 
 def make(vid: str, **extra: Any):
-    name = vid.split("/")[0]
-    if vid not in VARIANTS.get(name, {}):
-        pytest.fail(f"compressor '{name}' is registered but has no test settings in VARIANTS")
-    name, options = VARIANTS[name][vid]
+    name, options = CODECS[vid]
     return build_compressor(name, **{**options, **extra})
 
 
 def test_every_registered_compressor_has_settings():
-    assert set(COMPRESSORS.names()) == set(VARIANTS)
+    """A codec registered without a case in tests/cases.py fails here."""
+    assert set(COMPRESSORS) == {name for name, _ in CODECS.values()}
 
 
 # ----------------------------------------------------------------------------- golden bytes
@@ -379,7 +367,7 @@ def test_defaults():
     assert build_compressor("qsgd").block_size == 2048
     assert [build_compressor(n).biased for n in ("onebit", "ef_signsgd", "signsgd")] == [True] * 3
     assert [build_compressor(n).biased for n in ("ternary_grad", "qsgd")] == [False] * 2
-    assert [n for n in COMPRESSORS.names() if build_compressor(n).vote] == ["signsgd"]
+    assert [n for n in COMPRESSORS if build_compressor(n).vote] == ["signsgd"]
 
 
 def test_e8m0_scale_rounds_to_the_nearest_power_of_two_in_log2():

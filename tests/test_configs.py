@@ -8,8 +8,9 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF, run_train
-from dqt.comm.scheme import SCHEMES, build_scheme  # noqa: F401
-from dqt.config import ConfigError, TrainConfig, to_typed
+from dqt.comm.scheme import SCHEMES, scheme_names
+from dqt.errors import ConfigError
+from dqt.config import TrainConfig, to_typed
 import dqt.comm.torch_hooks  # noqa: F401  (registers the baselines)
 
 GROUPS = ["model", "data", "optim", "qat", "precision", "logger", "backend"]
@@ -34,10 +35,10 @@ def test_every_group_option_composes_and_validates(compose, override):
 def test_every_scheme_composes_with_plus_and_is_registered(compose, scheme):
     cfg = to_typed(compose(f"+scheme={scheme}"))
     assert cfg.scheme.name == scheme
-    assert scheme in SCHEMES, f"conf/scheme/{scheme}.yaml has no registered builder"
+    assert type(cfg.scheme) in SCHEMES, f"conf/scheme/{scheme}.yaml has no registered builder"
 
 
-@pytest.mark.parametrize("name", SCHEMES.names())
+@pytest.mark.parametrize("name", scheme_names())
 def test_every_registered_scheme_has_a_config_file(name):
     if name == "allreduce":  # the default when no +scheme is given
         assert not (CONF / "scheme" / "allreduce.yaml").exists()
@@ -101,7 +102,6 @@ BAD_VALUES = [
     (["+scheme=onebit", "scheme.collective=ring"],
      "scheme.collective: must be one of two_phase, allgather; got 'ring'"),
     (["+scheme=signsgd", "scheme.error_feedback=true"], "use scheme=ef_signsgd"),
-    (["+scheme=qsgd", "scheme.scale_dtype=bf16"], "scheme.scale_dtype: only onebit"),
     (["+scheme=onebit", "scheme.block_size=-1"], "scheme.block_size: must be a positive multiple of 8"),
     (["+scheme=onebit", "scheme.block_size=100"], "scheme.block_size: must be a positive multiple of 8"),
     (["+scheme=onebit", "scheme.kernel=cuda"], "scheme.kernel: must be one of auto, c, triton, reference"),
@@ -121,6 +121,16 @@ def test_typo_key_is_rejected_by_hydra_naming_the_key(compose):
     with pytest.raises(ConfigCompositionException) as e:
         compose("stepz=3")
     assert "Key 'stepz' not in 'TrainConfig'" in str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("override,schema", [("scheme.scale_dtype=bf16", "QSGDConfig"),
+                                             ("scheme.bits=4", "OneBitConfig")])
+def test_a_field_of_another_scheme_is_rejected_naming_the_key(compose, override, schema):
+    scheme = "qsgd" if schema == "QSGDConfig" else "onebit"
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(f"+scheme={scheme}", override)
+    key = override.split("=")[0].split(".")[1]
+    assert f"Key '{key}' not in '{schema}'" in str(e.value.__cause__)
 
 
 def test_typo_key_inside_a_group_is_rejected(compose):

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dqt.config import (CIFAR10Config, ConfigError, DigitsConfig, MNISTConfig, SyntheticConfig,
-                        TextConfig)
+from dqt.errors import ConfigError
+from dqt.config import CIFAR10Config, DigitsConfig, MNISTConfig, SyntheticConfig, TextConfig
 from dqt.train.data import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, MNIST_MEAN, MNIST_STD,
                             ShardedLoader, TensorSplit, build_dataset, default_corpus, eval_shard)
 

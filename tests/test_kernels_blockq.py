@@ -14,26 +14,11 @@ import torch
 
 from dqt.kernels import blockq
 from dqt.kernels.blockq import BlockSpec, available_impls, table_from_rows
+from tests.cases import SPECS
 
 # the interpreter computes NaN·0 and NaN − x of non-finite blocks in numpy, which warns
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 FAST = [i for i in available_impls("cpu") if i != "reference"]
-SPECS = {
-    "onebit/bf16": BlockSpec("sign_mean", 64, 1, "bf16"),
-    "onebit/e8m0": BlockSpec("sign_mean", 128, 1, "e8m0"),
-    "qsgd/4/e8m0": BlockSpec("qsgd", 64, 4, "e8m0", levels=7),
-    "sign_mean/fp32": BlockSpec("sign_mean", 128, 1, "fp32"),
-    "sign": BlockSpec("sign", 64, 1, "none"),
-    "ternary/2bit": BlockSpec("ternary", 64, 2, "fp32"),
-    "ternary/base3": BlockSpec("ternary", 64, 0, "fp32"),
-    "ternary/2bit/clip": BlockSpec("ternary", 96, 2, "fp32", clip=2.5),
-    "ternary/base3/clip/bf16": BlockSpec("ternary", 64, 0, "bf16", clip=1.7),
-    "qsgd/2": BlockSpec("qsgd", 64, 2, "fp32", levels=1),
-    "qsgd/3": BlockSpec("qsgd", 64, 3, "fp32", levels=3),
-    "qsgd/4": BlockSpec("qsgd", 2048, 4, "fp32", levels=7),
-    "qsgd/6": BlockSpec("qsgd", 64, 6, "fp32", levels=31),  # 48-bit groups (64-bit words)
-    "qsgd/8": BlockSpec("qsgd", 64, 8, "fp32", levels=127),
-}
 
 
 def _scattered_table(spec: BlockSpec, lengths: list[int], gen: torch.Generator):

@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dqt.config import CNNConfig, ConfigError, GPTConfig, MLPConfig, ResNetConfig
+from dqt.errors import ConfigError
+from dqt.config import CNNConfig, GPTConfig, MLPConfig, ResNetConfig
 from dqt.train.models import MODELS, build_model, num_params
 
 

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from tests.conftest import checkpoints, run_train, summary
-from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig, to_typed
+from dqt.errors import ConfigError
+from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
+from dqt.config import to_typed
 from dqt.quant import apply_qat, qat_penalty, qat_step
 from dqt.quant.admm import code_set, project
 from dqt.quant.prepare import weight_quantizer

@@ -9,7 +9,9 @@ import itertools
 import pytest
 import torch
 
-from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig, to_typed
+from dqt.errors import ConfigError
+from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
+from dqt.config import to_typed
 from dqt.quant import QUANTIZERS, apply_qat
 from dqt.quant.alternating import alternating_quantize
 from dqt.train.models import GPT

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dqt.config import ConfigError, to_typed
+from dqt.errors import ConfigError
+from dqt.config import to_typed
 from dqt.quant import QUANTIZERS
 from dqt.quant.balanced import balanced_edges
 

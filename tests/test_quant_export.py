@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tests.conftest import REPO, clean_env, run_train
-from dqt.config import QATConfig, QATSlotsConfig, QuantizerConfig
+from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.kernels.lowbit_pack import dequantize_weight, unpack_weight
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
 from dqt.quant.export import load_packed, read_export, save_export

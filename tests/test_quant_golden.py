@@ -484,7 +484,7 @@ def test_seed_tanh_quantize_verbatim_has_infinite_outer_levels():
 # ------------------------------------------------------------------ need a layer / backward
 def test_xnor_linear_and_conv_golden():
     from dqt.quant.prepare import prepare
-    from dqt.config import QATConfig, QATSlotsConfig, QuantizerConfig
+    from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
 
     torch.manual_seed(0)
     cfg = QATConfig(name="t", default=QATSlotsConfig(weight=QuantizerConfig(name="bwn"),

@@ -10,7 +10,9 @@ import torch
 from scipy.integrate import quad
 from scipy.stats import norm
 
-from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig, to_typed
+from dqt.errors import ConfigError
+from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
+from dqt.config import to_typed
 from dqt.quant import QUANTIZERS, apply_qat
 from dqt.quant.hwgq import half_gaussian_mse, hwgq_levels
 from dqt.train.models import LeNetCNN

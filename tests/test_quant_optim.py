@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dqt.config import OptimConfig, QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig, to_typed
+from dqt.quant.config import QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig
+from dqt.config import OptimConfig, to_typed
 from dqt.quant import apply_qat, quantizer_parameters
 from dqt.train.trainer import build_optimizer, lr_factor
 

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from tests.conftest import CONF
-from dqt.config import ConfigError, QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig, to_typed
+from dqt.errors import ConfigError
+from dqt.quant.config import QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig
+from dqt.config import to_typed
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
 from dqt.quant.prepare import layer_quantizers
 from dqt.train.data import DataMeta

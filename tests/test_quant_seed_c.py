@@ -17,7 +17,8 @@ from torch import nn
 
 from tests.conftest import rank_process, run_train, summary
 from tests.test_quant_ste import grad_of, make
-from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig
+from dqt.errors import ConfigError
+from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import apply_qat, qat_step
 from dqt.quant.factorized import sdd, ternary_max
 from dqt.quant.input_stats import RIDGE

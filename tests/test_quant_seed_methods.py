@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from tests.conftest import run_train, summary
-from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig
+from dqt.errors import ConfigError
+from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
 from dqt.quant.codes import Dense, Log, SharedCodebook, shift_value
 from dqt.quant.export import convert

@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tests.conftest import rank_process, read_metrics, run_train, summary
-from dqt.config import QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig
+from dqt.quant.config import QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
 
 

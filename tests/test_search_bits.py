@@ -16,7 +16,9 @@ import torch
 import yaml
 
 from tests.conftest import CONF, REPO, clean_env
-from dqt.config import ConfigError, QATConfig, QATSlotsConfig, QuantizerConfig, to_typed
+from dqt.errors import ConfigError
+from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
+from dqt.config import to_typed
 from dqt.quant import QUANTIZERS, apply_qat
 from dqt.quant.prepare import layer_quantizers
 from dqt.quant.search import calibrate, next_up, select_bits, smallest_within, within

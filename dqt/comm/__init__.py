@@ -4,6 +4,6 @@ registers every scheme (``SCHEMES``)."""
 
 from dqt.comm import compressed_scheme, torch_hooks  # noqa: F401  (register the schemes)
 from dqt.comm.meter import CommMeter, wire_bytes
-from dqt.comm.scheme import SCHEMES, Scheme, build_scheme
+from dqt.comm.scheme import SCHEMES, Scheme, build_scheme, scheme_names
 
-__all__ = ["CommMeter", "SCHEMES", "Scheme", "build_scheme", "wire_bytes"]
+__all__ = ["CommMeter", "SCHEMES", "Scheme", "build_scheme", "scheme_names", "wire_bytes"]

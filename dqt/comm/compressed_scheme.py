@@ -35,30 +35,22 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dqt.comm.collective import (BucketContext, BucketWork, Request, allgather_allreduce,
                                  run_sync, two_phase_allreduce)
-from dqt.comm.compressors import build_compressor
+from dqt.comm.compressors import Compressor
+from dqt.comm.config import (CompressedConfig, EFSignSGDConfig, OneBitConfig, QSGDConfig,
+                             SignSGDConfig, TernaryGradConfig)
 from dqt.comm.error_feedback import FlatResidual
 from dqt.comm.layout import BucketLayout, ParamSlot, build_layout
-from dqt.comm.scheme import SCHEMES, Scheme
+from dqt.comm.scheme import Scheme, register_scheme
 
-NAMES = ("onebit", "signsgd", "ef_signsgd", "ternary_grad", "qsgd")
 log = logging.getLogger("dqt")
 
 
 class CompressedScheme(Scheme):
-    def __init__(self, cfg: Any, process_group: dist.ProcessGroup | None) -> None:
+    def __init__(self, cfg: CompressedConfig, process_group: dist.ProcessGroup | None) -> None:
         super().__init__(process_group)
         self.cfg = cfg
         self.name = cfg.name
-        options: dict[str, Any] = {}
-        if cfg.block_size is not None:
-            options["block_size"] = cfg.block_size
-        if cfg.scale_dtype is not None:
-            options["scale_dtype"] = cfg.scale_dtype
-        if cfg.name == "ternary_grad":
-            options.update(format=cfg.format, clip_sigma=cfg.clip_sigma)
-        if cfg.name == "qsgd":
-            options["bits"] = cfg.bits
-        self.compressor = build_compressor(cfg.name, **options)
+        self.compressor = Compressor(cfg)
         self.spec = self.compressor.spec
         self.vote = self.compressor.vote
         self.error_feedback = bool(cfg.error_feedback)
@@ -234,9 +226,6 @@ class CompressedScheme(Scheme):
             self.server.load_state_dict(state["server_residual"])
 
 
-def _builder(cfg: Any, pg: dist.ProcessGroup | None) -> Scheme:
+@register_scheme(OneBitConfig, EFSignSGDConfig, SignSGDConfig, TernaryGradConfig, QSGDConfig)
+def _compressed(cfg: CompressedConfig, pg: dist.ProcessGroup | None) -> Scheme:
     return CompressedScheme(cfg, pg)
-
-
-for _name in NAMES:
-    SCHEMES.register(_name)(_builder)

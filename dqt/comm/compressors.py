@@ -1,56 +1,53 @@
-"""dqt's gradient compressors: named, validated option sets over the block formats of
-:mod:`dqt.kernels.blockq` (where the maths, the wire format and the kernels live).
+"""A codec on its own, outside a bucket: what tests and benchmarks encode and decode.
 
 =============== ============================================ ============================
-``scheme.name`` method                                       per value on the wire
+``scheme.name`` method (the config: :mod:`dqt.comm.config`)  per value on the wire
 =============== ============================================ ============================
-``onebit``      1-bit SGD (Seide, Fu, Droppo, Li, Yu,        1 bit + a 1-byte power-of-two
-                Interspeech 2014): sign × mean|x| per block,  (e8m0) scale per block of 128
-                error feedback on worker and server           (1.0625 bits)
-``ef_signsgd``  EF-SignSGD (Karimireddy, Rebjock, Stich,      1 bit + an fp32 scale per
-                Jaggi, ICML 2019): the same scaled sign,      block of 2048
-                ‖x‖₁/d over blocks of 2048, error feedback
-``signsgd``     signSGD with majority vote (Bernstein, Wang,  1 bit (+1 flag byte per
-                Azizzadenesheli, Anandkumar, ICML 2018)       message)
-``ternary_grad`` TernGrad (Wen, Xu, Yan, Wu, Wang, Chen, Li,  2 bits (``format=base3``:
-                NeurIPS 2017): stochastic {−1,0,1}·max|x|,    1.6) + fp32 scale per 2048
-                optional ±c·σ clipping
-``qsgd``        QSGD (Alistarh, Grubic, Li, Tomioka,          ``bits`` + fp32 scale per
-                Vojnovic, NeurIPS 2017): ``bits``-bit         2048
-                stochastic rounding of |x|/‖x‖₂ with sign
+``onebit``      1-bit SGD: sign × mean|x| per block, error    1 bit + a 1-byte power-of-two
+                feedback on worker and server                 (e8m0) scale per block of 128
+``ef_signsgd``  EF-SignSGD: ‖x‖₁/d · sign(x) per block        1 bit + an fp32 scale per 2048
+``signsgd``     signSGD with majority vote                    1 bit (+1 flag byte per msg)
+``ternary_grad`` TernGrad: stochastic {−1,0,1}·max|x|         2 bits (``base3``: 1.6) + fp32
+                                                              scale per 2048
+``qsgd``        QSGD: ``bits``-bit stochastic rounding of     ``bits`` + fp32 scale per 2048
+                |x|/‖x‖₂ with sign
 =============== ============================================ ============================
 
-Blocks never cross a parameter tensor (:mod:`dqt.comm.layout`); ``block_size`` is a maximum.
-A :class:`Compressor` also encodes a lone 1-D tensor as one message (blocks of ``block_size``,
-the last partial): what the tests and benchmarks use.
+The maths, the wire format and the kernels live in :mod:`dqt.kernels.blockq`; a scheme's
+config (:mod:`dqt.comm.config`) builds the :class:`~dqt.kernels.blockq.BlockSpec`. A
+:class:`Compressor` encodes a lone 1-D tensor as one message (blocks of ``block_size``, the
+last partial); inside a bucket, blocks never cross a parameter tensor (:mod:`dqt.comm.layout`).
 """
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from dqt.comm.config import SCHEME_CONFIGS, CompressedConfig, compressed_config
 from dqt.kernels import blockq
-from dqt.kernels.blockq import BlockSpec, linear_table
+from dqt.kernels.blockq import linear_table
 from dqt.kernels.philox import mix_seed
-from dqt.registry import Registry
 
 __all__ = ["COMPRESSORS", "Compressor", "build_compressor", "mix_seed"]
 
+COMPRESSORS: tuple[str, ...] = tuple(sorted(
+    n for n, c in SCHEME_CONFIGS.items() if issubclass(c, CompressedConfig)))
+"""The names of dqt's codecs."""
+
 
 class Compressor:
-    """A named :class:`BlockSpec`: ``biased`` schemes want error feedback, ``vote`` schemes
-    reduce by majority vote instead of the mean."""
+    """A codec's :class:`BlockSpec` with its flags: ``biased`` codecs want error feedback,
+    ``vote`` codecs reduce by majority vote instead of the mean."""
 
-    name = "base"
-    biased = True
-    vote = False
-
-    def __init__(self, spec: BlockSpec) -> None:
-        self.spec = spec
+    def __init__(self, cfg: CompressedConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.spec = cfg.block_spec()
+        self.biased = cfg.biased
+        self.vote = cfg.vote
 
     @property
     def block_size(self) -> int:
@@ -92,7 +89,7 @@ class Compressor:
         return out
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.spec})"
+        return f"Compressor({self.name}, {self.spec})"
 
 
 def _input(x: Tensor) -> Tensor:
@@ -101,102 +98,7 @@ def _input(x: Tensor) -> Tensor:
     return x.to(torch.float32).contiguous()
 
 
-def _block_size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
-        raise ValueError(f"scheme.block_size: must be a positive multiple of 8 (values per "
-                         f"scale); got {value!r}")
-    return value
-
-
-def _scale_dtype(value: Any) -> str:
-    if value not in ("fp32", "bf16", "e8m0"):
-        raise ValueError(f"scheme.scale_dtype: must be 'fp32', 'bf16' or 'e8m0'; got {value!r}")
-    return value
-
-
-COMPRESSORS: Registry[Callable[..., Compressor]] = Registry("scheme.name")
-
-
-@COMPRESSORS.register("onebit")
-class OneBit(Compressor):
-    """1-bit SGD: a = mean|x| per block (the L2-optimal scale of a·sign x), code x ≥ 0.
-
-    Blocks of 128 with a 1-byte power-of-two scale (e8m0): 1.0625 bits per value, 30.1× fewer
-    bytes than fp32. The block size is what decides accuracy (digits, 4 ranks, 3 seeds, bf16
-    scales: blocks of 64 +0.55 pt vs all-reduce, 256 −1.30 pt, 1024 −8.2 pt); a coarser scale
-    costs little because error feedback absorbs its rounding (128 with e8m0 ≈ 128 with bf16)."""
-
-    name = "onebit"
-
-    def __init__(self, *, block_size: int = 128, scale_dtype: str = "e8m0") -> None:
-        super().__init__(BlockSpec("sign_mean", _block_size(block_size), 1,
-                                   _scale_dtype(scale_dtype)))
-
-
-@COMPRESSORS.register("ef_signsgd")
-class EFSignSGD(OneBit):
-    """EF-SignSGD's compressor ‖x‖₁/d·sign(x) per block of 2048 values of one tensor."""
-
-    name = "ef_signsgd"
-
-    def __init__(self, *, block_size: int = 2048, scale_dtype: str = "fp32") -> None:
-        super().__init__(block_size=block_size, scale_dtype=scale_dtype)
-
-
-@COMPRESSORS.register("signsgd")
-class SignSGD(Compressor):
-    """signSGD: bits only, decode ±1, averaged by majority vote. ``block_size`` only sets the
-    kernel's block (there are no scales)."""
-
-    name = "signsgd"
-    vote = True
-
-    def __init__(self, *, block_size: int = 2048) -> None:
-        super().__init__(BlockSpec("sign", _block_size(block_size), 1, "none"))
-
-
-@COMPRESSORS.register("ternary_grad")
-class TernaryGrad(Compressor):
-    """TernGrad: s = max|x| per block (after optional ±clip_sigma·σ clipping), codes t+1
-    packed 2bit (4 per byte) or base3 (5 per byte). Unbiased without clipping."""
-
-    name = "ternary_grad"
-
-    def __init__(self, *, block_size: int = 2048, format: str = "2bit",
-                 clip_sigma: float = 0.0) -> None:
-        if format not in ("2bit", "base3"):
-            raise ValueError(f"scheme.format: must be '2bit' or 'base3'; got {format!r}")
-        if not clip_sigma >= 0:
-            raise ValueError(f"scheme.clip_sigma: must be >= 0 (0 = off); got {clip_sigma!r}")
-        self.format = format
-        self.biased = clip_sigma > 0
-        super().__init__(BlockSpec("ternary", _block_size(block_size),
-                                   2 if format == "2bit" else 0, "fp32", clip=float(clip_sigma)))
-
-
-@COMPRESSORS.register("qsgd")
-class QSGD(Compressor):
-    """QSGD: ν = ‖x‖₂ per block, level = stochastic rounding of |x|/ν·L, L = 2^(bits−1) − 1,
-    code = 2·level + sign bit in ``bits`` bits. Unbiased."""
-
-    name = "qsgd"
-    biased = False
-
-    def __init__(self, *, block_size: int = 2048, bits: int = 4) -> None:
-        if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-            raise ValueError(f"scheme.bits: must be an int in [2, 8]; got {bits!r}")
-        self.bits = bits
-        super().__init__(BlockSpec("qsgd", _block_size(block_size), bits, "fp32",
-                                   levels=(1 << (bits - 1)) - 1))
-
-
 def build_compressor(name: str, **options: Any) -> Compressor:
-    """``COMPRESSORS.get(name)(**options)``; an option the scheme does not take is a
-    ValueError naming ``scheme.<option>`` and listing the accepted ones."""
-    cls = COMPRESSORS.get(name)
-    accepted = list(inspect.signature(cls).parameters)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"scheme.{unknown[0]}: not an option of compressor '{name}'; "
-                         f"accepted: {', '.join(accepted) or '(none)'}")
-    return cls(**options)
+    """The codec of ``+scheme=name`` with ``options`` (fields of its config); an unknown
+    option is an error naming ``scheme.<option>`` and listing the accepted ones."""
+    return Compressor(compressed_config(name, **options))

@@ -41,6 +41,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dqt.comm.collective import BucketWork, Request
+from dqt.comm.compressed_scheme import CompressedScheme
+from dqt.comm.config import CompressedConfig
 from dqt.comm.scheme import Scheme
 
 FIRST_BUCKET_BYTES = 1024 * 1024  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
@@ -310,12 +312,10 @@ UNSUPPORTED = {
 
 def build_horovod_scheme(cfg: Any) -> Scheme:
     """The scheme for ``backend=horovod`` (the config check has refused the unsupported)."""
-    from dqt.comm.compressed_scheme import NAMES, CompressedScheme
-
     name = "allreduce" if cfg is None else cfg.name
     if name in PLAIN:
         return HorovodPlainScheme(name)
-    if name in NAMES:
+    if isinstance(cfg, CompressedConfig):
         return CompressedScheme(cfg, None)
     raise ValueError(f"scheme.name={name}: not available with backend=horovod: "
                      f"{UNSUPPORTED.get(name, 'unknown scheme')}")

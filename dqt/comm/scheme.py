@@ -3,7 +3,7 @@
 A scheme attaches itself to a ``DistributedDataParallel`` model as a DDP communication hook,
 counts what it hands to collectives in a :class:`~dqt.comm.meter.CommMeter`, and keeps its
 per-rank state (error-feedback residuals, PowerSGD factors, ...) in ``state_dict`` so the
-trainer checkpoints it per rank. ``SCHEMES`` maps ``scheme.name`` to a builder
+trainer checkpoints it per rank. ``SCHEMES`` maps a scheme's config class (:mod:`dqt.comm.config`) to a builder
 ``(cfg, process_group) -> Scheme``; every registered name has a ``conf/scheme/NAME.yaml``
 and is exercised by tests parametrized over the registry.
 """
@@ -16,7 +16,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dqt.comm.meter import CommMeter
-from dqt.registry import Registry
 
 
 class Scheme:
@@ -50,10 +49,35 @@ class Scheme:
 
 
 SchemeBuilder = Callable[[Any, "dist.ProcessGroup | None"], Scheme]
-SCHEMES: Registry[SchemeBuilder] = Registry("scheme.name")
+SCHEMES: dict[type, SchemeBuilder] = {}
+"""Config class → the builder of the scheme that runs it (the config class is the key);
+``type(None)`` is plain all-reduce."""
+
+
+def register_scheme(*config_classes: type) -> Callable[[SchemeBuilder], SchemeBuilder]:
+    """Decorator: ``builder(cfg, process_group) -> Scheme`` runs these config classes."""
+
+    def deco(builder: SchemeBuilder) -> SchemeBuilder:
+        for cls in config_classes:
+            if cls in SCHEMES:
+                raise KeyError(f"scheme.name: {cls.__name__} is registered twice")
+            SCHEMES[cls] = builder
+        return builder
+
+    return deco
+
+
+def scheme_names() -> list[str]:
+    """Every registered ``scheme.name`` (``allreduce`` = no ``+scheme``)."""
+    return sorted("allreduce" if cls is type(None) else cls.NAME for cls in SCHEMES)
 
 
 def build_scheme(cfg: Any, process_group: dist.ProcessGroup | None = None) -> Scheme:
-    """``cfg`` is a SchemeConfig, or None for plain (counted) DDP all-reduce."""
-    name = "allreduce" if cfg is None else cfg.name
-    return SCHEMES.get(name)(cfg, process_group)
+    """The scheme of ``cfg``, a scheme config (:mod:`dqt.comm.config`), or None for plain
+    (counted) DDP all-reduce. Call it after ``init_process_group``: the scheme makes a process
+    group of its own."""
+    builder = SCHEMES.get(type(cfg))
+    if builder is None:
+        known = ", ".join(c.__name__ for c in SCHEMES if c is not type(None))
+        raise TypeError(f"build_scheme takes a scheme config ({known}) or None; got {cfg!r}")
+    return builder(cfg, process_group)

@@ -18,7 +18,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel
 
 from dqt.comm.meter import count_all_reduces
-from dqt.comm.scheme import SCHEMES, Scheme
+from dqt.comm.config import BF16Config, FP16Config, PowerSGDConfig
+from dqt.comm.scheme import Scheme, register_scheme
 
 
 class TorchHookScheme(Scheme):
@@ -60,7 +61,7 @@ class PowerSGDScheme(TorchHookScheme):
 
     serialize_on_gloo = True
 
-    def __init__(self, cfg: Any, process_group: dist.ProcessGroup | None) -> None:
+    def __init__(self, cfg: PowerSGDConfig, process_group: dist.ProcessGroup | None) -> None:
         super().__init__("powersgd", powerSGD_hook.powerSGD_hook, process_group)
         self.state = powerSGD_hook.PowerSGDState(
             process_group=self.process_group,
@@ -84,21 +85,21 @@ class PowerSGDScheme(TorchHookScheme):
         self.state.process_group = self.process_group
 
 
-@SCHEMES.register("allreduce")
+@register_scheme(type(None))
 def _allreduce(cfg: Any, pg: dist.ProcessGroup | None) -> Scheme:
     return TorchHookScheme("allreduce", default_hooks.allreduce_hook, pg)
 
 
-@SCHEMES.register("fp16")
+@register_scheme(FP16Config)
 def _fp16(cfg: Any, pg: dist.ProcessGroup | None) -> Scheme:
     return TorchHookScheme("fp16", default_hooks.fp16_compress_hook, pg)
 
 
-@SCHEMES.register("bf16")
+@register_scheme(BF16Config)
 def _bf16(cfg: Any, pg: dist.ProcessGroup | None) -> Scheme:
     return TorchHookScheme("bf16", default_hooks.bf16_compress_hook, pg)
 
 
-@SCHEMES.register("powersgd")
+@register_scheme(PowerSGDConfig)
 def _powersgd(cfg: Any, pg: dist.ProcessGroup | None) -> Scheme:
     return PowerSGDScheme(cfg, pg)

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 from dqt.quant.base import QUANTIZERS, Quantizer
 from dqt.quant.bn_fold import FoldScale, find_layer_bn, unfold_output
 from dqt.quant.rules import SLOTS, LayerPlan, resolve
-from dqt.quant.validate import spec_args
+from dqt.quant.config import spec_args
 
 log = logging.getLogger("dqt")
 

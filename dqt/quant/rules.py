@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from dqt.config import ConfigError
+from dqt.errors import ConfigError
 
 SUPPORTED: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d,

@@ -39,11 +39,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from dqt.config import ConfigError, QuantizerConfig
+from dqt.errors import ConfigError
+from dqt.quant.config import QuantizerConfig
 from dqt.quant.base import QUANTIZERS, Quantizer
 from dqt.quant.prepare import commit_stats
 from dqt.quant.rules import type_matches
-from dqt.quant.validate import quantizer_class
+from dqt.quant.config import quantizer_class
 
 GROUPS = ("conv", "fc", "act")
 LABELS = {"conv": "conv weights", "fc": "fc weights", "act": "activations"}

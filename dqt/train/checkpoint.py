@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dqt.config import CheckpointConfig, ConfigError
+from dqt.config import CheckpointConfig
+from dqt.errors import ConfigError
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from dqt.config import ConfigError
+from dqt.errors import ConfigError
 from dqt.registry import Registry
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dqt.config import BackendConfig, ConfigError
+from dqt.config import BackendConfig
+from dqt.errors import ConfigError
 
 
 @dataclass(frozen=True)

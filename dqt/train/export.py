@@ -14,7 +14,8 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
-from dqt.config import SCHEMAS, QATConfig
+from dqt.config import SCHEMAS
+from dqt.quant.config import QATConfig
 from dqt.quant import apply_qat
 from dqt.quant.export import load_packed, read_export, save_export
 from dqt.train.data import DataMeta, build_dataset

@@ -18,7 +18,8 @@ import urllib.parse
 import uuid
 from typing import Any
 
-from dqt.config import ConfigError, LoggerConfig
+from dqt.config import LoggerConfig
+from dqt.errors import ConfigError
 
 log = logging.getLogger("dqt")
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dqt.config import ConfigError
+from dqt.errors import ConfigError
 from dqt.registry import Registry
 
 __all__ = ["MODELS", "build_model", "num_params", "MLP", "LeNetCNN", "CifarResNet", "BasicBlock",

@@ -33,8 +33,9 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
-from dqt.config import (CheckpointConfig, ConfigError, QATConfig, SearchBitsConfig, TrainConfig,
-                        check)
+from dqt.config import CheckpointConfig, SearchBitsConfig, TrainConfig
+from dqt.errors import ConfigError, check
+from dqt.quant.config import QATConfig
 from dqt.quant import apply_qat
 from dqt.quant.search import (GROUPS, LABELS, Bits, Selection, calibrate, drop_points,
                               layer_types, qat_dict, qat_yaml, refusal, select_bits)

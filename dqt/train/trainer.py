@@ -27,7 +27,8 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dqt.comm import build_scheme
-from dqt.config import OptimConfig, QATConfig, TrainConfig
+from dqt.config import OptimConfig, TrainConfig
+from dqt.quant.config import QATConfig
 from dqt.quant import apply_qat, is_active, qat_penalty, qat_step, quantizer_parameters
 from dqt.quant.summary import format_summary, summarize
 from dqt.train import distributed, preempt
