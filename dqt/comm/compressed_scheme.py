@@ -36,8 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dqt.comm.collective import (BucketContext, BucketWork, Request, allgather_allreduce,
                                  run_sync, two_phase_allreduce)
 from dqt.comm.compressors import Compressor
-from dqt.comm.config import (CompressedConfig, EFSignSGDConfig, OneBitConfig, QSGDConfig,
-                             SignSGDConfig, TernaryGradConfig)
+from dqt.comm.config import SCHEME_CONFIGS, CompressedConfig
 from dqt.comm.error_feedback import FlatResidual
 from dqt.comm.layout import BucketLayout, ParamSlot, build_layout
 from dqt.comm.scheme import Scheme, register_scheme
@@ -226,6 +225,6 @@ class CompressedScheme(Scheme):
             self.server.load_state_dict(state["server_residual"])
 
 
-@register_scheme(OneBitConfig, EFSignSGDConfig, SignSGDConfig, TernaryGradConfig, QSGDConfig)
+@register_scheme(*(c for c in SCHEME_CONFIGS.values() if issubclass(c, CompressedConfig)))
 def _compressed(cfg: CompressedConfig, pg: dist.ProcessGroup | None) -> Scheme:
     return CompressedScheme(cfg, pg)

@@ -8,8 +8,9 @@ checked (every error names ``scheme.<field>``), and a compressed scheme's config
 The class is the registry key of the scheme that runs it (:data:`dqt.comm.scheme.SCHEMES`).
 
 Adding a codec of an existing block kind touches this file (a config class with its
-``block_spec``), ``conf/scheme/NAME.yaml``, the registration line in
-:mod:`dqt.comm.compressed_scheme` and the case table ``tests/cases.py`` (``docs/comm.md``).
+``block_spec``, listed in :data:`SCHEME_CONFIGS`), ``conf/scheme/NAME.yaml`` and the case
+table ``tests/cases.py`` (``docs/comm.md``); :mod:`dqt.comm.compressed_scheme` runs every
+:class:`CompressedConfig`.
 """
 
 from __future__ import annotations
