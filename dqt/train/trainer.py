@@ -24,9 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dqt.comm import build_scheme
+from dqt.comm.parallel import data_parallel
 from dqt.config import OptimConfig, TrainConfig
 from dqt.quant.config import QATConfig
 from dqt.quant import apply_qat, is_active, qat_penalty, qat_step, quantizer_parameters
@@ -133,16 +132,8 @@ class Trainer:
             log.info("checkpoint.init_from ignored: resuming from %s", resume.path)
         model = apply_qat(cfg.qat, model).to(self.device)
         self.qat_active = is_active(cfg.qat)
-        if self.backend == "horovod":  # gradients over Horovod (DDP's buckets, dqt's schemes)
-            from dqt.comm.horovod import HorovodDataParallel, build_horovod_scheme
-
-            self.model = HorovodDataParallel(model)
-            self.scheme = build_horovod_scheme(cfg.scheme)
-        else:
-            self.model = DDP(model, device_ids=[self.device] if self.device.type == "cuda"
-                             else None)
-            self.scheme = build_scheme(cfg.scheme)
-        self.scheme.attach(self.model)
+        # DDP, or Horovod's collectives under DDP's buckets; the scheme is the comm hook
+        self.model, self.scheme = data_parallel(model, cfg.scheme, self.backend, self.device)
         self.optimizer = build_optimizer(cfg.optim, model, cfg.qat)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.optim, s, cfg.steps))

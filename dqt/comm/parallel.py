@@ -1,0 +1,52 @@
+"""Data parallelism with a scheme: wrap a model so that its gradients are averaged over the
+ranks through a gradient-communication scheme, whatever carries the collectives.
+
+:func:`data_parallel` is the one place the trainer chooses the wrapper:
+
+* ``torch.distributed`` backends (gloo, nccl): PyTorch's ``DistributedDataParallel`` with the
+  scheme as its communication hook;
+* ``horovod``: :class:`dqt.comm.horovod.HorovodDataParallel` (DDP's buckets, Horovod's
+  collectives) running the same scheme maths (:mod:`dqt.comm.horovod`).
+
+Each wrapper exposes ``.module`` (the user's model) and ``no_sync()`` like DDP.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dqt.comm.horovod import HorovodDataParallel, build_horovod_scheme
+from dqt.comm.scheme import Scheme, build_scheme
+
+Wrapper = Callable[[nn.Module, Any, torch.device], "tuple[nn.Module, Scheme]"]
+
+
+def _ddp(model: nn.Module, scheme_cfg: Any, device: torch.device) -> tuple[nn.Module, Scheme]:
+    wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    return wrapped, build_scheme(scheme_cfg)
+
+
+def _horovod(model: nn.Module, scheme_cfg: Any, device: torch.device) -> tuple[nn.Module, Scheme]:
+    return HorovodDataParallel(model), build_horovod_scheme(scheme_cfg)
+
+
+WRAPPERS: dict[str, Wrapper] = {"gloo": _ddp, "nccl": _ddp, "horovod": _horovod}
+"""Process-group backend → the data-parallel wrapper that carries its collectives."""
+
+
+def data_parallel(model: nn.Module, scheme_cfg: Any, backend: str, device: torch.device
+                  ) -> tuple[nn.Module, Scheme]:
+    """Wrap ``model`` (already on ``device``) for data-parallel training over ``backend``
+    (``gloo``, ``nccl`` or ``horovod``; the process group is initialised) and attach the scheme
+    of ``scheme_cfg`` (a config of :mod:`dqt.comm.config`, or None for plain all-reduce).
+    Returns (the wrapped model, the scheme)."""
+    if backend not in WRAPPERS:
+        raise ValueError(f"backend.name: no data-parallel wrapper for '{backend}'; "
+                         f"available: {', '.join(WRAPPERS)}")
+    wrapped, scheme = WRAPPERS[backend](model, scheme_cfg, device)
+    scheme.attach(wrapped)
+    return wrapped, scheme
