@@ -188,6 +188,29 @@ class TextConfig(DataConfig):
               f"must be in (0, 1); got {self.test_fraction}")
 
 
+@dataclass
+class ShakespeareConfig(DataConfig):
+    """Shakespeare's works, character level: 42 works from Project Gutenberg, cleaned and
+    shipped inside the package (``dqt/train/corpora/shakespeare.txt.xz``, sha256-checked on
+    load). The last 10 % of the characters are the validation split; training windows start
+    at any offset; ``eval_windows``: the number of evenly spaced non-overlapping validation
+    windows evaluated (0 = all of them, ~7,900 at ``block_size`` 64)."""
+
+    name: str = "shakespeare"
+    block_size: int = 64
+    eval_windows: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.block_size > 1, "data.block_size", f"must be > 1; got {self.block_size}")
+        check(self.eval_windows >= 0, "data.eval_windows",
+              f"must be >= 0 (0 = every validation window); got {self.eval_windows}")
+
+
+# language-model data: what model=gpt trains on
+LM_DATA = ("text", "shakespeare")
+
+
 # --------------------------------------------------------------------------- optim
 @dataclass
 class OptimConfig:
@@ -314,9 +337,10 @@ class TrainConfig:
         check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0 = end only); got {self.eval_every}")
         check(self.log_every > 0, "log_every", f"must be > 0; got {self.log_every}")
         lm_model = getattr(self.model, "name", None) == "gpt"
-        lm_data = getattr(self.data, "name", None) == "text"
+        lm_data = getattr(self.data, "name", None) in LM_DATA
         check(lm_model == lm_data, "model" if lm_data else "data",
-              "model=gpt trains on data=text and the other models on classification data; "
+              "model=gpt trains on data=text or data=shakespeare (language-model data) and the "
+              "other models on classification data; "
               f"got model={getattr(self.model, 'name', '?')} data={getattr(self.data, 'name', '?')}")
         if getattr(self.backend, "name", None) == "horovod":
             self._check_horovod()
@@ -409,7 +433,7 @@ class SearchBitsConfig:
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet": ResNetConfig, "gpt": GPTConfig},
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "cifar10": CIFAR10Config,
-             "mnist": MNISTConfig, "text": TextConfig},
+             "mnist": MNISTConfig, "text": TextConfig, "shakespeare": ShakespeareConfig},
     "optim": {"optim": OptimConfig},
     "qat": {"qat": QATConfig},
     "precision": {"precision": PrecisionConfig},

@@ -14,7 +14,8 @@ from dqt.config import TrainConfig, to_typed
 import dqt.comm.torch_hooks  # noqa: F401  (registers the baselines)
 
 GROUPS = ["model", "data", "optim", "qat", "precision", "logger", "backend"]
-PAIRED = {"model=gpt": ["data=text"], "data=text": ["model=gpt"]}
+PAIRED = {"model=gpt": ["data=text"], "data=text": ["model=gpt"],
+          "data=shakespeare": ["model=gpt"]}
 
 
 def _options(group: str) -> list[str]:
@@ -93,6 +94,8 @@ BAD_VALUES = [
      "scheme.matrix_approximation_rank: must be >= 1; got 0"),
     (["model=gpt"], "data: model=gpt trains on data=text"),
     (["data=text"], "model: model=gpt trains on data=text"),
+    (["data=shakespeare"], "model: model=gpt trains on data=text or data=shakespeare"),
+    (["model=gpt", "data=digits"], "data: model=gpt trains on data=text or data=shakespeare"),
     (["model=resnet20", "model.depth=21"], "model.depth: must be 6n+2"),
     (["checkpoint.keep=0"], "checkpoint.keep: must be >= 1; got 0"),
     (["+scheme=qsgd", "scheme.bits=0"], "scheme.bits: must be in [2, 8]; got 0"),
@@ -205,5 +208,5 @@ def test_cli_help_lists_groups_and_examples():
     p = run_train("--help")
     assert p.returncode == 0
     for text in ("scheme: bf16, ef_signsgd, fp16, onebit, powersgd, qsgd, signsgd, ternary_grad", "model: cnn, gpt, mlp, mlp_20m, resnet20",
-                 "data: cifar10, digits, mnist, synthetic, text", "torchrun --nproc_per_node"):
+                 "data: cifar10, digits, mnist, shakespeare, synthetic, text", "torchrun --nproc_per_node"):
         assert text in p.stdout

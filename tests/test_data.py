@@ -19,7 +19,7 @@ from dqt.train.data import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, MNIST_MEAN, MNI
 
 
 def test_registry_names():
-    assert DATASETS.names() == ["cifar10", "digits", "mnist", "synthetic", "text"]
+    assert DATASETS.names() == ["cifar10", "digits", "mnist", "shakespeare", "synthetic", "text"]
     with pytest.raises(KeyError, match="data.name"):
         DATASETS.get("imagenet")
 
@@ -261,6 +261,19 @@ def test_loader_deterministic_and_epochs():
     assert not all(torch.equal(u, v) for u, v in zip(a, c))
     # epochs reshuffle: epoch 0 and epoch 1 (3 steps each) differ
     assert not torch.equal(torch.cat(a[:3]), torch.cat(a[3:6]))
+
+
+@pytest.mark.parametrize("n,ws", [(50, 1), (50, 2), (103, 3), (64, 4)])
+def test_loader_epoch_indices_are_the_samplers(n, ws):
+    from torch.utils.data import DistributedSampler
+
+    for rank in range(ws):
+        loader = ShardedLoader(_ids(n), 4, rank, ws, seed=7)
+        sampler = DistributedSampler(_ids(n), num_replicas=ws, rank=rank, shuffle=True, seed=7,
+                                     drop_last=True)
+        for epoch in (0, 1, 5):
+            sampler.set_epoch(epoch)
+            assert loader.epoch_indices(epoch).tolist() == list(iter(sampler))
 
 
 @pytest.mark.parametrize("k", [0, 1, 3, 4, 7])

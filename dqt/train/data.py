@@ -3,12 +3,16 @@
 ``build_dataset(cfg)`` → :class:`Dataset` (train/test :class:`Split` + :class:`DataMeta`).
 Classification splits yield ``x`` float32 ``(B, *input_shape)``, ``y`` int64 ``(B,)``;
 language-model splits yield ``x``/``y`` int64 ``(B, block_size)`` with ``y`` = ``x`` shifted by one.
-File datasets (CIFAR-10, MNIST) are read from standard files and never downloaded.
+File datasets (CIFAR-10, MNIST) are read from standard files and never downloaded; the
+Shakespeare corpus ships inside the package (``corpora/``, built by tools/build_shakespeare.py).
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
+import lzma
 import math
 import os
 import pickle
@@ -22,6 +26,12 @@ from torch.utils.data import DistributedSampler
 
 from dqt.errors import ConfigError
 from dqt.registry import Registry
+
+CORPORA = Path(__file__).resolve().parent / "corpora"
+# tools/build_shakespeare.py writes the file and prints this digest; the loader checks it
+SHAKESPEARE_FILE = CORPORA / "shakespeare.txt.xz"
+SHAKESPEARE_SHA256 = "61495371b997b307ed352eac3c3c525083c6097057c6d8ee9752de629aff6a3c"
+SHAKESPEARE_VAL_FRACTION = 0.1  # the last 10 % of the characters: the validation split
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -85,6 +95,27 @@ class TextSplit:
 
     def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = indices.long().view(-1, 1) * self.block_size + self._offsets
+        return self.data[pos], self.data[pos + 1]
+
+
+class WindowSplit:
+    """Token ids (int64, 1-D) and window start positions: sample i is the ``block_size``
+    window at ``starts[i]``; ``starts=None``: every position (sample i starts at i), so a
+    shuffled sampler draws windows at any offset."""
+
+    def __init__(self, data: torch.Tensor, block_size: int,
+                 starts: Optional[torch.Tensor] = None) -> None:
+        if len(data) <= block_size:
+            raise ValueError(f"{len(data)} tokens: too few for windows of {block_size} + 1")
+        self.data, self.block_size, self.starts = data, block_size, starts
+        self._offsets = torch.arange(block_size)
+
+    def __len__(self) -> int:
+        return len(self.data) - self.block_size if self.starts is None else len(self.starts)
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = indices.long()
+        pos = (indices if self.starts is None else self.starts[indices]).view(-1, 1) + self._offsets
         return self.data[pos], self.data[pos + 1]
 
 
@@ -240,11 +271,67 @@ def _text(cfg) -> Dataset:
         raise ConfigError("data.path", f"corpus has {len(text)} characters: too short for "
                           f"data.block_size={cfg.block_size} with data.test_fraction={cfg.test_fraction}")
     vocab = "".join(sorted(set(text)))
-    codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
-    table = np.frombuffer(vocab.encode("utf-32-le"), dtype="<u4")
-    data = torch.from_numpy(np.searchsorted(table, codes).astype(np.int64))
+    data = encode_chars(text, vocab)
     split = len(text) - n_test
     return Dataset(TextSplit(data[:split], cfg.block_size), TextSplit(data[split:], cfg.block_size),
+                   DataMeta("lm", (cfg.block_size,), len(vocab)), vocab=vocab)
+
+
+# --------------------------------------------------------------------------- shakespeare
+def read_corpus(path: Path, sha256: str) -> str:
+    """The text of an xz-compressed UTF-8 corpus file, after checking the file's sha256
+    (ConfigError('data.name') naming the file if it is missing or differs)."""
+    how = ("reinstall dqt, or rebuild the file with `python tools/build_shakespeare.py` "
+           "(see its docstring)")
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError("data.name", f"corpus file {path} cannot be read ({e}); {how}") from None
+    got = hashlib.sha256(blob).hexdigest()
+    if got != sha256:
+        raise ConfigError("data.name", f"corpus file {path} has sha256 {got}, expected {sha256}: "
+                          f"the file is damaged or not the one this dqt was built with; {how}")
+    return lzma.decompress(blob).decode("utf-8")
+
+
+def encode_chars(text: str, vocab: str) -> torch.Tensor:
+    """int64 token ids of ``text``: the index of each character in the sorted ``vocab``."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    table = np.frombuffer(vocab.encode("utf-32-le"), dtype="<u4")
+    return torch.from_numpy(np.searchsorted(table, codes).astype(np.int64))
+
+
+@functools.lru_cache(maxsize=1)
+def _char_corpus(path: Path, sha256: str) -> tuple[str, torch.Tensor]:
+    """(vocab, token ids) of a corpus file (read, checked and encoded once per process)."""
+    text = read_corpus(path, sha256)
+    vocab = "".join(sorted(set(text)))
+    return vocab, encode_chars(text, vocab)
+
+
+def eval_starts(n_tokens: int, block_size: int, windows: int) -> torch.Tensor:
+    """Start positions of ``windows`` evenly spaced non-overlapping windows among the
+    ``(n_tokens - 1) // block_size`` of a split (all of them when ``windows`` is 0 or more)."""
+    n = (n_tokens - 1) // block_size
+    k = n if windows <= 0 or windows >= n else windows
+    return torch.arange(k, dtype=torch.long) * n // k * block_size
+
+
+@DATASETS.register("shakespeare")
+def _shakespeare(cfg) -> Dataset:
+    """Shakespeare's works (42, Project Gutenberg, shipped in the package), character level:
+    vocab = sorted chars of the whole corpus; the last 10 % of the characters are the test
+    split. Train samples are windows at every offset; test samples are ``cfg.eval_windows``
+    evenly spaced non-overlapping windows (0 = all)."""
+    vocab, data = _char_corpus(SHAKESPEARE_FILE, SHAKESPEARE_SHA256)
+    n_val = int(len(data) * SHAKESPEARE_VAL_FRACTION)
+    if cfg.block_size >= n_val:
+        raise ConfigError("data.block_size", f"must be < {n_val} (the validation split's "
+                          f"characters); got {cfg.block_size}")
+    train, val = data[:len(data) - n_val], data[len(data) - n_val:]
+    return Dataset(WindowSplit(train, cfg.block_size),
+                   WindowSplit(val, cfg.block_size,
+                               eval_starts(len(val), cfg.block_size, cfg.eval_windows)),
                    DataMeta("lm", (cfg.block_size,), len(vocab)), vocab=vocab)
 
 
@@ -271,12 +358,21 @@ class ShardedLoader:
                 f"{len(self.sampler)} per rank, fewer than one batch of {batch_size}; "
                 f"lower data.batch_size or use fewer ranks"))
 
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices of ``epoch``: ``list(iter(self.sampler))`` after
+        ``set_epoch(epoch)``, computed with tensor ops (the same permutation, without a Python
+        list of millions of ints when every window offset of a corpus is a sample)."""
+        s = self.sampler
+        g = torch.Generator()
+        g.manual_seed(s.seed + epoch)
+        perm = torch.randperm(len(self.split), generator=g)
+        return perm[:s.total_size][s.rank:s.total_size:s.num_replicas]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch, step = divmod(self.start_step, self.steps_per_epoch)
         b = self.batch_size
         while True:
-            self.sampler.set_epoch(epoch)
-            idx = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+            idx = self.epoch_indices(epoch)
             for s in range(step, self.steps_per_epoch):
                 yield self.split.batch(idx[s * b:(s + 1) * b])
             epoch, step = epoch + 1, 0
