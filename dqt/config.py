@@ -1,8 +1,9 @@
 """The trainer's typed configuration: :class:`TrainConfig` and the schemas of the trainer's own
-groups (model, data, optim, precision, logger, backend, checkpoint, the bit-width search). The
-components' configs are defined where the components live — ``scheme`` in
-:mod:`dqt.comm.config`, ``qat`` in :mod:`dqt.quant.config` — and composed here; all are stored
-in Hydra's ConfigStore by :func:`register_configs`.
+groups (optim, precision, logger, backend, checkpoint, the bit-width search). The components'
+configs are defined where the components live — ``scheme`` in :mod:`dqt.comm.config`, ``qat``
+in :mod:`dqt.quant.config`, ``model`` in :mod:`dqt.train.models`, ``data`` in
+:mod:`dqt.train.data` — and composed here; all are stored in Hydra's ConfigStore by
+:func:`register_configs`.
 
 Each YAML file under ``conf/<group>/`` extends its schema explicitly
 (``defaults: [/schema/<group>@_here_: <option>, _self_]``), so Hydra's struct mode rejects
@@ -23,192 +24,11 @@ from dqt.errors import ConfigError, check
 from dqt.errors import check_bool as _check_bool
 from dqt.errors import check_choice as _choice
 from dqt.quant.config import QATConfig
+from dqt.train.data import (LM_DATA, CIFAR10Config, DigitsConfig, MNISTConfig, ShakespeareConfig,
+                            SyntheticConfig, TextConfig)
+from dqt.train.models import CNNConfig, GPTConfig, MLPConfig, ResNetConfig
 
 __all__ = ["ConfigError", "TrainConfig", "SearchBitsConfig", "register_configs", "to_typed"]
-
-
-# --------------------------------------------------------------------------- model
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-
-
-@dataclass
-class MLPConfig(ModelConfig):
-    """Fully connected net: input (flattened) → widths... → classes, ReLU between layers;
-    ``batch_norm``: BatchNorm1d after each hidden Linear (before the ReLU)."""
-
-    name: str = "mlp"
-    widths: list[int] = field(default_factory=lambda: [256, 256])
-    dropout: float = 0.0
-    batch_norm: bool = False
-
-    def __post_init__(self) -> None:
-        check(len(self.widths) > 0 and all(w > 0 for w in self.widths), "model.widths",
-              f"must be a non-empty list of positive ints; got {list(self.widths)}")
-        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
-        _check_bool(self.batch_norm, "model.batch_norm")
-
-
-@dataclass
-class CNNConfig(ModelConfig):
-    """LeNet-style CNN: [conv5x5 → ReLU → maxpool2] per entry of ``channels``, then FC;
-    ``batch_norm``: BatchNorm after each conv and the hidden Linear (before the ReLU)."""
-
-    name: str = "cnn"
-    channels: list[int] = field(default_factory=lambda: [32, 64])
-    hidden: int = 128
-    dropout: float = 0.0
-    batch_norm: bool = False
-
-    def __post_init__(self) -> None:
-        check(len(self.channels) > 0 and all(c > 0 for c in self.channels), "model.channels",
-              f"must be a non-empty list of positive ints; got {list(self.channels)}")
-        check(self.hidden > 0, "model.hidden", f"must be > 0; got {self.hidden}")
-        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
-        _check_bool(self.batch_norm, "model.batch_norm")
-
-
-@dataclass
-class ResNetConfig(ModelConfig):
-    """CIFAR-style ResNet (He et al. 2016, §4.2): depth = 6n+2, widths 16/32/64 × ``width``/16."""
-
-    name: str = "resnet20"
-    depth: int = 20
-    width: int = 16
-
-    def __post_init__(self) -> None:
-        check(self.depth >= 8 and (self.depth - 2) % 6 == 0, "model.depth",
-              f"must be 6n+2 (20, 32, 44, 56, ...); got {self.depth}")
-        check(self.width > 0, "model.width", f"must be > 0; got {self.width}")
-
-
-@dataclass
-class GPTConfig(ModelConfig):
-    """Small GPT-style character transformer (pre-LN, causal self-attention, tied embeddings)."""
-
-    name: str = "gpt"
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        check(self.n_layer > 0, "model.n_layer", f"must be > 0; got {self.n_layer}")
-        check(self.n_head > 0, "model.n_head", f"must be > 0; got {self.n_head}")
-        check(self.n_embd > 0 and self.n_embd % max(self.n_head, 1) == 0, "model.n_embd",
-              f"must be a positive multiple of model.n_head={self.n_head}; got {self.n_embd}")
-        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
-
-
-# --------------------------------------------------------------------------- data
-@dataclass
-class DataConfig:
-    name: str = MISSING
-    batch_size: int = 64  # per rank, per micro-step
-    eval_batch_size: int = 1024
-
-    def __post_init__(self) -> None:
-        check(self.batch_size > 0, "data.batch_size", f"must be > 0; got {self.batch_size}")
-        check(self.eval_batch_size > 0, "data.eval_batch_size",
-              f"must be > 0; got {self.eval_batch_size}")
-
-
-@dataclass
-class DigitsConfig(DataConfig):
-    """scikit-learn's 8×8 handwritten digits (1797 images, shipped inside the package)."""
-
-    name: str = "digits"
-    test_fraction: float = 0.2
-    split_seed: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(0.0 < self.test_fraction < 1.0, "data.test_fraction",
-              f"must be in (0, 1); got {self.test_fraction}")
-
-
-@dataclass
-class SyntheticConfig(DataConfig):
-    """Seeded Gaussian-cluster classification data of any size (throughput runs)."""
-
-    name: str = "synthetic"
-    num_train: int = 8192
-    num_test: int = 2048
-    input_shape: list[int] = field(default_factory=lambda: [64])
-    num_classes: int = 10
-    noise: float = 1.0
-    seed: int = 1234
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.num_train > 0, "data.num_train", f"must be > 0; got {self.num_train}")
-        check(self.num_test > 0, "data.num_test", f"must be > 0; got {self.num_test}")
-        check(len(self.input_shape) > 0 and all(s > 0 for s in self.input_shape),
-              "data.input_shape", f"must be positive ints; got {list(self.input_shape)}")
-        check(self.num_classes >= 2, "data.num_classes", f"must be >= 2; got {self.num_classes}")
-        check(self.noise >= 0, "data.noise", f"must be >= 0; got {self.noise}")
-
-
-@dataclass
-class FileDataConfig(DataConfig):
-    """A dataset read from standard files under ``root`` (never downloaded at run time)."""
-
-    root: str = MISSING
-
-
-@dataclass
-class CIFAR10Config(FileDataConfig):
-    name: str = "cifar10"
-    root: str = "data/cifar10"
-
-
-@dataclass
-class MNISTConfig(FileDataConfig):
-    name: str = "mnist"
-    root: str = "data/mnist"
-
-
-@dataclass
-class TextConfig(DataConfig):
-    """Character-level corpus. ``path: null`` = the Python standard library's own sources."""
-
-    name: str = "text"
-    path: Optional[str] = None
-    block_size: int = 64
-    max_chars: int = 1_000_000
-    test_fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.block_size > 1, "data.block_size", f"must be > 1; got {self.block_size}")
-        check(self.max_chars > 10 * self.block_size, "data.max_chars",
-              f"must be > 10 * data.block_size; got {self.max_chars}")
-        check(0.0 < self.test_fraction < 1.0, "data.test_fraction",
-              f"must be in (0, 1); got {self.test_fraction}")
-
-
-@dataclass
-class ShakespeareConfig(DataConfig):
-    """Shakespeare's works, character level: 42 works from Project Gutenberg, cleaned and
-    shipped inside the package (``dqt/train/corpora/shakespeare.txt.xz``, sha256-checked on
-    load). The last 10 % of the characters are the validation split; training windows start
-    at any offset; ``eval_windows``: the number of evenly spaced non-overlapping validation
-    windows evaluated (0 = all of them, ~7,900 at ``block_size`` 64)."""
-
-    name: str = "shakespeare"
-    block_size: int = 64
-    eval_windows: int = 1024
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check(self.block_size > 1, "data.block_size", f"must be > 1; got {self.block_size}")
-        check(self.eval_windows >= 0, "data.eval_windows",
-              f"must be >= 0 (0 = every validation window); got {self.eval_windows}")
-
-
-# language-model data: what model=gpt trains on
-LM_DATA = ("text", "shakespeare")
 
 
 # --------------------------------------------------------------------------- optim

@@ -16,7 +16,7 @@ import lzma
 import math
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Protocol
 
@@ -24,8 +24,120 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from dqt.errors import ConfigError
+from omegaconf import MISSING
+
+from dqt.errors import ConfigError, check
 from dqt.registry import Registry
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    batch_size: int = 64  # per rank, per micro-step
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        check(self.batch_size > 0, "data.batch_size", f"must be > 0; got {self.batch_size}")
+        check(self.eval_batch_size > 0, "data.eval_batch_size",
+              f"must be > 0; got {self.eval_batch_size}")
+
+
+@dataclass
+class DigitsConfig(DataConfig):
+    """scikit-learn's 8×8 handwritten digits (1797 images, shipped inside the package)."""
+
+    name: str = "digits"
+    test_fraction: float = 0.2
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(0.0 < self.test_fraction < 1.0, "data.test_fraction",
+              f"must be in (0, 1); got {self.test_fraction}")
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    """Seeded Gaussian-cluster classification data of any size (throughput runs)."""
+
+    name: str = "synthetic"
+    num_train: int = 8192
+    num_test: int = 2048
+    input_shape: list[int] = field(default_factory=lambda: [64])
+    num_classes: int = 10
+    noise: float = 1.0
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.num_train > 0, "data.num_train", f"must be > 0; got {self.num_train}")
+        check(self.num_test > 0, "data.num_test", f"must be > 0; got {self.num_test}")
+        check(len(self.input_shape) > 0 and all(s > 0 for s in self.input_shape),
+              "data.input_shape", f"must be positive ints; got {list(self.input_shape)}")
+        check(self.num_classes >= 2, "data.num_classes", f"must be >= 2; got {self.num_classes}")
+        check(self.noise >= 0, "data.noise", f"must be >= 0; got {self.noise}")
+
+
+@dataclass
+class FileDataConfig(DataConfig):
+    """A dataset read from standard files under ``root`` (never downloaded at run time)."""
+
+    root: str = MISSING
+
+
+@dataclass
+class CIFAR10Config(FileDataConfig):
+    name: str = "cifar10"
+    root: str = "data/cifar10"
+
+
+@dataclass
+class MNISTConfig(FileDataConfig):
+    name: str = "mnist"
+    root: str = "data/mnist"
+
+
+@dataclass
+class TextConfig(DataConfig):
+    """Character-level corpus. ``path: null`` = the Python standard library's own sources."""
+
+    name: str = "text"
+    path: Optional[str] = None
+    block_size: int = 64
+    max_chars: int = 1_000_000
+    test_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.block_size > 1, "data.block_size", f"must be > 1; got {self.block_size}")
+        check(self.max_chars > 10 * self.block_size, "data.max_chars",
+              f"must be > 10 * data.block_size; got {self.max_chars}")
+        check(0.0 < self.test_fraction < 1.0, "data.test_fraction",
+              f"must be in (0, 1); got {self.test_fraction}")
+
+
+@dataclass
+class ShakespeareConfig(DataConfig):
+    """Shakespeare's works, character level: 42 works from Project Gutenberg, cleaned and
+    shipped inside the package (``dqt/train/corpora/shakespeare.txt.xz``, sha256-checked on
+    load). The last 10 % of the characters are the validation split; training windows start
+    at any offset; ``eval_windows``: the number of evenly spaced non-overlapping validation
+    windows evaluated (0 = all of them, ~7,900 at ``block_size`` 64)."""
+
+    name: str = "shakespeare"
+    block_size: int = 64
+    eval_windows: int = 1024
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.block_size > 1, "data.block_size", f"must be > 1; got {self.block_size}")
+        check(self.eval_windows >= 0, "data.eval_windows",
+              f"must be >= 0 (0 = every validation window); got {self.eval_windows}")
+
+
+# language-model data: what model=gpt trains on
+LM_DATA = ("text", "shakespeare")
 
 CORPORA = Path(__file__).resolve().parent / "corpora"
 # tools/build_shakespeare.py writes the file and prints this digest; the loader checks it

@@ -1,6 +1,6 @@
 """Model zoo: MLP, LeNet-style CNN, CIFAR ResNet and a small character GPT.
 
-:func:`build_model` takes the typed model config (``dqt.config.MLPConfig`` ...) and the data
+:func:`build_model` takes the typed model config (``MLPConfig`` ..., defined below) and the data
 set's metadata (any object with ``task``, ``input_shape`` and ``num_classes``) and returns an
 ``nn.Module`` whose ``forward`` returns logits only. Layers are plain ``nn.Linear`` /
 ``nn.Conv2d`` modules so quantization-aware training can swap them in place.
@@ -12,14 +12,91 @@ no accelerator and prints nothing.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dqt.errors import ConfigError
+from omegaconf import MISSING
+
+from dqt.errors import ConfigError, check, check_bool
 from dqt.registry import Registry
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+
+
+@dataclass
+class MLPConfig(ModelConfig):
+    """Fully connected net: input (flattened) → widths... → classes, ReLU between layers;
+    ``batch_norm``: BatchNorm1d after each hidden Linear (before the ReLU)."""
+
+    name: str = "mlp"
+    widths: list[int] = field(default_factory=lambda: [256, 256])
+    dropout: float = 0.0
+    batch_norm: bool = False
+
+    def __post_init__(self) -> None:
+        check(len(self.widths) > 0 and all(w > 0 for w in self.widths), "model.widths",
+              f"must be a non-empty list of positive ints; got {list(self.widths)}")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+        check_bool(self.batch_norm, "model.batch_norm")
+
+
+@dataclass
+class CNNConfig(ModelConfig):
+    """LeNet-style CNN: [conv5x5 → ReLU → maxpool2] per entry of ``channels``, then FC;
+    ``batch_norm``: BatchNorm after each conv and the hidden Linear (before the ReLU)."""
+
+    name: str = "cnn"
+    channels: list[int] = field(default_factory=lambda: [32, 64])
+    hidden: int = 128
+    dropout: float = 0.0
+    batch_norm: bool = False
+
+    def __post_init__(self) -> None:
+        check(len(self.channels) > 0 and all(c > 0 for c in self.channels), "model.channels",
+              f"must be a non-empty list of positive ints; got {list(self.channels)}")
+        check(self.hidden > 0, "model.hidden", f"must be > 0; got {self.hidden}")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+        check_bool(self.batch_norm, "model.batch_norm")
+
+
+@dataclass
+class ResNetConfig(ModelConfig):
+    """CIFAR-style ResNet (He et al. 2016, §4.2): depth = 6n+2, widths 16/32/64 × ``width``/16."""
+
+    name: str = "resnet20"
+    depth: int = 20
+    width: int = 16
+
+    def __post_init__(self) -> None:
+        check(self.depth >= 8 and (self.depth - 2) % 6 == 0, "model.depth",
+              f"must be 6n+2 (20, 32, 44, 56, ...); got {self.depth}")
+        check(self.width > 0, "model.width", f"must be > 0; got {self.width}")
+
+
+@dataclass
+class GPTConfig(ModelConfig):
+    """Small GPT-style character transformer (pre-LN, causal self-attention, tied embeddings)."""
+
+    name: str = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.n_layer > 0, "model.n_layer", f"must be > 0; got {self.n_layer}")
+        check(self.n_head > 0, "model.n_head", f"must be > 0; got {self.n_head}")
+        check(self.n_embd > 0 and self.n_embd % max(self.n_head, 1) == 0, "model.n_embd",
+              f"must be a positive multiple of model.n_head={self.n_head}; got {self.n_embd}")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
 
 __all__ = ["MODELS", "build_model", "num_params", "MLP", "LeNetCNN", "CifarResNet", "BasicBlock",
            "GPT", "GPTBlock", "CausalSelfAttention"]
