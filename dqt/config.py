@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from dqt.comm.config import SCHEME_CONFIGS
+from dqt.comm.config import SCHEME_CONFIGS, CompressedConfig
 from dqt.errors import ConfigError, check
 from dqt.errors import check_bool as _check_bool
 from dqt.errors import check_choice as _choice
@@ -32,9 +32,15 @@ __all__ = ["ConfigError", "TrainConfig", "SearchBitsConfig", "register_configs",
 
 
 # --------------------------------------------------------------------------- optim
+OPTIMIZERS = ("sgd", "adamw", "adam", "onebit_adam")
+
+
 @dataclass
 class OptimConfig:
-    """Optimizer and LR schedule (linear warm-up, then ``schedule``)."""
+    """Optimizer and LR schedule (linear warm-up, then ``schedule``). ``onebit_adam``: AdamW
+    whose variance freezes after ``freeze_steps`` uncompressed steps, after which the momentum
+    is averaged through the codec of ``+scheme=`` (default ``onebit``) with error feedback
+    (:mod:`dqt.comm.onebit_adam`)."""
 
     name: str = "sgd"
     lr: float = 0.1
@@ -47,9 +53,13 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
+    freeze_steps: int = 100
+    """``onebit_adam``: steps of uncompressed AdamW before the variance freezes."""
 
     def __post_init__(self) -> None:
-        _choice(self.name, ("sgd", "adamw", "adam"), "optim.name")
+        _choice(self.name, OPTIMIZERS, "optim.name")
+        check(self.freeze_steps >= 1, "optim.freeze_steps",
+              f"must be >= 1 (the variance is estimated from uncompressed steps); got {self.freeze_steps}")
         check(self.lr > 0, "optim.lr", f"must be > 0; got {self.lr}")
         check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1); got {self.momentum}")
         check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0; got {self.weight_decay}")
@@ -164,6 +174,18 @@ class TrainConfig:
               f"got model={getattr(self.model, 'name', '?')} data={getattr(self.data, 'name', '?')}")
         if getattr(self.backend, "name", None) == "horovod":
             self._check_horovod()
+        if getattr(self.optim, "name", None) == "onebit_adam":
+            self._check_onebit_adam()
+
+    def _check_onebit_adam(self) -> None:
+        """optim=onebit_adam communicates the momentum through a dqt codec."""
+        check(self.scheme is None or isinstance(self.scheme, CompressedConfig), "scheme.name",
+              f"optim=onebit_adam compresses the momentum with a dqt codec (onebit, ef_signsgd, "
+              f"signsgd, ternary_grad, qsgd); got {getattr(self.scheme, 'name', '?')}")
+        check(not getattr(self.scheme, "auto", False), "scheme.auto",
+              "not available with optim=onebit_adam (the optimizer communicates every step)")
+        check(getattr(self.backend, "name", None) != "horovod", "backend.name",
+              "optim=onebit_adam runs over torch.distributed (backend=gloo/nccl/auto)")
 
     def _check_horovod(self) -> None:
         """What backend=horovod cannot run, refused before any work starts."""

@@ -25,9 +25,9 @@ from dqt.comm.scheme import Scheme, build_scheme
 Wrapper = Callable[[nn.Module, Any, torch.device], "tuple[nn.Module, Scheme]"]
 
 
-def _ddp(model: nn.Module, scheme_cfg: Any, device: torch.device) -> tuple[nn.Module, Scheme]:
+def _ddp(model: nn.Module, scheme: Any, device: torch.device) -> tuple[nn.Module, Scheme]:
     wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    return wrapped, build_scheme(scheme_cfg)
+    return wrapped, scheme if isinstance(scheme, Scheme) else build_scheme(scheme)
 
 
 def _horovod(model: nn.Module, scheme_cfg: Any, device: torch.device) -> tuple[nn.Module, Scheme]:
@@ -42,8 +42,9 @@ def data_parallel(model: nn.Module, scheme_cfg: Any, backend: str, device: torch
                   ) -> tuple[nn.Module, Scheme]:
     """Wrap ``model`` (already on ``device``) for data-parallel training over ``backend``
     (``gloo``, ``nccl`` or ``horovod``; the process group is initialised) and attach the scheme
-    of ``scheme_cfg`` (a config of :mod:`dqt.comm.config`, or None for plain all-reduce).
-    Returns (the wrapped model, the scheme)."""
+    of ``scheme_cfg`` (a config of :mod:`dqt.comm.config`, None for plain all-reduce, or a
+    built :class:`~dqt.comm.scheme.Scheme` such as an optimizer's
+    :class:`~dqt.comm.onebit_adam.MomentumComm`). Returns (the wrapped model, the scheme)."""
     if backend not in WRAPPERS:
         raise ValueError(f"backend.name: no data-parallel wrapper for '{backend}'; "
                          f"available: {', '.join(WRAPPERS)}")

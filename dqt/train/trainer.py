@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from dqt.comm.config import OneBitConfig
+from dqt.comm.onebit_adam import MomentumComm, OneBitAdam
 from dqt.comm.parallel import data_parallel
 from dqt.config import OptimConfig, TrainConfig
 from dqt.quant.config import QATConfig
@@ -69,13 +71,16 @@ def param_groups(cfg: OptimConfig, model: torch.nn.Module, qat: Optional[QATConf
     return groups
 
 
-def build_optimizer(cfg: OptimConfig, model: torch.nn.Module,
-                    qat: Optional[QATConfig] = None) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, qat: Optional[QATConfig] = None,
+                    comm: Optional[Any] = None) -> torch.optim.Optimizer:
     """SGD / AdamW / Adam over :func:`param_groups` (group 0 = the model's own parameters)."""
     groups = param_groups(cfg, model, qat)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
+    if cfg.name == "onebit_adam":  # ``comm``: its MomentumComm, attached to the DDP model
+        return OneBitAdam(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                          weight_decay=cfg.weight_decay, freeze_steps=cfg.freeze_steps, comm=comm)
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                weight_decay=cfg.weight_decay)
@@ -132,9 +137,12 @@ class Trainer:
             log.info("checkpoint.init_from ignored: resuming from %s", resume.path)
         model = apply_qat(cfg.qat, model).to(self.device)
         self.qat_active = is_active(cfg.qat)
-        # DDP, or Horovod's collectives under DDP's buckets; the scheme is the comm hook
-        self.model, self.scheme = data_parallel(model, cfg.scheme, self.backend, self.device)
-        self.optimizer = build_optimizer(cfg.optim, model, cfg.qat)
+        # DDP, or Horovod's collectives under DDP's buckets; the scheme is the comm hook (with
+        # optim=onebit_adam the optimizer communicates and DDP leaves the gradients local)
+        scheme = MomentumComm(cfg.scheme or OneBitConfig()) \
+            if cfg.optim.name == "onebit_adam" else cfg.scheme
+        self.model, self.scheme = data_parallel(model, scheme, self.backend, self.device)
+        self.optimizer = build_optimizer(cfg.optim, model, cfg.qat, comm=self.scheme)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.optim, s, cfg.steps))
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -216,6 +224,8 @@ class Trainer:
             t["forward"] += t2 - t1
             t["backward"] += t3 - t2
         t4 = time.perf_counter()
+        if self.scaler.is_enabled() and isinstance(self.optimizer, OneBitAdam):
+            self._agree_on_overflow()  # local gradients: every rank must skip the same steps
         if cfg.optim.grad_clip > 0 or self.qat_active:
             self.scaler.unscale_(self.optimizer)  # no-op unless fp16
         if self.qat_active:  # quantizer penalty gradients (ADMM), on the all-reduced gradients
@@ -235,6 +245,18 @@ class Trainer:
         out["time/step_ms"] = sum(out.values())
         out["_sums"] = sums  # reduced across ranks only on log steps
         return out
+
+    def _agree_on_overflow(self) -> None:
+        """GradScaler skips a step when *this rank's* gradients overflow. With an optimizer that
+        communicates local gradients (onebit_adam) the ranks must agree: if any rank's scaled
+        gradients hold inf/NaN, every rank marks one of its own gradients inf, so every
+        GradScaler skips the step and backs off the scale alike."""
+        grads = [p.grad for p in self.model.module.parameters() if p.grad is not None]
+        local = any(not torch.isfinite(g).all() for g in grads)
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not local and grads:
+            grads[0].view(-1)[0] = float("inf")
 
     def _sync_device(self) -> None:
         if self.device.type == "cuda":
