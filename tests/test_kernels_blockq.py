@@ -250,6 +250,38 @@ def test_word_rows_follow_the_table():
     assert triton_impl.decode_path(BlockSpec("sign_mean", 128, 1, "e8m0"), msg, 4) == "bytes"
 
 
+def test_word_rows_cache_lives_outside_the_table():
+    """The per-table cache puts nothing on the tensor, and its entry goes with the table."""
+    pytest.importorskip("triton")
+    import gc
+
+    from dqt.kernels.blockq import triton_impl
+
+    spec = SPECS["ternary/2bit"]
+    table, _ = blockq.linear_table(spec, 3 * 64 + 8)
+    before = len(triton_impl._SPLITS._entries)
+    rows = triton_impl.word_rows(spec, table)
+    assert vars(table) == {} and len(triton_impl._SPLITS._entries) == before + 1
+    assert triton_impl.word_rows(spec, table) is rows
+    assert triton_impl.word_rows(SPECS["qsgd/4"], table) is not rows  # other spec: recomputed
+    del table, rows
+    gc.collect()
+    assert len(triton_impl._SPLITS._entries) == before
+
+
+def test_decode_switches_are_read_at_each_call(monkeypatch):
+    pytest.importorskip("triton")
+    from dqt.kernels.blockq import triton_impl
+
+    big, msg = BlockSpec("ternary", 2048, 2, "fp32"), torch.zeros(12, dtype=torch.uint8)
+    monkeypatch.delenv("DQT_DECODE_WORDS", raising=False)
+    monkeypatch.delenv("DQT_DECODE_TRITS", raising=False)
+    assert triton_impl.decode_path(big, msg, 4) == "words" and triton_impl.decode_trits_enabled()
+    monkeypatch.setenv("DQT_DECODE_WORDS", "0")
+    monkeypatch.setenv("DQT_DECODE_TRITS", "0")
+    assert triton_impl.decode_path(big, msg, 4) == "bytes"
+    assert not triton_impl.decode_trits_enabled()
+
 def test_decode_sums_in_peer_order_then_averages():
     """mean of N peers = (d₀ + d₁ + …)/N in fp32, exactly: checked against the formula."""
     spec = BlockSpec("sign_mean", 16, 1, "fp32")
