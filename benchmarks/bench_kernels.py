@@ -140,16 +140,18 @@ def _decode_kernel_times(case: Case) -> dict[str, float]:
     lane-per-code kernel), "words" (1/2/4/8-bit codes on aligned blocks), "trits" (base-3) —
     whichever the default picks: the A/B of them, each checked to give the default's output
     first."""
-    from dqt.kernels import blockq_triton as bt
+    from dqt.kernels.blockq import triton_impl as bt
 
-    saved = bt.DECODE_WORDS, bt.WORDS_MIN_BLOCK, bt.DECODE_TRITS
+    switches = ("DQT_DECODE_WORDS", "DQT_DECODE_TRITS")
+    saved = bt.WORDS_MIN_BLOCK, {k: os.environ.get(k) for k in switches}
     case.decompress("triton")
     default = case.out.clone()
     times = {}
     try:
         for kind in ("bytes", "words", "trits"):
-            bt.DECODE_WORDS, bt.WORDS_MIN_BLOCK = kind == "words", 0
-            bt.DECODE_TRITS = kind == "trits"
+            bt.WORDS_MIN_BLOCK = 0
+            os.environ["DQT_DECODE_WORDS"] = "1" if kind == "words" else "0"
+            os.environ["DQT_DECODE_TRITS"] = "1" if kind == "trits" else "0"
             if kind == "words" and bt.decode_path(case.spec, case.peers, case.nbytes) != "words":
                 continue
             if kind == "trits" and case.spec.code_bits != 0:
@@ -160,7 +162,12 @@ def _decode_kernel_times(case: Case) -> dict[str, float]:
                 raise AssertionError(f"the {kind} decode kernel differs from the default")
             times[kind] = _gpu_time(lambda: case.decompress("triton"))[0]
     finally:
-        bt.DECODE_WORDS, bt.WORDS_MIN_BLOCK, bt.DECODE_TRITS = saved
+        bt.WORDS_MIN_BLOCK = saved[0]
+        for k, v in saved[1].items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return times
 
 
@@ -208,7 +215,7 @@ GEMM_FORMATS = {"ternary (2-bit)": (2, 1.0, 3), "int2": (2, 2.0, 4), "binary": (
 
 def gpu_decode_sweep(n: int, configs: list[tuple[int, int]], dev: str = "cuda") -> str:
     """Decode time (µs) and % of clone per (values per program, warps) of the Triton decode."""
-    from dqt.kernels import blockq_triton as bt
+    from dqt.kernels.blockq import triton_impl as bt
 
     saved = bt.DECODE_TILE, bt.DECODE_WARPS, bt.WORDS_TILE, bt.WORDS_WARPS
     x = torch.randn(n, device=dev)

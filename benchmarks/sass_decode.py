@@ -2,11 +2,12 @@
 
 Compiles the byte and the word decode kernels of every benchmarked scheme ahead of time for
 sm_90 (H100) with the ptxas/nvdisasm that ship with triton, with the launch parameters that
-``blockq_triton.decode`` uses on ``bench_kernels.py``'s 16M-value tables (4 peers, mean), and
-prints per kernel: lanes (values) per thread, SASS instructions per thread and per output
-value of the block (lanes that hold no value — base-3 padding — count against the others;
-straight-line code: no loops at these sizes, so static = dynamic), global loads/stores by width,
-and shared-memory traffic (layout conversions). A proxy for issue cost only — GPU time comes from ``bench_kernels.py --gpu``.
+``dqt.kernels.blockq.triton_impl.decode`` uses on ``bench_kernels.py``'s 16M-value tables (4
+peers, mean), and prints per kernel: lanes (values) per thread, SASS instructions per thread
+and per output value of the block (lanes that hold no value — base-3 padding — count against
+the others; straight-line code: no loops at these sizes, so static = dynamic), global
+loads/stores by width, and shared-memory traffic (layout conversions). A proxy for issue cost
+only — GPU time comes from ``bench_kernels.py --gpu``.
 
     python -m benchmarks.sass_decode            (TRITON_INTERPRET must be unset)
 """
@@ -25,7 +26,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dqt.comm.compressors import build_compressor
-from dqt.kernels import blockq_triton as bt
+from dqt.kernels.blockq import triton_decode as td
+from dqt.kernels.blockq import triton_impl as bt
+from dqt.kernels.blockq.format import CODES
 
 from benchmarks.bench_kernels import VARIANTS
 
@@ -69,32 +72,33 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for label, (name, opts) in VARIANTS.items():
         spec = build_compressor(name, **opts).spec
-        block = bt._block(spec)
-        const = dict(NPEERS=4, KIND=bt._KINDS[spec.kind], CODE_BITS=spec.code_bits,
-                     SCALE_FMT=bt._SCALES[spec.scale], LEVELS=spec.levels, BLOCK=block,
-                     MODE=1, HAS_FLAG=False)
+        lanes = bt._lanes(spec)
+        const = dict(NPEERS=4, KIND=CODES["kind"][spec.kind], CODE_BITS=spec.code_bits,
+                     SCALE_FMT=CODES["scale"][spec.scale], LEVELS=spec.levels, LANES=lanes,
+                     MODE=CODES["mode"]["mean"], HAS_FLAG=False)
         nblocks = n // spec.block
         nb3 = triton.next_power_of_2(-(-spec.block // 5))
-        lanes = 8 * nb3 if spec.code_bits == 0 else block
-        bpp = max(1, min(bt.DECODE_TILE // lanes, triton.next_power_of_2(nblocks)))
+        per_block = 8 * nb3 if spec.code_bits == 0 else lanes  # lanes of a block, byte kernel
+        bpp = max(1, min(bt.DECODE_TILE // per_block, triton.next_power_of_2(nblocks)))
         # (name, kernel, signature, constants, lanes per program, values per program, warps)
-        kernels = [("bytes", bt._decode_kernel, dict(SIG, msg_ptr="*u8"),
-                    dict(const, NB3=nb3, BPP=bpp), bpp * lanes, bpp * min(spec.block, lanes),
-                    max(1, min(bt.DECODE_WARPS, bpp * lanes // 128)))]
+        kernels = [("bytes", td.decode_kernel, dict(SIG, msg_ptr="*u8"),
+                    dict(const, NB3=nb3, BPP=bpp), bpp * per_block,
+                    bpp * min(spec.block, per_block),
+                    max(1, min(bt.DECODE_WARPS, bpp * per_block // 128)))]
         if spec.code_bits in (1, 2, 4, 8):
-            wb = max(1, min(bt.WORDS_TILE // block, triton.next_power_of_2(nblocks)))
-            kernels.append(("words", bt._decode_words_kernel, dict(SIG, mw_ptr="*i32"),
-                            dict(const, BPP=wb), wb * block, wb * block,
-                            max(1, min(bt.WORDS_WARPS, wb * block // 128))))
+            wb = max(1, min(bt.WORDS_TILE // lanes, triton.next_power_of_2(nblocks)))
+            kernels.append(("words", td.decode_words_kernel, dict(SIG, mw_ptr="*i32"),
+                            dict(const, BPP=wb), wb * lanes, wb * lanes,
+                            max(1, min(bt.WORDS_WARPS, wb * lanes // 128))))
         if spec.code_bits == 0:
             nb = -(-spec.block // 5)
             nbc = min(bt.TRITS_CHUNK, triton.next_power_of_2(nb))
             tb = max(1, min(bt.TRITS_TILE // nbc, triton.next_power_of_2(nblocks)))
             nchunk = -(-nb // nbc)
             tc = dict(NPEERS=4, SCALE_FMT=const["SCALE_FMT"], BPP=tb, NBC=nbc, NCHUNK=nchunk,
-                      MODE=1, HAS_FLAG=False)
+                      MODE=const["MODE"], HAS_FLAG=False)
             # with NCHUNK > 1 the chunk loop's body is counted once: then per chunk
-            kernels.append(("trits", bt._decode_trits_kernel,
+            kernels.append(("trits", td.decode_trits_kernel,
                             dict(SIG, msg_ptr="*u8", lut_ptr="*i32"), tc, 5 * tb * nbc,
                             tb * min(spec.block, 5 * nbc), max(1, min(bt.DECODE_WARPS,
                                                                       tb * nbc // 128))))

@@ -1,8 +1,9 @@
 """dqt.kernels.blockq: every implementation (C on CPU, Triton — through the interpreter on CPU,
 on the GPU when there is one — and the pure-torch reference) produces the same message bytes,
-the same residuals, the same non-finite flags and the same decoded values (DESIGN invariant 2),
-parametrized over every kind, code width, scale format and block size, on tables whose blocks
-sit at arbitrary offsets (as bucket layouts make them), with error feedback and a loss scale.
+the same residuals, the same non-finite flags and the same decoded values (docs/design.md,
+invariant 2), parametrized over every kind, code width, scale format and block size, on tables
+whose blocks sit at arbitrary offsets (as bucket layouts make them), with error feedback and a
+loss scale.
 """
 
 from __future__ import annotations
@@ -154,9 +155,9 @@ def test_word_decode_kernel_matches_reference(name, mode, monkeypatch):
     (the rest of the table) together give the reference's values, bit for bit."""
     if "triton" not in FAST:
         pytest.skip("triton is not installed")
-    from dqt.kernels import blockq_triton
+    from dqt.kernels.blockq import triton_impl
 
-    monkeypatch.setattr(blockq_triton, "WORDS_MIN_BLOCK", 0)  # small blocks: the word kernel too
+    monkeypatch.setattr(triton_impl, "WORDS_MIN_BLOCK", 0)  # small blocks: the word kernel too
 
     spec = SPECS[name]
     g = torch.Generator().manual_seed(31 + hash(name) % 1000)
@@ -172,8 +173,8 @@ def test_word_decode_kernel_matches_reference(name, mode, monkeypatch):
     if mode == "vote":
         msgs[3][M] = 1  # peer 3 flags its message: NaN everywhere
     wire = torch.cat(msgs)
-    assert blockq_triton.decode_path(spec, wire, M + 4) == "words"
-    assert torch.equal(blockq_triton.word_rows(spec, table), aligned) and aligned.sum() >= 5
+    assert triton_impl.decode_path(spec, wire, M + 4) == "words"
+    assert torch.equal(triton_impl.word_rows(spec, table), aligned) and aligned.sum() >= 5
     outs = {}
     for which in ("reference", "triton"):
         out = torch.full((n,), 7.5)
@@ -194,9 +195,7 @@ def test_both_base3_decode_kernels_match_reference(trits, mode, monkeypatch):
     replaced (DQT_DECODE_TRITS=0, kept for the GPU A/B) give the reference's values."""
     if "triton" not in FAST:
         pytest.skip("triton is not installed")
-    from dqt.kernels import blockq_triton
-
-    monkeypatch.setattr(blockq_triton, "DECODE_TRITS", trits)
+    monkeypatch.setenv("DQT_DECODE_TRITS", "1" if trits else "0")
     spec = BlockSpec("ternary", 2048, 0, "fp32")
     g = torch.Generator().manual_seed(5)
     table, n, nbytes = _scattered_table(spec, [2048, 5, 24, 2045, 641], g)
@@ -221,34 +220,67 @@ def test_trit_table_is_the_reference_unpack():
     """Entry b of the lookup table = the five codes (b // 3^m) mod 3 as 2-bit fields, for all
     256 bytes (the 13 above 242, which no encoder writes, included)."""
     pytest.importorskip("triton")
-    from dqt.kernels import blockq_triton
+    from dqt.kernels.blockq import triton_impl
 
-    t = blockq_triton.trit_table(torch.device("cpu"))
+    t = triton_impl.trit_table(torch.device("cpu"))
     assert t.dtype == torch.int32 and t.shape == (256,)
     for b in range(256):
         assert t[b].item() == sum(((b // 3 ** m) % 3) << (2 * m) for m in range(5)), b
 
 def test_word_rows_follow_the_table():
-    """The aligned-row mask is cached on the table and recomputed when the table changes."""
+    """The aligned-row mask is cached per table and recomputed when the table changes."""
     if "triton" not in FAST:
         pytest.skip("triton is not installed")
-    from dqt.kernels import blockq_triton
+    from dqt.kernels.blockq import triton_impl
 
     spec = SPECS["ternary/2bit"]
     table, _ = blockq.linear_table(spec, 3 * 64 + 8)
-    assert blockq_triton.word_rows(spec, table).tolist() == [True] * 4
+    assert triton_impl.word_rows(spec, table).tolist() == [True] * 4
     table[1, 0] += 2  # block 1 now starts off a 16-byte boundary
-    assert blockq_triton.word_rows(spec, table).tolist() == [True, False, True, True]
+    assert triton_impl.word_rows(spec, table).tolist() == [True, False, True, True]
     msg = torch.zeros(12, dtype=torch.uint8)
     big = BlockSpec("ternary", 2048, 2, "fp32")
-    assert blockq_triton.decode_path(big, msg, 4) == "words"
-    assert blockq_triton.decode_path(big, msg[:10], 4) == "bytes"  # 10 bytes: not whole words
-    assert blockq_triton.decode_path(big, msg, 6) == "bytes"  # peers 6 bytes apart
-    assert blockq_triton.decode_path(BlockSpec("ternary", 2048, 0, "fp32"), msg, 4) == "bytes"
+    assert triton_impl.decode_path(big, msg, 4) == "words"
+    assert triton_impl.decode_path(big, msg[:10], 4) == "bytes"  # 10 bytes: not whole words
+    assert triton_impl.decode_path(big, msg, 6) == "bytes"  # peers 6 bytes apart
+    assert triton_impl.decode_path(BlockSpec("ternary", 2048, 0, "fp32"), msg, 4) == "bytes"
     qsgd3 = BlockSpec("qsgd", 2048, 3, "fp32", levels=3)
-    assert blockq_triton.decode_path(qsgd3, msg, 4) == "bytes"
+    assert triton_impl.decode_path(qsgd3, msg, 4) == "bytes"
     # onebit's 128-value blocks keep the byte kernel (measured at 85-90 % of clone on an H100)
-    assert blockq_triton.decode_path(BlockSpec("sign_mean", 128, 1, "e8m0"), msg, 4) == "bytes"
+    assert triton_impl.decode_path(BlockSpec("sign_mean", 128, 1, "e8m0"), msg, 4) == "bytes"
+
+
+def test_word_rows_cache_lives_outside_the_table():
+    """The per-table cache puts nothing on the tensor, and its entry goes with the table."""
+    pytest.importorskip("triton")
+    import gc
+
+    from dqt.kernels.blockq import triton_impl
+
+    spec = SPECS["ternary/2bit"]
+    table, _ = blockq.linear_table(spec, 3 * 64 + 8)
+    before = len(triton_impl._SPLITS._entries)
+    rows = triton_impl.word_rows(spec, table)
+    assert vars(table) == {} and len(triton_impl._SPLITS._entries) == before + 1
+    assert triton_impl.word_rows(spec, table) is rows
+    assert triton_impl.word_rows(SPECS["qsgd/4"], table) is not rows  # other spec: recomputed
+    del table, rows
+    gc.collect()
+    assert len(triton_impl._SPLITS._entries) == before
+
+
+def test_decode_switches_are_read_at_each_call(monkeypatch):
+    pytest.importorskip("triton")
+    from dqt.kernels.blockq import triton_impl
+
+    big, msg = BlockSpec("ternary", 2048, 2, "fp32"), torch.zeros(12, dtype=torch.uint8)
+    monkeypatch.delenv("DQT_DECODE_WORDS", raising=False)
+    monkeypatch.delenv("DQT_DECODE_TRITS", raising=False)
+    assert triton_impl.decode_path(big, msg, 4) == "words" and triton_impl.decode_trits_enabled()
+    monkeypatch.setenv("DQT_DECODE_WORDS", "0")
+    monkeypatch.setenv("DQT_DECODE_TRITS", "0")
+    assert triton_impl.decode_path(big, msg, 4) == "bytes"
+    assert not triton_impl.decode_trits_enabled()
 
 def test_decode_sums_in_peer_order_then_averages():
     """mean of N peers = (d₀ + d₁ + …)/N in fp32, exactly: checked against the formula."""
@@ -312,7 +344,7 @@ def test_import_touches_no_device_and_needs_no_triton():
             "    return real(name, *a, **k)\n"
             "builtins.__import__ = imp\n"
             "import torch, dqt, dqt.comm, dqt.kernels.blockq as b\n"
-            "from dqt.kernels import blockq_triton as t\n"
+            "from dqt.kernels.blockq import triton_impl as t\n"
             "assert not t.available() and not t.interpreting()\n"
             "assert 'triton' not in b.available_impls('cpu')\n"
             "print('ok')\n")
@@ -345,16 +377,16 @@ def test_triton_on_gpu_matches_reference(name):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", WORD_SPECS)
 def test_word_decode_on_gpu_matches_reference(name, monkeypatch):
-    from dqt.kernels import blockq_triton
+    from dqt.kernels.blockq import triton_impl
 
-    monkeypatch.setattr(blockq_triton, "WORDS_MIN_BLOCK", 0)
+    monkeypatch.setattr(triton_impl, "WORDS_MIN_BLOCK", 0)
     spec = SPECS[name]
     g = torch.Generator().manual_seed(13)
     table, n, M, _ = _aligned_table(spec, [spec.block, 4, spec.block - 8, 12], g)
     msgs = [_run_encode(spec, torch.randn(n, generator=g), table, M, torch.zeros(n), 1.0, p,
                         "reference")[0] for p in range(3)]
     wire = torch.cat(msgs)
-    assert blockq_triton.decode_path(spec, wire, M) == "words"
+    assert triton_impl.decode_path(spec, wire, M) == "words"
     out_ref, out_gpu = torch.zeros(n), torch.zeros(n, device="cuda")
     blockq.decode(spec, wire, table, out_ref, npeers=3, peer_stride=M, mode="mean",
                   impl="reference")

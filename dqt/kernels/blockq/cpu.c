@@ -1,7 +1,7 @@
 /* Fused CPU kernels of dqt.kernels.blockq: one pass per block for encode (gather, error
  * feedback, block statistic, quantize, pack, residual update) and decode (unpack, dequantize,
  * reduce over peers, write). The maths and its order of IEEE operations are those of the
- * pure-torch reference in blockq.py; see its docstring for the formats. Compiled with
+ * pure-torch reference (reference.py); the formats are described in format.py. Compiled with
  * -ffp-contract=off (no fused multiply-add) so every product and sum rounds like the reference.
  * Blocks run in parallel (OpenMP); a block is independent of every other block. */
 #include <math.h>
@@ -9,10 +9,28 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { DATA, RES, LEN, MSG, SCALE, CODE, CTR, NCOL = 8 };
-enum { SIGN_MEAN = 0, SIGN = 1, TERNARY = 2, QSGD = 3 };
-enum { SCALE_NONE = 0, SCALE_FP32 = 1, SCALE_BF16 = 2, SCALE_E8M0 = 3 };
-enum { MODE_COPY = 0, MODE_MEAN = 1, MODE_VOTE = 2 };
+/* The table columns, the kind, scale and mode codes and the scale bit patterns come from
+ * format.py's KERNEL_CONSTANTS, passed by cpu.py as -DDQT_<NAME>=<value> flags. */
+#ifndef DQT_KIND_QSGD
+#error "build through dqt.kernels.blockq.cpu: the constants of format.py come as -D flags"
+#endif
+enum {
+    DATA = DQT_DATA, RES = DQT_RES, LEN = DQT_LEN, MSG = DQT_MSG, SCALE = DQT_SCALE,
+    CODE = DQT_CODE, CTR = DQT_CTR, COLUMNS = DQT_COLUMNS
+};
+enum {
+    KIND_SIGN_MEAN = DQT_KIND_SIGN_MEAN, KIND_SIGN = DQT_KIND_SIGN,
+    KIND_TERNARY = DQT_KIND_TERNARY, KIND_QSGD = DQT_KIND_QSGD
+};
+enum {
+    SCALE_NONE = DQT_SCALE_NONE, SCALE_FP32 = DQT_SCALE_FP32, SCALE_BF16 = DQT_SCALE_BF16,
+    SCALE_E8M0 = DQT_SCALE_E8M0
+};
+enum { MODE_COPY = DQT_MODE_COPY, MODE_MEAN = DQT_MODE_MEAN, MODE_VOTE = DQT_MODE_VOTE };
+enum {
+    E8M0_ROUND_UP = DQT_E8M0_ROUND_UP, E8M0_MAX = DQT_E8M0_MAX, E8M0_NAN = DQT_E8M0_NAN,
+    BF16_NAN = DQT_BF16_NAN, FP32_NAN = DQT_FP32_NAN
+};
 
 typedef struct {
     int32_t kind, block, code_bits, scale_fmt, levels, pad;
@@ -25,21 +43,21 @@ static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
 /* e8m0: nearest power of two in the log domain (mantissa >= sqrt 2 rounds up), 0 = zero,
- * 255 = NaN; see blockq.py */
+ * E8M0_NAN = NaN; see format.py */
 static inline uint32_t e8m0_code(float s) {
-    if (!isfinite(s)) return 255u;
+    if (!isfinite(s)) return (uint32_t)E8M0_NAN;
     const uint32_t b = f2u(s), e = (b >> 23) & 0xFFu, m = b & 0x7FFFFFu;
     if (e == 0) return 0u;
-    const uint32_t r = e + (m >= 3474676u ? 1u : 0u);
-    return r > 254u ? 254u : r;
+    const uint32_t r = e + (m >= (uint32_t)E8M0_ROUND_UP ? 1u : 0u);
+    return r > (uint32_t)E8M0_MAX ? (uint32_t)E8M0_MAX : r;
 }
 
 static inline float e8m0_value(uint32_t e) {
-    return e == 0 ? 0.0f : (e == 255u ? NAN : u2f(e << 23));
+    return e == 0 ? 0.0f : (e == (uint32_t)E8M0_NAN ? NAN : u2f(e << 23));
 }
 
 static inline uint32_t bf16_bits(float s) {
-    if (isnan(s)) return 0x7FC0u;
+    if (isnan(s)) return (uint32_t)BF16_NAN;
     uint32_t b = f2u(s);
     return ((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16) & 0xFFFFu;
 }
@@ -140,14 +158,14 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
     float nz[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     const int64_t n8 = n & ~(int64_t)7;
-    if (sp->kind == SIGN_MEAN) {
+    if (sp->kind == KIND_SIGN_MEAN) {
         for (int64_t i = 0; i < n8; i += 8)
             for (int l = 0; l < 8; l++) {
                 nz[l] += v[i + l] * 0.0f;
                 lane[l] += fabs((double)v[i + l]);
             }
         for (int64_t i = n8; i < n; i++) { nz[0] += v[i] * 0.0f; lane[0] += fabs((double)v[i]); }
-    } else if (sp->kind == QSGD) {
+    } else if (sp->kind == KIND_QSGD) {
         for (int64_t i = 0; i < n8; i += 8)
             for (int l = 0; l < 8; l++) {
                 const double d = (double)v[i + l];
@@ -170,11 +188,11 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
                        ((lane[4] + lane[5]) + (lane[6] + lane[7]));
     float raw = 1.0f;
     const float* wv = v;
-    if (sp->kind == SIGN_MEAN) {
+    if (sp->kind == KIND_SIGN_MEAN) {
         raw = (float)(acc / (double)n);
-    } else if (sp->kind == QSGD) {
+    } else if (sp->kind == KIND_QSGD) {
         raw = (float)sqrt(acc);
-    } else if (sp->kind == TERNARY) {
+    } else if (sp->kind == KIND_TERNARY) {
         if (sp->clip > 0 && finite) {
             double sm = 0;
             for (int64_t i = 0; i < n; i++) sm += (double)v[i];
@@ -212,9 +230,9 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
         uint32_t bits;
         int nbytes;
         switch (sp->scale_fmt) {
-        case SCALE_BF16: bits = bad ? 0x7FC0u : bf16_bits(raw); nbytes = 2; break;
-        case SCALE_E8M0: bits = bad ? 255u : e8m0_code(raw); nbytes = 1; break;
-        default: bits = bad ? 0x7FC00000u : f2u(s); nbytes = 4;
+        case SCALE_BF16: bits = bad ? (uint32_t)BF16_NAN : bf16_bits(raw); nbytes = 2; break;
+        case SCALE_E8M0: bits = bad ? (uint32_t)E8M0_NAN : e8m0_code(raw); nbytes = 1; break;
+        default: bits = bad ? (uint32_t)FP32_NAN : f2u(s); nbytes = 4;
         }
         for (int t = 0; t < nbytes; t++) mp[row[SCALE] + t] = (uint8_t)(bits >> (8 * t));
     }
@@ -226,19 +244,19 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
     for (int64_t i = n; i < npad; i++) code[i] = 0;
     float* d = u;  /* the decoded values, written over the uniforms as they are used */
     switch (sp->kind) {
-    case SIGN_MEAN:
+    case KIND_SIGN_MEAN:
         for (int64_t i = 0; i < n; i++) {
             code[i] = v[i] >= 0.0f;
             d[i] = v[i] >= 0.0f ? s : -s;
         }
         break;
-    case SIGN:
+    case KIND_SIGN:
         for (int64_t i = 0; i < n; i++) {
             code[i] = v[i] >= 0.0f;
             d[i] = v[i] >= 0.0f ? 1.0f : -1.0f;
         }
         break;
-    case TERNARY:
+    case KIND_TERNARY:
         uniforms(u, n, key, (uint32_t)row[CTR]);
         for (int64_t i = 0; i < n; i++) {
             const float wi = wv[i];
@@ -248,7 +266,7 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
             d[i] = c == 2 ? s : (c == 0 ? -s : 0.0f);
         }
         break;
-    default: { /* QSGD */
+    default: { /* KIND_QSGD */
         uniforms(u, n, key, (uint32_t)row[CTR]);
         const float L = (float)sp->levels;
         float r = s > 0.0f ? 1.0f / s : 0.0f;  /* one reciprocal and one step per block */
@@ -283,8 +301,8 @@ void dqt_encode(const spec_t* sp, const float* x, const int64_t* table, int64_t 
         uint8_t* code = (uint8_t*)malloc((size_t)sp->block + 40);
 #pragma omp for schedule(dynamic, 8)
         for (int64_t k = 0; k < nblocks; k++)
-            encode_block(sp, x, table + NCOL * k, msg, res, S, invS, key, bad ? bad + k : NULL, v,
-                         v + sp->block, v + 2 * sp->block, code);
+            encode_block(sp, x, table + COLUMNS * k, msg, res, S, invS, key,
+                         bad ? bad + k : NULL, v, v + sp->block, v + 2 * sp->block, code);
         free(v);
         free(code);
     }
@@ -313,10 +331,10 @@ static void decode_block(const spec_t* sp, const uint8_t* msg, const int64_t* ro
         unpack_codes(sp, mp + row[CODE], n, code);
         float* dst = p == 0 ? acc : a;
         switch (sp->kind) {
-        case SIGN_MEAN: case SIGN:
+        case KIND_SIGN_MEAN: case KIND_SIGN:
             for (int64_t i = 0; i < n; i++) dst[i] = code[i] == 1 ? s : -s;
             break;
-        case TERNARY:
+        case KIND_TERNARY:
             for (int64_t i = 0; i < n; i++) dst[i] = code[i] == 2 ? s : (code[i] == 0 ? -s : 0.0f);
             break;
         default: {
@@ -351,7 +369,8 @@ void dqt_decode(const spec_t* sp, const uint8_t* msg, const int64_t* table, int6
         uint8_t* code = (uint8_t*)malloc((size_t)sp->block + 40);
 #pragma omp for schedule(dynamic, 8)
         for (int64_t k = 0; k < nblocks; k++)
-            decode_block(sp, msg, table + NCOL * k, npeers, stride, flag_off, mode, out, acc, code);
+            decode_block(sp, msg, table + COLUMNS * k, npeers, stride, flag_off, mode, out, acc,
+                         code);
         free(acc);
         free(code);
     }

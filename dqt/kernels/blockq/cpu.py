@@ -1,11 +1,15 @@
-"""The CPU implementation of :mod:`dqt.kernels.blockq`: ``blockq_c.c``, compiled on first use.
+"""The CPU implementation of :mod:`dqt.kernels.blockq`: ``cpu.c``, compiled on first use.
 
 The C file is built once per machine with the system C compiler (``$CC``, else ``cc``) into
-``$DQT_KERNEL_CACHE`` (default ``~/.cache/dqt/kernels``), under a name that hashes the source
-and the flags, and loaded with ctypes — no torch headers, so the build takes about a second.
-Flags: ``-O3 -march=native -ffp-contract=off -fopenmp`` (``-ffp-contract=off``: no fused
-multiply-add, so products and sums round exactly like the torch reference). If no compiler is
-found or the build fails, :func:`available` is False and dispatch falls back to the reference.
+``$DQT_KERNEL_CACHE`` (default ``~/.cache/dqt/kernels``, read when the library is first
+built), under a name that hashes the source and the flags, and loaded with ctypes — no torch
+headers, so the build takes about a second. Flags: ``-O3 -march=native -ffp-contract=off
+-fopenmp`` (``-ffp-contract=off``: no fused multiply-add, so products and sums round exactly
+like the torch reference), plus one ``-DDQT_<NAME>=<value>`` per entry of
+:data:`~dqt.kernels.blockq.format.KERNEL_CONSTANTS` (:func:`defines`): the C code has no
+table columns, kind, scale or mode codes of its own, and a changed code changes the hash, so
+the library is rebuilt. If no compiler is found or the build fails, :func:`available` is False
+and dispatch falls back to the reference.
 """
 
 from __future__ import annotations
@@ -23,19 +27,26 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dqt.kernels.blockq import f32_recip
+from dqt.kernels.blockq.format import CODES, KERNEL_CONSTANTS, f32_recip
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("blockq_c.c")
+_SOURCE = Path(__file__).with_name("cpu.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp",
           "-shared", "-fPIC", "-std=c11"]
 _LOCK = threading.Lock()
 _LIB: ctypes.CDLL | None = None
 _FAILED: str | None = None
-_KINDS = {"sign_mean": 0, "sign": 1, "ternary": 2, "qsgd": 3}
-_SCALES = {"none": 0, "fp32": 1, "bf16": 2, "e8m0": 3}
-_MODES = {"copy": 0, "mean": 1, "vote": 2}
+
+
+def defines() -> list[str]:
+    """The -D flags that give the C code its constants, from the format's one table."""
+    return [f"-DDQT_{name}={value}" for name, value in KERNEL_CONSTANTS.items()]
+
+
+def flags() -> list[str]:
+    """Every flag of the build (the defines included), as hashed into the library's name."""
+    return [*_FLAGS, *defines()]
 
 
 class _Spec(ctypes.Structure):
@@ -52,15 +63,15 @@ def _build() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler (set $CC or install gcc)")
-    src = _SOURCE.read_bytes()
-    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    src, opts = _SOURCE.read_bytes(), flags()
+    tag = hashlib.sha256(src + " ".join([cc, *opts]).encode()).hexdigest()[:16]
     out = _cache_dir() / f"blockq_{tag}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
-            proc = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"],
+            proc = subprocess.run([cc, *opts, str(_SOURCE), "-o", tmp, "-lm"],
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{cc} failed building {_SOURCE.name}:\n{proc.stderr[-2000:]}")
@@ -97,7 +108,7 @@ def available() -> bool:
 
 
 def _spec(spec) -> _Spec:
-    return _Spec(_KINDS[spec.kind], spec.block, spec.code_bits, _SCALES[spec.scale],
+    return _Spec(CODES["kind"][spec.kind], spec.block, spec.code_bits, CODES["scale"][spec.scale],
                  spec.levels, 0, float(spec.clip))
 
 
@@ -120,5 +131,5 @@ def encode(spec, x: Tensor, table: Tensor, msg: Tensor, residual: Tensor | None,
 def decode(spec, msg: Tensor, table: Tensor, out: Tensor, npeers: int, peer_stride: int,
            flag_off: int, mode: str) -> None:
     _lib().dqt_decode(ctypes.byref(_spec(spec)), msg.data_ptr(), table.data_ptr(),
-                      table.shape[0], npeers, peer_stride, flag_off, _MODES[mode],
+                      table.shape[0], npeers, peer_stride, flag_off, CODES["mode"][mode],
                       out.data_ptr(), torch.get_num_threads())
