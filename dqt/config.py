@@ -24,12 +24,16 @@ from dqt.errors import ConfigError, check
 from dqt.errors import check_bool as _check_bool
 from dqt.errors import check_choice as _choice
 from dqt.quant.config import QATConfig
-from dqt.train.data import (LM_DATA, CIFAR10Config, DigitsConfig, MNISTConfig, ShakespeareConfig,
-                            SyntheticConfig, TextConfig)
-from dqt.train.models import CNNConfig, GPTConfig, MLPConfig, ResNetConfig
+from dqt.train.data import (LM_DATA, TOKEN_DATA, CIFAR10Config, DigitsConfig, MNISTConfig,
+                            ShakespeareConfig, SortConfig, SyntheticConfig, TextConfig)
+from dqt.train.models import CNNConfig, GPTConfig, MLPConfig, ResNetConfig, TransformerConfig
 
 __all__ = ["ConfigError", "TrainConfig", "SearchBitsConfig", "register_configs", "to_typed"]
 
+
+# sequence models and the data they train on (the rest are classifiers of classification data)
+SEQUENCE_MODELS = {"gpt": (LM_DATA, "language-model data"),
+                   "transformer": (TOKEN_DATA, "token-classification data")}
 
 # --------------------------------------------------------------------------- optim
 OPTIMIZERS = ("sgd", "adamw", "adam", "onebit_adam")
@@ -166,22 +170,35 @@ class TrainConfig:
         check(self.grad_accum > 0, "grad_accum", f"must be > 0; got {self.grad_accum}")
         check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0 = end only); got {self.eval_every}")
         check(self.log_every > 0, "log_every", f"must be > 0; got {self.log_every}")
-        lm_model = getattr(self.model, "name", None) == "gpt"
-        lm_data = getattr(self.data, "name", None) in LM_DATA
-        check(lm_model == lm_data, "model" if lm_data else "data",
-              "model=gpt trains on data=text or data=shakespeare (language-model data) and the "
-              "other models on classification data; "
-              f"got model={getattr(self.model, 'name', '?')} data={getattr(self.data, 'name', '?')}")
+        self._check_model_fits_data()
         if getattr(self.backend, "name", None) == "horovod":
             self._check_horovod()
         if getattr(self.optim, "name", None) == "onebit_adam":
             self._check_onebit_adam()
+
+    def _check_model_fits_data(self) -> None:
+        """Sequence models train on their kind of sequence data, the others on classification
+        data."""
+        model, data = getattr(self.model, "name", "?"), getattr(self.data, "name", "?")
+        owner = next((m for m, (ds, _) in SEQUENCE_MODELS.items() if data in ds), None)
+        wants = SEQUENCE_MODELS.get(model, (None, None))[0]
+        if (wants is None) == (owner is None) and (owner is None or owner == model):
+            return
+        key = "data" if wants is not None else "model"
+        m = model if wants is not None else owner
+        datas, kind = SEQUENCE_MODELS[m]
+        check(False, key, f"model={m} trains on {' or '.join('data=' + d for d in datas)} "
+                          f"({kind}) and the other models on classification data; "
+                          f"got model={model} data={data}")
 
     def _check_onebit_adam(self) -> None:
         """optim=onebit_adam communicates the momentum through a dqt codec."""
         check(self.scheme is None or isinstance(self.scheme, CompressedConfig), "scheme.name",
               f"optim=onebit_adam compresses the momentum with a dqt codec (onebit, ef_signsgd, "
               f"signsgd, ternary_grad, qsgd); got {getattr(self.scheme, 'name', '?')}")
+        check(not getattr(self.scheme, "vote", False), "scheme.name",
+              "signsgd averages by majority vote, which keeps only the sign of the momentum; "
+              "with optim=onebit_adam use onebit or ef_signsgd")
         check(not getattr(self.scheme, "auto", False), "scheme.auto",
               "not available with optim=onebit_adam (the optimizer communicates every step)")
         check(getattr(self.backend, "name", None) != "horovod", "backend.name",
@@ -273,9 +290,11 @@ class SearchBitsConfig:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet": ResNetConfig, "gpt": GPTConfig},
+    "model": {"mlp": MLPConfig, "cnn": CNNConfig, "resnet": ResNetConfig, "gpt": GPTConfig,
+              "transformer": TransformerConfig},
     "data": {"digits": DigitsConfig, "synthetic": SyntheticConfig, "cifar10": CIFAR10Config,
-             "mnist": MNISTConfig, "text": TextConfig, "shakespeare": ShakespeareConfig},
+             "mnist": MNISTConfig, "text": TextConfig, "shakespeare": ShakespeareConfig,
+             "sort": SortConfig},
     "optim": {"optim": OptimConfig},
     "qat": {"qat": QATConfig},
     "precision": {"precision": PrecisionConfig},

@@ -15,7 +15,8 @@ import dqt.comm.torch_hooks  # noqa: F401  (registers the baselines)
 
 GROUPS = ["model", "data", "optim", "qat", "precision", "logger", "backend"]
 PAIRED = {"model=gpt": ["data=text"], "data=text": ["model=gpt"],
-          "data=shakespeare": ["model=gpt"]}
+          "data=shakespeare": ["model=gpt"], "model=transformer": ["data=sort"],
+          "data=sort": ["model=transformer"]}
 
 
 def _options(group: str) -> list[str]:
@@ -96,6 +97,10 @@ BAD_VALUES = [
     (["data=text"], "model: model=gpt trains on data=text"),
     (["data=shakespeare"], "model: model=gpt trains on data=text or data=shakespeare"),
     (["model=gpt", "data=digits"], "data: model=gpt trains on data=text or data=shakespeare"),
+    (["model=transformer"], "data: model=transformer trains on data=sort (token-classification"),
+    (["data=sort"], "model: model=transformer trains on data=sort"),
+    (["model=gpt", "data=sort"], "data: model=gpt trains on data=text or data=shakespeare"),
+    (["model=transformer", "data=shakespeare"], "data: model=transformer trains on data=sort"),
     (["model=resnet20", "model.depth=21"], "model.depth: must be 6n+2"),
     (["checkpoint.keep=0"], "checkpoint.keep: must be >= 1; got 0"),
     (["+scheme=qsgd", "scheme.bits=0"], "scheme.bits: must be in [2, 8]; got 0"),
@@ -207,6 +212,6 @@ def test_cli_missing_data_root_says_where_to_put_files(tmp_path):
 def test_cli_help_lists_groups_and_examples():
     p = run_train("--help")
     assert p.returncode == 0
-    for text in ("scheme: bf16, ef_signsgd, fp16, onebit, powersgd, qsgd, signsgd, ternary_grad", "model: cnn, gpt, mlp, mlp_20m, resnet20",
-                 "data: cifar10, digits, mnist, shakespeare, synthetic, text", "torchrun --nproc_per_node"):
+    for text in ("scheme: bf16, ef_signsgd, fp16, onebit, powersgd, qsgd, signsgd, ternary_grad", "model: cnn, gpt, mlp, mlp_20m, resnet20, transformer",
+                 "data: cifar10, digits, mnist, shakespeare, sort, synthetic, text", "torchrun --nproc_per_node"):
         assert text in p.stdout

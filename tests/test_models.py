@@ -63,7 +63,7 @@ IDS = [f"{m}-{'x'.join(map(str, meta.input_shape))}" for m, meta in CASES]
 
 
 def test_registry_names():
-    assert MODELS.names() == ["cnn", "gpt", "mlp", "resnet"]
+    assert MODELS.names() == ["cnn", "gpt", "mlp", "resnet", "transformer"]
     with pytest.raises(KeyError, match="model.name: unknown 'vgg'"):
         build_model(MLPConfig(name="vgg"), SYNTH)
 

@@ -10,11 +10,23 @@ larger than most coordinates' gradient, so v is inflated and the update directio
 1. **Warm-up** (the first ``freeze_steps`` steps): the gradients are averaged by a plain fp32
    all-reduce and Adam(W) runs as usual, estimating v.
 2. **Compression**: v is frozen. Each rank folds its *local* gradient into the momentum,
-   m_r = β₁·m + (1 − β₁)·g_r, and the momentum is averaged over the ranks by the codec's
+   m_r = β₁·m + (1 − β₁)·g_r, and the ranks average the *preconditioned* momentum
+   u_r = m_r / (√v̂ + ε) — the update itself, in Adam's normalised units — through the codec's
    two-phase all-reduce (:func:`dqt.comm.collective.two_phase_allreduce`) with worker and server
-   error feedback (for the codecs that take it, ``scheme.error_feedback``). Every rank decodes
-   the same bytes, so m — and the parameters — stay bitwise identical across ranks.
-3. The update is AdamW's with bias correction: x ← x − lr·wd·x − lr·m̂ / (√v̂ + ε).
+   error feedback (for the codecs that take it, ``scheme.error_feedback``). Since v is frozen and
+   identical on every rank, the mean of u_r is the mean momentum, preconditioned; compressing
+   it instead of m keeps the codec's error in proportion to each coordinate's step, where a
+   codec applied to m (DeepSpeed) hands every coordinate of a block the same absolute error and
+   Adam then divides it by that coordinate's √v̂ — huge steps for small-variance coordinates
+   (and a division by ε where v̂ = 0: sign codecs cannot send 0, DeepSpeed's ``exp_avg_mask``
+   problem). Coordinates whose v̂ is 0 at the freeze (gradients that were always zero) are
+   not updated, and u is clamped to the bound Adam's own step obeys, |m̂/√v̂| ≤
+   max(1, (1 − β₁)/√(1 − β₂)) (Kingma & Ba 2015, §2.1): a frozen v̂ no longer grows when a
+   rarely active coordinate's gradient does, so without it one such coordinate could take a
+   step of any size (and, through the block's shared scale, move its neighbours too). Every rank decodes the same bytes, so u, m = u·(√v̂ + ε) and the parameters
+   stay bitwise identical across ranks.
+3. The update is AdamW's with bias correction: x ← x − lr·wd·x − lr·û with û = u / (1 − β₁ᵗ)
+   (during the warm-up, u = m / (√v̂ + ε) from the exact averages).
 
 Compared with DeepSpeed's ``OnebitAdam``: the error-feedback residuals are per-rank state saved
 and restored exactly (:meth:`MomentumComm.state_dict`; DeepSpeed resets them on load); any world
@@ -29,6 +41,7 @@ too), so the same optimizer also runs in a loop without DDP.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Iterable, Optional
 
@@ -53,6 +66,9 @@ class MomentumComm(Scheme):
         if not isinstance(codec, CompressedConfig):
             raise TypeError(f"the momentum codec must be a dqt codec config (OneBitConfig(), "
                             f"TernaryGradConfig(), QSGDConfig(), ...); got {codec!r}")
+        if codec.vote:
+            raise ValueError(f"scheme.name: {codec.name} averages by majority vote, which keeps "
+                             "only the sign of the momentum; use onebit or ef_signsgd")
         super().__init__(process_group)
         self.codec = codec
         self.name = f"onebit_adam/{codec.name}"
@@ -179,6 +195,7 @@ class OneBitAdam(torch.optim.Optimizer):
         self.step_count = 0
         self.exp_avg = torch.zeros(n, dtype=torch.float32, device=device)
         self.exp_avg_sq = torch.zeros(n, dtype=torch.float32, device=device)
+        self._denom: Optional[Tensor] = None  # √v̂ + ε, fixed once v is frozen
         self.comm.setup(n, device)
         self.comm.build_layout(sizes, device)
         self._offsets = [0]
@@ -212,22 +229,43 @@ class OneBitAdam(torch.optim.Optimizer):
             self.comm.mean(g)
             m.mul_(beta1).add_(g, alpha=1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        else:  # local momentum, averaged compressed; v frozen
+            bc2 = 1 - beta2 ** (self.step_count + 1)
+            u = m / self._denominator(bc2)
+        else:  # local momentum; the preconditioned momentum averaged compressed; v frozen
+            denom = self._frozen_denominator()
             m.mul_(beta1).add_(g, alpha=1 - beta1)
-            self.comm.compressed_mean(m, self.step_count)
+            u = m / denom
+            bound = max(1.0, (1 - beta1) / math.sqrt(1 - beta2)) * (1 - beta1 ** (self.step_count + 1))
+            u.clamp_(-bound, bound)  # Adam's own bound on |m̂/√v̂| (Kingma & Ba, §2.1)
+            self.comm.compressed_mean(u, self.step_count)
+            u.mul_(self._live)  # v̂ = 0: never updated
+            torch.mul(u, denom, out=m)  # the common momentum, for the next step
         self.step_count += 1
         bc1 = 1 - beta1 ** self.step_count
-        bc2 = 1 - beta2 ** min(self.step_count, self.freeze_steps)
         for group in self.param_groups:
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+            lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
                 i = self._index[id(p)]
                 a, b = self._offsets[i], self._offsets[i + 1]
-                denom = (v[a:b] / bc2).sqrt_().add_(eps)
                 if wd:
                     p.mul_(1 - lr * wd)
-                p.addcdiv_(m[a:b].view_as(p), denom.view_as(p), value=-lr / bc1)
+                p.add_(u[a:b].view_as(p), alpha=-lr / bc1)
         return loss
+
+    def _denominator(self, bc2: float) -> Tensor:
+        """√(v / bc2) + ε per coordinate (ε of each coordinate's param group)."""
+        denom = (self.exp_avg_sq / bc2).sqrt_()
+        for group in self.param_groups:
+            a = self._offsets[self._index[id(group["params"][0])]] if group["params"] else 0
+            n = sum(p.numel() for p in group["params"])
+            denom[a:a + n].add_(group["eps"])
+        return denom
+
+    def _frozen_denominator(self) -> Tensor:
+        if self._denom is None:
+            self._denom = self._denominator(1 - self.param_groups[0]["betas"][1] ** self.freeze_steps)
+            self._live = (self.exp_avg_sq > 0).to(torch.float32)
+        return self._denom
 
     @property
     def _index(self) -> dict[int, int]:

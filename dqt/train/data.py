@@ -136,8 +136,32 @@ class ShakespeareConfig(DataConfig):
               f"must be >= 0 (0 = every validation window); got {self.eval_windows}")
 
 
-# language-model data: what model=gpt trains on
+@dataclass
+class SortConfig(DataConfig):
+    """A synthetic sequence task for bidirectional transformers: the input is ``seq_len``
+    tokens drawn uniformly from ``vocab`` values, the target at position i is the i-th smallest
+    of them (the sorted sequence). Samples are a pure function of their index (a counter-based
+    hash), so the data is unlimited, identical on every machine and never stored; the
+    validation samples are ``num_test`` indices disjoint from training's ``num_train``."""
+
+    name: str = "sort"
+    seq_len: int = 32
+    vocab: int = 64
+    num_train: int = 10_000_000
+    num_test: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.seq_len > 1, "data.seq_len", f"must be > 1; got {self.seq_len}")
+        check(2 <= self.vocab <= 1 << 16, "data.vocab", f"must be in [2, 65536]; got {self.vocab}")
+        check(self.num_train > 0, "data.num_train", f"must be > 0; got {self.num_train}")
+        check(self.num_test > 0, "data.num_test", f"must be > 0; got {self.num_test}")
+
+
+# language-model data: what model=gpt trains on; token data: what model=transformer trains on
 LM_DATA = ("text", "shakespeare")
+TOKEN_DATA = ("sort",)
 
 CORPORA = Path(__file__).resolve().parent / "corpora"
 # tools/build_shakespeare.py writes the file and prints this digest; the loader checks it
@@ -153,7 +177,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 @dataclass(frozen=True)
 class DataMeta:
-    task: str  # "classify" or "lm"
+    task: str  # "classify", "lm" (next token) or "tokens" (a class per input token)
     input_shape: tuple[int, ...]  # per-sample shape
     num_classes: int  # classes; for "lm" the vocabulary size
 
@@ -445,6 +469,39 @@ def _shakespeare(cfg) -> Dataset:
                    WindowSplit(val, cfg.block_size,
                                eval_starts(len(val), cfg.block_size, cfg.eval_windows)),
                    DataMeta("lm", (cfg.block_size,), len(vocab)), vocab=vocab)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finalizer on int64 tensors (wrapping arithmetic): a counter-based hash."""
+    x = x ^ ((x >> 30) & 0x3FFFFFFFF)
+    x = x * -4658895280553007687  # 0xBF58476D1CE4E5B9
+    x = x ^ ((x >> 27) & 0x1FFFFFFFFF)
+    x = x * -7723592293110705685  # 0x94D049BB133111EB
+    return x ^ ((x >> 31) & 0x1FFFFFFFF)
+
+
+class SortSplit:
+    """Sample i: ``seq_len`` tokens hash(seed, base + i, position) mod ``vocab``; target: the
+    same tokens sorted ascending."""
+
+    def __init__(self, n: int, base: int, seq_len: int, vocab: int, seed: int) -> None:
+        self.n, self.base, self.seq_len, self.vocab, self.seed = n, base, seq_len, vocab, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = (indices.long().view(-1, 1) + self.base) * self.seq_len
+        h = _mix64(_mix64(rows + torch.arange(self.seq_len)) + self.seed)
+        x = torch.remainder(h, self.vocab)
+        return x, x.sort(dim=1).values
+
+
+@DATASETS.register("sort")
+def _sort(cfg) -> Dataset:
+    train = SortSplit(cfg.num_train, 0, cfg.seq_len, cfg.vocab, cfg.seed)
+    test = SortSplit(cfg.num_test, cfg.num_train, cfg.seq_len, cfg.vocab, cfg.seed)
+    return Dataset(train, test, DataMeta("tokens", (cfg.seq_len,), cfg.vocab))
 
 
 # --------------------------------------------------------------------------- batching

@@ -104,6 +104,26 @@ __all__ = ["MODELS", "build_model", "num_params", "MLP", "LeNetCNN", "CifarResNe
 MODELS: Registry[Callable[[Any, Any], nn.Module]] = Registry("model.name")
 
 
+@dataclass
+class TransformerConfig(ModelConfig):
+    """A bidirectional encoder built from PyTorch's own ``nn.TransformerEncoderLayer``
+    (pre-LN, GELU), with token and learned position embeddings and a per-token classifier:
+    the kind of model users assemble themselves. Trains on token data (``data=sort``)."""
+
+    name: str = "transformer"
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        check(self.n_layer > 0, "model.n_layer", f"must be > 0; got {self.n_layer}")
+        check(self.n_head > 0, "model.n_head", f"must be > 0; got {self.n_head}")
+        check(self.n_embd > 0 and self.n_embd % max(self.n_head, 1) == 0, "model.n_embd",
+              f"must be a positive multiple of model.n_head={self.n_head}; got {self.n_embd}")
+        check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
+
+
 def num_params(model: nn.Module) -> int:
     """Number of distinct parameter elements (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -401,3 +421,41 @@ def _build_gpt(cfg: Any, meta: Any) -> nn.Module:
                                    f"got input shape {shape}")
     return GPT(int(meta.num_classes), shape[0], int(cfg.n_layer), int(cfg.n_head),
                int(cfg.n_embd), float(cfg.dropout))
+
+
+# --------------------------------------------------------------------------- transformer encoder
+class TokenEncoder(nn.Module):
+    """Token + learned position embeddings → ``nn.TransformerEncoder`` of pre-LN
+    ``nn.TransformerEncoderLayer`` (4× GELU MLP) → LayerNorm → a class per token.
+    ``forward(idx)`` maps int64 tokens (B, T ≤ seq_len) to logits (B, T, num_classes)."""
+
+    def __init__(self, vocab: int, seq_len: int, num_classes: int, n_layer: int, n_head: int,
+                 n_embd: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.tok = nn.Embedding(vocab, n_embd)
+        self.pos = nn.Embedding(seq_len, n_embd)
+        layer = nn.TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, n_layer, enable_nested_tensor=False)
+        self.ln = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, num_classes)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.shape[1]
+        if t > self.seq_len:
+            raise ValueError(f"sequence length {t} exceeds seq_len {self.seq_len}")
+        h = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        return self.head(self.ln(self.encoder(h)))
+
+
+@MODELS.register("transformer")
+def _build_transformer(cfg: Any, meta: Any) -> nn.Module:
+    if meta.task != "tokens":
+        raise ConfigError(
+            "model", f"model=transformer is a bidirectional encoder with a class per input token "
+            f"(data=sort); got data task '{meta.task}' (next-token data needs the causal "
+            "model=gpt)")
+    shape = tuple(int(s) for s in meta.input_shape)
+    return TokenEncoder(int(meta.num_classes), shape[0], int(meta.num_classes), int(cfg.n_layer),
+                        int(cfg.n_head), int(cfg.n_embd), float(cfg.dropout))

@@ -225,7 +225,7 @@ class Trainer:
             t["backward"] += t3 - t2
         t4 = time.perf_counter()
         if self.scaler.is_enabled() and isinstance(self.optimizer, OneBitAdam):
-            self._agree_on_overflow()  # local gradients: every rank must skip the same steps
+            agree_on_overflow(list(self.model.module.parameters()), self.device)
         if cfg.optim.grad_clip > 0 or self.qat_active:
             self.scaler.unscale_(self.optimizer)  # no-op unless fp16
         if self.qat_active:  # quantizer penalty gradients (ADMM), on the all-reduced gradients
@@ -245,18 +245,6 @@ class Trainer:
         out["time/step_ms"] = sum(out.values())
         out["_sums"] = sums  # reduced across ranks only on log steps
         return out
-
-    def _agree_on_overflow(self) -> None:
-        """GradScaler skips a step when *this rank's* gradients overflow. With an optimizer that
-        communicates local gradients (onebit_adam) the ranks must agree: if any rank's scaled
-        gradients hold inf/NaN, every rank marks one of its own gradients inf, so every
-        GradScaler skips the step and backs off the scale alike."""
-        grads = [p.grad for p in self.model.module.parameters() if p.grad is not None]
-        local = any(not torch.isfinite(g).all() for g in grads)
-        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and not local and grads:
-            grads[0].view(-1)[0] = float("inf")
 
     def _sync_device(self) -> None:
         if self.device.type == "cuda":
@@ -359,6 +347,19 @@ class Trainer:
         log.info("done: %d steps in %.1f s | %s | %s | params identical on all ranks: %s",
                  self.step, wall_s, metric, wire, summary["params_in_sync"])
         return summary
+
+
+def agree_on_overflow(params: list[torch.Tensor], device: torch.device) -> None:
+    """GradScaler skips a step when *this rank's* gradients overflow. With an optimizer that
+    communicates local gradients (onebit_adam) the ranks must agree: if any rank's scaled
+    gradients hold inf/NaN, every rank marks one of its own gradients inf, so every GradScaler
+    skips the step and backs off its scale alike."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local = any(not torch.isfinite(g).all() for g in grads)
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and not local and grads:
+        grads[0].view(-1)[0] = float("inf")
 
 
 def loss_and_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
