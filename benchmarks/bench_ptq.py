@@ -69,7 +69,7 @@ def accuracy(model: torch.nn.Module, split, batch: int = 1000) -> float:
 
 def main() -> None:
     from dqt.quant import apply_qat
-    from dqt.quant.summary import summarize
+    from dqt.quant.export.summary import summarize
     from dqt.train.data import build_dataset
     from dqt.train.export import load_trained
 

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from dqt.quant.summary import format_summary, summarize
+from dqt.quant.export.summary import format_summary, summarize
 from dqt.train.export import export_run, find_checkpoint, load_export
 
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {p}")
         return 0
     if args.model:
-        from dqt.quant.summary import format_summary, summarize
+        from dqt.quant.export.summary import format_summary, summarize
         from dqt.train.export import load_trained
 
         try:

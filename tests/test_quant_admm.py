@@ -13,7 +13,7 @@ from dqt.errors import ConfigError
 from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.config import to_typed
 from dqt.quant import apply_qat, qat_penalty, qat_step
-from dqt.quant.admm import code_set, project
+from dqt.quant.methods.admm import code_set, project
 from dqt.quant.prepare import weight_quantizer
 
 

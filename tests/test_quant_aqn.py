@@ -13,7 +13,7 @@ from dqt.errors import ConfigError
 from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.config import to_typed
 from dqt.quant import QUANTIZERS, apply_qat
-from dqt.quant.alternating import alternating_quantize
+from dqt.quant.methods.alternating import alternating_quantize
 from dqt.train.models import GPT
 
 
@@ -101,7 +101,7 @@ def test_bad_arguments_name_the_key(compose):
 
 def test_export_is_a_codebook_of_the_row_sums(tmp_path):
     from dqt.kernels.lowbit_pack import unpack_weight
-    from dqt.quant.export import read_export, save_export
+    from dqt.quant.export.serialize import read_export, save_export
 
     torch.manual_seed(0)
     cfg = QATConfig(name="t", default=QATSlotsConfig(weight=QuantizerConfig(name="aqn", bits=2)),

@@ -10,7 +10,7 @@ import torch
 from dqt.errors import ConfigError
 from dqt.config import to_typed
 from dqt.quant import QUANTIZERS
-from dqt.quant.balanced import balanced_edges
+from dqt.quant.methods.balanced import balanced_edges
 
 
 def make(**args):

@@ -17,21 +17,13 @@ from tests.conftest import REPO, clean_env, run_train
 from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.kernels.lowbit_pack import dequantize_weight, unpack_weight
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
-from dqt.quant.export import load_packed, read_export, save_export
-from dqt.quant.summary import summarize
+from dqt.quant.export.convert import load_packed
+from dqt.quant.export.serialize import read_export, save_export
+from dqt.quant.export.summary import summarize
 from dqt.train.data import DataMeta
 from dqt.train.models import LeNetCNN
+from tests.cases import EXPORT_ARGS as WEIGHT_ARGS  # every weight quantizer, with its arguments
 
-WEIGHT_ARGS = {  # every weight quantizer, with the arguments it needs
-    "int": {"bits": 8}, "uint": {"bits": 4}, "linear": {"bits": 8, "frac_bits": 6},
-    "dynamic_fixed": {"bits": 8}, "qnn_linear": {"bits": 6}, "minifloat": {},
-    "lsq": {"bits": 3}, "log_linear": {}, "ap2": {}, "log2": {"bits": 4}, "pow2": {},
-    "tanh": {"bits": 3}, "dorefa_w": {"bits": 2}, "bnn_sign": {}, "binary_connect": {},
-    "bwn": {}, "twn": {}, "ttq": {}, "flex": {},
-    "balanced": {"bits": 2}, "aqn": {"bits": 3}, "admm": {"bits": 3},
-    "pq": {"bits": 2, "sub_dim": 2}, "bwnh": {}, "ffn": {}, "wage_w": {"grad_bits": 8},
-    "kmeans": {"bits": 2}, "inq": {"schedule": [0.5, 1.0], "stage_steps": 2}, "shiftcnn": {},
-}
 ACT = QuantizerConfig(name="uint", bits=8)
 
 
@@ -190,7 +182,7 @@ def test_export_and_report_cli_on_a_trained_run(tmp_path):
     run = tmp_path / "run"
     p = run_train("qat=ttq", "steps=20", "eval_every=0", f"hydra.run.dir={run}")
     assert p.returncode == 0, p.stderr[-3000:]
-    from conftest import summary
+    from tests.conftest import summary
     s = summary(run)
     # the trainer put W_p/W_n in their own group at the preset's lr × 0.001, no weight decay
     ckpt = next((run / "checkpoints").glob("step_*")) / "train.pt"

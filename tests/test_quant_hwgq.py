@@ -14,7 +14,7 @@ from dqt.errors import ConfigError
 from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.config import to_typed
 from dqt.quant import QUANTIZERS, apply_qat
-from dqt.quant.hwgq import half_gaussian_mse, hwgq_levels
+from dqt.quant.methods.hwgq import half_gaussian_mse, hwgq_levels
 from dqt.train.models import LeNetCNN
 
 

@@ -9,8 +9,9 @@ import torch
 
 from dqt.kernels import lowbit_gemm_triton
 from dqt.quant import apply_qat
-from dqt.quant.export import load_packed, read_export, save_export
-from dqt.quant.packed_linear import use_packed_gemm
+from dqt.quant.export.convert import load_packed
+from dqt.quant.export.serialize import read_export, save_export
+from dqt.quant.export.packed_linear import use_packed_gemm
 from dqt.train.models import LeNetCNN
 from tests.test_quant_export import trained
 

@@ -171,7 +171,7 @@ def test_bn_folding_eval_equals_the_folded_conv():
     folded = torch.nn.functional.conv2d(x, wq, bn.bias - bn.running_mean * f, padding=1)
     torch.testing.assert_close(bn(conv(x)), folded, rtol=1e-5, atol=1e-5)
     w = conv.parametrizations.weight.original
-    from dqt.quant.integer import IntSymmetric
+    from dqt.quant.methods.integer import IntSymmetric
     ref = IntSymmetric("weight", bits=8)(w * f.reshape(-1, 1, 1, 1))
     assert torch.equal(wq, ref)
 

@@ -20,9 +20,9 @@ from tests.test_quant_ste import grad_of, make
 from dqt.errors import ConfigError
 from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import apply_qat, qat_step
-from dqt.quant.factorized import sdd, ternary_max
+from dqt.quant.methods.factorized import sdd, ternary_max
 from dqt.quant.input_stats import RIDGE
-from dqt.quant.wage import init_limit, layer_scale, quantize_grad
+from dqt.quant.methods.wage import init_limit, layer_scale, quantize_grad
 from tests.seed_c_refs import np_bwnh, np_pq_error_correct, np_sdd, np_wage_e, np_wage_g
 
 RNG = np.random.default_rng(3)
@@ -298,7 +298,7 @@ def test_pq_error_correction_golden_and_lower_response_error():
     q = corrected.parametrizations.weight[0]
     assert q.S.shape == (16, 16)
     # golden: one round of the paper's block coordinate descent from the k-means codebooks
-    from dqt.quant.product import as_ncp, kmeans, subvectors
+    from dqt.quant.methods.product import as_ncp, kmeans, subvectors
     cb, idx = kmeans(subvectors(as_ncp(w), 4), 4, 10)
     expected = np_pq_error_correct(w.numpy(), q.S.numpy(), cb.numpy(), idx.numpy(), 4)
     np.testing.assert_allclose(corrected.weight.detach().numpy(), expected, rtol=1e-4, atol=1e-5)

@@ -14,11 +14,11 @@ from tests.conftest import run_train, summary
 from dqt.errors import ConfigError
 from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
 from dqt.quant import QUANTIZERS, apply_qat, qat_step
-from dqt.quant.codes import Dense, Log, SharedCodebook, shift_value
-from dqt.quant.export import convert
-from dqt.quant.huffman import huffman_bits, huffman_code_lengths
-from dqt.quant.summary import summarize
-from dqt.quant.weight_sharing import compression_ratio, init_centroids, kmeans_1d
+from dqt.quant.export.codes import Dense, Log, SharedCodebook, shift_value
+from dqt.quant.export.convert import convert
+from dqt.quant.export.huffman import huffman_bits, huffman_code_lengths
+from dqt.quant.export.summary import summarize
+from dqt.quant.methods.weight_sharing import compression_ratio, init_centroids, kmeans_1d
 
 
 def make(name, **args):

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from dqt.quant import QUANTIZERS
+from tests.cases import IDENTITY_STE as IDENTITY  # name -> (kind, input, args): identity STE
+from tests.cases import STE_X as X
 
 
 def make(name, kind, **args):
@@ -46,9 +48,6 @@ def check_mask(name, kind, x, mask_fn, **args):
     mask = mask_fn(x)
     assert 0 < mask.float().mean() < 1, "the test input must exercise both sides of the mask"
     same(gx, g * mask)
-
-
-X = torch.linspace(-2.5, 2.5, 101).reshape(1, -1).repeat(3, 1) * torch.tensor([[1.0], [0.7], [1.3]])
 
 
 def test_int_and_uint_activation_grad_is_the_range_mask():
@@ -162,27 +161,6 @@ def test_grad_quantizers_keep_non_finite_gradients():
         g[0, 0] = math.inf
         q(x).backward(g)
         assert not torch.isfinite(x.grad).all(), name
-
-
-IDENTITY = {  # name -> (kind, input, args): plain identity STE
-    "linear": ("act", X / 4, {"frac_bits": 6}),
-    "dynamic_fixed": ("weight", X, {}),
-    "log_linear": ("weight", X, {}),
-    "ap2": ("weight", X, {"max_val": 4.0}),
-    "log2": ("weight", X, {"bits": 3, "fsr": 2}),
-    "pow2": ("weight", X, {}),
-    "tanh": ("weight", X, {}),
-    "twn": ("weight", X, {}),
-    "binary_connect": ("weight", X, {}),
-    "horq": ("act", X, {}),
-    "flex": ("weight", X, {}),
-    "balanced": ("weight", X, {"bits": 2}),
-    "aqn": ("weight", X, {"bits": 2}),
-    "admm": ("weight", X, {}),  # the ADMM penalty gradient: tests/test_quant_admm.py
-    "pq": ("weight", X, {"bits": 1, "sub_dim": 4}), "bwnh": ("weight", X, {}),
-    "ffn": ("weight", X, {"rank": 2}), "wage_w": ("weight", X, {}),
-    "shiftcnn": ("weight", X, {}),
-}
 
 
 @pytest.mark.parametrize("name", sorted(IDENTITY))

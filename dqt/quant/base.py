@@ -16,6 +16,13 @@ parameter registered on a :class:`Quantizer` module, never the layer's own weigh
 the parametrization list), so an optimizer can give them their own learning rate and weight
 decay (``qat.quantizer_lr_mult``, ``qat.quantizer_weight_decay``).
 
+A quantizer's arguments are the fields of its nested ``Config`` dataclass (one field per
+argument, with its default and a docstring), which also validates them: ``__post_init__`` checks
+the ranges and ``check_kind`` what depends on the tensor kind, both raising :class:`ArgError`.
+A quantizer is built as ``cls(kind, cls.Config(bits=4))`` or, equivalently, ``cls(kind, bits=4)``;
+the ``qat`` config's slot type (``dqt.quant.config.QuantizerConfig``) is generated from the
+``Config`` fields of every registered quantizer.
+
 State that must survive a checkpoint lives in buffers or parameters. State computed from
 per-rank data (EMA ranges, Autoflex maxima, LSQ's first-batch init) is never written in
 ``forward``: the quantizer records ``stats()`` and :func:`dqt.quant.prepare.qat_step` all-reduces
@@ -25,7 +32,8 @@ state is identical on every rank.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -51,27 +59,41 @@ def need(ok: bool, field: str, msg: str) -> None:
 
 
 class Quantizer(nn.Module):
-    """Base class. Subclasses set ``name`` (registry key), ``kinds`` and implement
-    :meth:`quantize` (fp32 in → fp32 out, with its straight-through estimator)."""
+    """Base class. Subclasses set ``name`` (registry key), ``kinds``, nest their arguments'
+    ``Config`` (a subclass of ``Quantizer.Config``) and implement :meth:`quantize` (fp32 in →
+    fp32 out, with its straight-through estimator)."""
 
     name: ClassVar[str] = ""
     kinds: ClassVar[tuple[str, ...]] = ("weight", "act")
     stateful: ClassVar[bool] = False  # True: implements stats() / commit()
     reduce: ClassVar[str] = "max"  # how qat_step combines the ranks' stats(): "max" or "sum"
 
-    def __init__(self, kind: str) -> None:
+    @dataclass
+    class Config:
+        """A quantizer's arguments: subclasses add one field per argument (its default, and a
+        docstring under it) and check ranges in ``__post_init__``. This base takes none."""
+
+        def check_kind(self, kind: str) -> None:
+            """Raise :class:`ArgError` for an argument that ``kind`` ("weight", "act", "grad")
+            cannot take (``per_channel`` activations, ...); the ranges are checked already."""
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        """``cfg``: the arguments, or None to build ``Config(**args)`` (which checks them)."""
         super().__init__()
+        if cfg is None:
+            cfg = type(self).Config(**args)
+        elif args or not isinstance(cfg, type(self).Config):
+            raise TypeError(f"{self.name}: takes a {type(self).__qualname__}.Config or keyword "
+                            f"arguments (one of the two); got {cfg!r} and {args}")
         self.kind = kind
+        self.cfg = cfg
         self.layer: Optional[nn.Module] = None  # set by prepare (not a submodule)
 
     # ---------------------------------------------------------------- arguments
     @classmethod
     def arg_names(cls) -> list[str]:
-        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "kind")]
-
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        """Raise :class:`ArgError` for an out-of-range argument (subclasses extend)."""
+        """The argument names, in the order of the ``Config`` fields."""
+        return [f.name for f in dataclasses.fields(cls.Config)]
 
     def extra_repr(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.arg_names() if hasattr(self, k))
@@ -100,7 +122,7 @@ class Quantizer(nn.Module):
         return getattr(self, "bits", None)
 
     def encode(self, w: Tensor) -> Any:
-        """Weight → codes (a ``dqt.quant.codes`` format) whose decode equals ``quantize(w)``
+        """Weight → codes (a ``dqt.quant.export.codes`` format) whose decode equals ``quantize(w)``
         bit for bit. Weight quantizers implement it."""
         raise NotImplementedError(f"{self.name} does not export weights")
 

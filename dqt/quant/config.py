@@ -1,58 +1,75 @@
 """The ``qat`` config: which quantizer goes on which tensor of which layer, validated where it
 is defined, so a bad quantizer name, argument or rule stops the run before any work, naming the
-full key (``qat.rules[2].weight.bits: must be in [1, 8]; got 0``)."""
+full key (``qat.rules[2].weight.bits: must be in [1, 8]; got 0``).
+
+A quantizer's arguments are defined and checked in one place, its own ``Config`` dataclass
+(``dqt.quant.methods``). The slot type users write in YAML (``weight: {name: lsq, bits: 4}``),
+:data:`QuantizerConfig`, is generated from them when this module is imported: ``name`` plus
+every registered quantizer's fields, each optional; validation builds the named quantizer's own
+``Config`` from the slot's non-null values (:func:`method_config`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Union
 
 from omegaconf import MISSING
 
 from dqt.errors import ConfigError, check
+from dqt.quant import methods  # noqa: F401  (registers every quantizer)
 from dqt.quant.base import QUANTIZERS, ArgError, Quantizer
 from dqt.quant.rules import SLOTS, SUPPORTED
 
-@dataclass
-class QuantizerConfig:
-    """One tensor's quantizer: ``name`` from the quantizer registry (``dqt.quant.QUANTIZERS``)
-    and its arguments. A null argument takes the quantizer's default; setting an argument the
-    quantizer does not take is an error naming the key (``qat.rules[1].weight.t...``)."""
 
-    name: str = MISSING
-    bits: Optional[int] = None  # bit-width (mantissa bits for flex)
-    per_channel: Optional[bool] = None  # one scale per output channel (weights)
-    frac_bits: Optional[int] = None  # fixed point: fractional bits (the seed's ``sf``)
-    exp_bits: Optional[int] = None  # minifloat / flex exponent bits
-    mant_bits: Optional[int] = None  # minifloat mantissa bits
-    step: Optional[float] = None  # QNN LinearQuant step s
-    min_val: Optional[float] = None  # QNN clip minV
-    max_val: Optional[float] = None  # QNN clip maxV
-    fsr: Optional[int] = None  # log quantizer full-scale range (exponent of the largest level)
-    momentum: Optional[float] = None  # EMA range observer: weight of the new batch
-    stochastic: Optional[bool] = None  # BNN / BinaryConnect stochastic binarization
-    threshold: Optional[float] = None  # TWN Δ factor (0.7), TTQ t (0.05)
-    init: Optional[float] = None  # PACT α₀, LSQ s₀, TTQ W_p/W_n (null = derived from data)
-    history: Optional[int] = None  # Autoflex: maxima kept per tensor
-    order: Optional[int] = None  # HORQ residual order
-    rescale: Optional[bool] = None  # DoReFa k>1: scale the weights by mean|W| (no BatchNorm)
-    rho: Optional[float] = None  # ADMM penalty ρ (ρ/2·‖W − G + λ‖²)
-    every: Optional[int] = None  # ADMM: optimizer steps between G/λ updates
-    iters: Optional[int] = None  # ADMM projection / AQN alternations / Q-CNN k-means / BWNH / FFN SDD inner iterations
-    ste: Optional[bool] = None  # ADMM: forward G with an identity STE (default: W, as the paper)
-    approx: Optional[str] = None  # balanced: percentiles by median (exact) or mean (cheap)
-    uniform: Optional[bool] = None  # HWGQ: uniform (the paper's) or Lloyd non-uniform levels
-    sub_dim: Optional[int] = None  # Q-CNN product quantization: dimensions per subspace
-    rank: Optional[int] = None  # FFN: number of ternary rank-1 terms (null: min(N, K))
-    response: Optional[bool] = None  # Q-CNN: minimise the layer-response error ‖(W − Ŵ)ᵀX‖
-    grad_bits: Optional[int] = None  # WAGE k_G: bits of the weight gradient (null: fp32)
-    grad_lr: Optional[float] = None  # WAGE η: the learning rate inside Q_G (a power of two)
-    centroid_init: Optional[str] = None  # kmeans: linear | density | random
-    cluster_step: Optional[int] = None  # kmeans: optimizer step of the clustering (0 = at attach)
-    schedule: Optional[list[float]] = None  # INQ: share of weights quantized at each stage
-    stage_steps: Optional[int] = None  # INQ: optimizer steps per stage
-    terms: Optional[int] = None  # ShiftCNN: N power-of-two terms per weight
+# --------------------------------------------------------------------------- the slot type
+def _base_type(tp: Any) -> Any:
+    """``Optional[T]`` → ``T`` (any other type as it is)."""
+    if typing.get_origin(tp) is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def slot_config_class(classes: Iterable[type[Quantizer]]) -> type:
+    """The ``QuantizerConfig`` dataclass of the quantizers ``classes``: ``name``, then every
+    field of their ``Config`` dataclasses (first appearance first), each ``Optional`` with
+    default None. A field that two quantizers declare with different types (``Optional[T]``
+    and ``T`` are the same) raises ``TypeError``: one YAML key would mean two things."""
+    types: dict[str, Any] = {}
+    owners: dict[str, list[str]] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            tp = _base_type(hints[f.name])
+            if f.name in types and types[f.name] != tp:
+                raise TypeError(f"quantizer argument '{f.name}' is {types[f.name]} in "
+                                f"{', '.join(owners[f.name])} but {tp} in {cls.name}; an "
+                                "argument name must have one type across quantizers")
+            types.setdefault(f.name, tp)
+            owners.setdefault(f.name, []).append(cls.name)
+    doc = ["One tensor's quantizer: ``name`` from the quantizer registry",
+           "(``dqt.quant.QUANTIZERS``) and its arguments. A null argument takes the quantizer's",
+           "default; setting an argument the quantizer does not take is an error naming the key",
+           "(``qat.rules[1].weight.t...``).",
+           "",
+           "Generated from the registered quantizers' ``Config`` dataclasses (their fields",
+           "document each argument); the arguments and the quantizers that take them:",
+           ""]
+    doc += [f"* ``{n}`` ({t.__name__ if isinstance(t, type) else t}): {', '.join(owners[n])}"
+            for n, t in types.items()]
+    slot = dataclasses.make_dataclass(
+        "QuantizerConfig",
+        [("name", str, field(default=MISSING))]
+        + [(n, Optional[t], field(default=None)) for n, t in types.items()],
+        namespace={"__module__": __name__, "__doc__": "\n".join(doc)})
+    return slot
+
+
+QuantizerConfig = slot_config_class(QUANTIZERS.get(n) for n in QUANTIZERS.names())
 
 
 @dataclass
@@ -114,24 +131,33 @@ def spec_args(spec: Any) -> dict[str, Any]:
             if f.name != "name" and getattr(spec, f.name) is not None}
 
 
-def quantizer_class(spec: Any, kind: str, key: str) -> type[Quantizer]:
-    """Check one slot's spec; return its class. ``key`` is e.g. ``qat.default.weight``."""
+def method_config(spec: Any, kind: str, key: str) -> tuple[type[Quantizer], Quantizer.Config]:
+    """Check one slot's spec; return its quantizer class and that class's own ``Config`` built
+    from the arguments the spec sets. ``key`` is e.g. ``qat.default.weight``; an argument error
+    is a :class:`ConfigError` naming ``key.<argument>``."""
     check(spec.name in QUANTIZERS, f"{key}.name",
           f"unknown quantizer '{spec.name}'; available: {', '.join(QUANTIZERS.names())}")
     cls = QUANTIZERS.get(spec.name)
+    kind_names = [n for n in QUANTIZERS.names() if kind in QUANTIZERS.get(n).kinds]
     check(kind in cls.kinds, f"{key}.name",
           f"{spec.name} quantizes {'/'.join(cls.kinds)}, not {kind}; "
-          f"{kind} quantizers: {', '.join(n for n in QUANTIZERS.names() if kind in QUANTIZERS.get(n).kinds)}")
+          f"{kind} quantizers: {', '.join(kind_names)}")
     args = spec_args(spec)
     takes = cls.arg_names()
     for a in args:
         check(a in takes, f"{key}.{a}",
               f"{spec.name} does not take {a} (it takes: {', '.join(takes) or 'nothing'})")
     try:
-        cls.check(kind, args)
+        cfg = cls.Config(**args)
+        cfg.check_kind(kind)
     except ArgError as e:
         raise ConfigError(f"{key}.{e.field}" if e.field else key, e.msg) from None
-    return cls
+    return cls, cfg
+
+
+def quantizer_class(spec: Any, kind: str, key: str) -> type[Quantizer]:
+    """Check one slot's spec (:func:`method_config`); return its quantizer class."""
+    return method_config(spec, kind, key)[0]
 
 
 def validate_qat(cfg: Any) -> None:

@@ -14,7 +14,7 @@ Embedding) and every layer before its first commit use S = I.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,14 +37,15 @@ def input_rows(layer: nn.Module, x: Tensor) -> Optional[Tensor]:
 
 
 class InputCovariance(Quantizer):
-    """Base of weight quantizers that use S; ``records`` says whether this one does."""
+    """Base of weight quantizers that use S; ``records`` says whether this one does. Their
+    ``Config`` has a ``momentum`` field (the EMA weight of the new S)."""
 
     stateful = True
     reduce = "sum"
 
-    def __init__(self, kind: str, momentum: float = 0.1) -> None:
-        super().__init__(kind)
-        self.momentum = momentum
+    def __init__(self, kind: str, cfg: Optional[Quantizer.Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.momentum = self.cfg.momentum
         self.register_buffer("S", torch.zeros(0), persistent=False)  # empty: S = I
         self._sum: Optional[Tensor] = None
         self._rows = 0

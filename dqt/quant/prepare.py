@@ -27,16 +27,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dqt.quant.base import QUANTIZERS, Quantizer
+from dqt.quant.base import Quantizer
 from dqt.quant.bn_fold import FoldScale, find_layer_bn, unfold_output
+from dqt.quant.config import method_config
 from dqt.quant.rules import SLOTS, LayerPlan, resolve
-from dqt.quant.config import spec_args
 
 log = logging.getLogger("dqt")
 
 
 def build_quantizer(spec: Any, kind: str) -> Quantizer:
-    return QUANTIZERS.get(spec.name)(kind, **spec_args(spec))
+    """The quantizer of one slot's spec (a ``QuantizerConfig``), built from its own ``Config``."""
+    cls, cfg = method_config(spec, kind, f"qat.{kind}")
+    return cls(kind, cfg)
 
 
 def _quantize_input(module: nn.Module, args: tuple) -> tuple:

@@ -16,8 +16,9 @@ from torch import nn
 
 from dqt.config import SCHEMAS
 from dqt.quant.config import QATConfig
-from dqt.quant import apply_qat
-from dqt.quant.export import load_packed, read_export, save_export
+from dqt.quant import quantize_
+from dqt.quant.export.convert import load_packed
+from dqt.quant.export.serialize import read_export, save_export
 from dqt.train.data import DataMeta, build_dataset
 from dqt.train.models import build_model
 
@@ -51,7 +52,9 @@ def model_configs(run_dir: str) -> tuple[Any, Any, dict[str, Any]]:
 
 def build_prepared(model_cfg: Any, qat_cfg: Any, meta: DataMeta) -> nn.Module:
     torch.manual_seed(0)
-    return apply_qat(qat_cfg, build_model(model_cfg, meta)).eval()
+    model = build_model(model_cfg, meta)
+    quantize_(model, qat_cfg)
+    return model.eval()
 
 
 def load_trained(path: str) -> tuple[nn.Module, dict[str, Any]]:

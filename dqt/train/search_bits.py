@@ -36,7 +36,7 @@ from torch import nn
 from dqt.config import CheckpointConfig, SearchBitsConfig, TrainConfig
 from dqt.errors import ConfigError, check
 from dqt.quant.config import QATConfig
-from dqt.quant import apply_qat
+from dqt.quant import quantize_
 from dqt.quant.search import (GROUPS, LABELS, Bits, Selection, calibrate, drop_points,
                               layer_types, qat_dict, qat_yaml, refusal, select_bits)
 from dqt.train.checkpoint import load_weights
@@ -147,8 +147,8 @@ class BitSearch:
         model.load_state_dict(self.weights)
         if any(b is not None for b in bits.values()):
             with _quiet():
-                model = apply_qat(typed_qat(qat_dict(bits, s.quantizer, self.types, name,
-                                                     s.act_momentum)), model)
+                quantize_(model, typed_qat(qat_dict(bits, s.quantizer, self.types, name,
+                                                    s.act_momentum)))
         model.to(self.device)
         calibrate(model, self._calib_batches())
         return model.eval()

@@ -30,8 +30,7 @@ from dqt.comm.onebit_adam import MomentumComm, OneBitAdam
 from dqt.comm.parallel import data_parallel
 from dqt.config import OptimConfig, TrainConfig
 from dqt.quant.config import QATConfig
-from dqt.quant import apply_qat, is_active, qat_penalty, qat_step, quantizer_parameters
-from dqt.quant.summary import format_summary, summarize
+from dqt.quant import QAT, quantize_
 from dqt.train import distributed, preempt
 from dqt.train.checkpoint import Checkpointer, load_weights, rng_state, set_rng_state
 from dqt.train.data import ShardedLoader, build_dataset, eval_shard
@@ -53,22 +52,9 @@ def param_groups(cfg: OptimConfig, model: torch.nn.Module, qat: Optional[QATConf
                  ) -> list[dict[str, Any]]:
     """The optimizer's param groups: ``model`` (every trainable parameter but the quantizers',
     ``optim.lr`` and ``optim.weight_decay``) and, when the model has quantizer parameters (TTQ
-    W_p/W_n, LSQ s, PACT α: :func:`dqt.quant.quantizer_parameters`), ``quantizer`` with
-    lr = ``optim.lr × qat.quantizer_lr_mult`` and weight decay ``qat.quantizer_weight_decay``.
-
-    Why a group of their own: a quantizer parameter's gradient is a *sum* over a whole tensor
-    (TTQ: ∂L/∂W_p = Σ_{i∈I_p} ∂L/∂w_t(i), Zhu et al. 2017), so at the weights' learning rate one
-    step moves it by orders of magnitude more than any weight; TTQ trains W_p/W_n with their own
-    Adam, and Brevitas/LSQ users put scales in a separate group without weight decay."""
-    mult = qat.quantizer_lr_mult if qat is not None else 1.0
-    decay = qat.quantizer_weight_decay if qat is not None else 0.0
-    quant = {id(p) for _, p in quantizer_parameters(model) if p.requires_grad}
-    main = [p for p in model.parameters() if p.requires_grad and id(p) not in quant]
-    groups: list[dict[str, Any]] = [{"name": "model", "params": main}]
-    if quant:
-        groups.append({"name": "quantizer", "lr": cfg.lr * mult, "weight_decay": decay,
-                       "params": [p for p in model.parameters() if id(p) in quant]})
-    return groups
+    W_p/W_n, LSQ s, PACT α), ``quantizer`` with lr = ``optim.lr × qat.quantizer_lr_mult`` and
+    weight decay ``qat.quantizer_weight_decay`` (:meth:`dqt.quant.QAT.param_groups`)."""
+    return QAT(model, qat).param_groups(cfg.lr)
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, qat: Optional[QATConfig] = None,
@@ -135,8 +121,8 @@ class Trainer:
             log.info("initial weights from %s", src)
         elif cfg.checkpoint.init_from:
             log.info("checkpoint.init_from ignored: resuming from %s", resume.path)
-        model = apply_qat(cfg.qat, model).to(self.device)
-        self.qat_active = is_active(cfg.qat)
+        self.qat = quantize_(model, cfg.qat)
+        model = model.to(self.device)
         # DDP, or Horovod's collectives under DDP's buckets; the scheme is the comm hook (with
         # optim=onebit_adam the optimizer communicates and DDP leaves the gradients local)
         scheme = MomentumComm(cfg.scheme or OneBitConfig()) \
@@ -226,16 +212,14 @@ class Trainer:
         t4 = time.perf_counter()
         if self.scaler.is_enabled() and isinstance(self.optimizer, OneBitAdam):
             agree_on_overflow(list(self.model.module.parameters()), self.device)
-        if cfg.optim.grad_clip > 0 or self.qat_active:
+        if cfg.optim.grad_clip > 0 or self.qat.active:
             self.scaler.unscale_(self.optimizer)  # no-op unless fp16
-        if self.qat_active:  # quantizer penalty gradients (ADMM), on the all-reduced gradients
-            qat_penalty(self.model.module)
+        self.qat.before_step()  # quantizer penalty gradients (ADMM), on the all-reduced gradients
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.qat_active:  # quantizer statistics (EMA, Autoflex) synced over ranks, BNN clip
-            qat_step(self.model.module)
+        self.qat.after_step()  # quantizer statistics (EMA, Autoflex) synced over ranks, BNN clip
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._sync_device()
@@ -330,13 +314,13 @@ class Trainer:
         }
         if meter.total_sent:
             summary["comm/ratio"] = meter.total_raw / meter.total_sent
-        if self.qat_active:
-            size = summarize(self.model.module)
+        if self.qat.active:
+            size = self.qat.summary()
             summary.update({"qat/packed_bytes": size["packed_bytes"],
                             "qat/fp32_bytes": size["fp32_bytes"],
                             "qat/compression": size["compression"],
                             "qat/params_by_bits": size["params_by_bits"]})
-            log.info("qat size summary\n%s", format_summary(size))
+            log.info("qat size summary\n%s", self.qat.format_summary(size))
         if not summary["params_in_sync"]:
             log.error("parameters differ across ranks at the end of the run: %s", digests)
         sent, raw = meter.total_sent, meter.total_raw

@@ -13,24 +13,25 @@
   n1 = ⌊log2(4·max|W|/3)⌋, n2 = n1 + 1 − 2^(b−1)/2, levels {0, ±2^n2, …, ±2^n1}; a weight
   goes to β·sign(W) when (α + β)/2 ≤ |W| < 3β/2 for adjacent levels α < β, else to 0.
   All weights are quantized from the first step, trained through the STE; INQ's incremental
-  partition-and-retrain schedule is the ``inq`` quantizer (``dqt.quant.inq``), which reuses
+  partition-and-retrain schedule is the ``inq`` quantizer (``dqt.quant.methods.inq``), which reuses
   this rounding (:func:`pow2_codes`).
 
 STE: identity for all of them. Export format ``log`` (one int8 code per weight: sign and
-exponent), see ``dqt.quant.codes``.
+exponent), see ``dqt.quant.export.codes``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Log, log_value
-from dqt.quant.fixed_point import linear_quantize
+from dqt.quant.export.codes import Log, log_value
+from dqt.quant.methods.fixed_point import linear_quantize
 from dqt.quant.ste import ste
 
 
@@ -73,9 +74,8 @@ class _LogBase(Quantizer):
         return 8.0
 
 
-def _check_bits(args: dict[str, Any], lo: int, hi: int) -> None:
-    b = args.get("bits")
-    need(b is None or lo <= b <= hi, "bits", f"must be in [{lo}, {hi}]; got {b}")
+def _check_bits(bits: int, lo: int, hi: int) -> None:
+    need(lo <= bits <= hi, "bits", f"must be in [{lo}, {hi}]; got {bits}")
 
 
 @register
@@ -83,15 +83,21 @@ class LogLinear(_LogBase):
     name = "log_linear"
     base = math.e
 
-    def __init__(self, kind: str, frac_bits: int = 2, bits: int = 5) -> None:
-        super().__init__(kind)
-        self.frac_bits, self.bits = frac_bits, bits
+    @dataclass
+    class Config(Quantizer.Config):
+        frac_bits: int = 2
+        """Fractional bits of ln|x| (the seed's ``sf``: step 2^-frac_bits), 0..16."""
+        bits: int = 5
+        """Bit-width of the exponent code, 2..8."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args, 2, 8)
-        f = args.get("frac_bits")
-        need(f is None or 0 <= f <= 16, "frac_bits", f"must be in [0, 16]; got {f}")
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, 2, 8)
+            f = self.frac_bits
+            need(0 <= f <= 16, "frac_bits", f"must be in [0, 16]; got {f}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.frac_bits, self.bits = self.cfg.frac_bits, self.cfg.bits
 
     def step_size(self) -> float:
         return 2.0 ** -self.frac_bits
@@ -106,15 +112,19 @@ class LogLinear(_LogBase):
 class AP2(_LogBase):
     name = "ap2"
 
-    def __init__(self, kind: str, max_val: float = 1.0) -> None:
-        super().__init__(kind)
-        self.max_val = max_val
+    @dataclass
+    class Config(Quantizer.Config):
+        max_val: float = 1.0
+        """The clip maxV, a power of two."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        m = args.get("max_val")
-        need(m is None or (m > 0 and math.log2(m) == round(math.log2(m))), "max_val",
-             f"must be a power of two (the clip of LogQuant lands on a level); got {m}")
+        def __post_init__(self) -> None:
+            m = self.max_val
+            need(m > 0 and math.log2(m) == round(math.log2(m)), "max_val",
+                 f"must be a power of two (the clip of LogQuant lands on a level); got {m}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.max_val = self.cfg.max_val
 
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
         top = math.log2(self.max_val)
@@ -126,15 +136,21 @@ class AP2(_LogBase):
 class Log2(_LogBase):
     name = "log2"
 
-    def __init__(self, kind: str, bits: int = 3, fsr: int = 0) -> None:
-        super().__init__(kind)
-        self.bits, self.fsr = bits, fsr
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 3
+        """Bit-width b: 2^b exponents below the full-scale range, 1..6."""
+        fsr: int = 0
+        """Full-scale range: the exponent of the largest level, -64..64."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args, 1, 6)
-        f = args.get("fsr")
-        need(f is None or -64 <= f <= 64, "fsr", f"must be in [-64, 64]; got {f}")
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, 1, 6)
+            f = self.fsr
+            need(-64 <= f <= 64, "fsr", f"must be in [-64, 64]; got {f}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits, self.fsr = self.cfg.bits, self.cfg.fsr
 
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
         e = torch.round(torch.log2(x.abs().clamp(min=2.0 ** -126)))
@@ -147,13 +163,17 @@ class Pow2(_LogBase):
     name = "pow2"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 5) -> None:
-        super().__init__(kind)
-        self.bits = bits
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 5
+        """Bit-width b (2^(b−1)/2 exponents and zero), 2..8."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args, 2, 8)
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, 2, 8)
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits = self.cfg.bits
 
     def codes(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return pow2_codes(x, self.bits)

@@ -24,13 +24,14 @@ Export: ``affine`` k-bit codes c, scale 2α/2^k, zero (2^k − 1)/2.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Affine
+from dqt.quant.export.codes import Affine
 from dqt.quant.ste import ste
 
 APPROX = ("median", "mean")
@@ -74,16 +75,21 @@ class Balanced(Quantizer):
     name = "balanced"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 2, approx: str = "median") -> None:
-        super().__init__(kind)
-        self.bits, self.approx = bits, approx
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 2
+        """Bit-width k: 2^k equally populated levels, 1..8."""
+        approx: str = "median"
+        """Split each part at its median (exact percentiles) or its mean (the cheap variant)."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        b = args.get("bits")
-        need(b is None or 1 <= b <= 8, "bits", f"must be in [1, 8]; got {b}")
-        a = args.get("approx")
-        need(a is None or a in APPROX, "approx", f"must be one of {', '.join(APPROX)}; got {a!r}")
+        def __post_init__(self) -> None:
+            b, a = self.bits, self.approx
+            need(1 <= b <= 8, "bits", f"must be in [1, 8]; got {b}")
+            need(a in APPROX, "approx", f"must be one of {', '.join(APPROX)}; got {a!r}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits, self.approx = self.cfg.bits, self.cfg.approx
 
     def codes(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(codes c ∈ [0, 2^k), scale 2α/2^k, zero (2^k − 1)/2), scale and zero fp32 scalars."""

@@ -27,13 +27,14 @@ included (``tests/test_quant_aqn.py``) — is the paper's setting; conv filters 
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Codebook, codebook_decode
+from dqt.quant.export.codes import Codebook, codebook_decode
 from dqt.quant.ste import sign, ste
 
 
@@ -80,16 +81,21 @@ class AQN(Quantizer):
     name = "aqn"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 2, iters: int = 2) -> None:
-        super().__init__(kind)
-        self.bits, self.iters = bits, iters
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 2
+        """k: the binary vectors per row, 1..4."""
+        iters: int = 2
+        """Alternations of the α- and B-steps after the greedy start, 0..20."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        b = args.get("bits")
-        need(b is None or 1 <= b <= 4, "bits", f"must be in [1, 4]; got {b}")
-        i = args.get("iters")
-        need(i is None or 0 <= i <= 20, "iters", f"must be in [0, 20]; got {i}")
+        def __post_init__(self) -> None:
+            b, i = self.bits, self.iters
+            need(1 <= b <= 4, "bits", f"must be in [1, 4]; got {b}")
+            need(0 <= i <= 20, "iters", f"must be in [0, 20]; got {i}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits, self.iters = self.cfg.bits, self.cfg.iters
 
     def _codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
         w2 = w.detach().reshape(w.shape[0], -1).float()

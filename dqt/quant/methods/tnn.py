@@ -8,8 +8,9 @@ arXiv 1609.00222, "Ternary Neural Networks for Resource-Efficient AI Application
 i.e. round(hardtanh(a)) for Δ = ½; ``stochastic: true`` (training only) fires sign(a) with
 probability min(|a|, 1) and 0 otherwise — the teacher's stochastic ternarization, whose
 expectation is hardtanh(a). Backward: the hardtanh STE g·1{|a| ≤ 1}. The paper's weights are
-ternary as well; the ``tnn`` preset takes them from ``twn`` (``dqt.quant.ternary``) rather than
-another ternarizer, and turns the models' ReLUs into Hardtanh so the ternary inputs are signed.
+ternary as well; the ``tnn`` preset takes them from ``twn`` (``dqt.quant.methods.ternary``)
+rather than another ternarizer, and turns the models' ReLUs into Hardtanh so the ternary inputs
+are signed.
 
 Simplification: TNN trains a full-precision teacher and then a ternary student layer by layer
 (the student's thresholds fitted to mimic the teacher); here one network is trained end to end
@@ -18,7 +19,8 @@ with the ternary forward pass and the STE, as BNN is.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -32,14 +34,20 @@ class TNNAct(Quantizer):
     kinds = ("act",)
     bits = 2
 
-    def __init__(self, kind: str, threshold: float = 0.5, stochastic: bool = False) -> None:
-        super().__init__(kind)
-        self.threshold, self.stochastic = threshold, stochastic
+    @dataclass
+    class Config(Quantizer.Config):
+        threshold: float = 0.5
+        """Δ: 0 on |a| ≤ Δ, ±1 beyond, in (0, 1)."""
+        stochastic: bool = False
+        """Training: fire sign(a) with probability min(|a|, 1) instead."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        t = args.get("threshold")
-        need(t is None or 0 < t < 1, "threshold", f"must be in (0, 1); got {t}")
+        def __post_init__(self) -> None:
+            t = self.threshold
+            need(0 < t < 1, "threshold", f"must be in (0, 1); got {t}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.threshold, self.stochastic = self.cfg.threshold, self.cfg.stochastic
 
     def ternary(self, x: Tensor) -> Tensor:
         if self.stochastic and self.training:

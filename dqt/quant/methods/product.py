@@ -30,14 +30,15 @@ the forward pass does, so it is bit-exact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dqt.quant.base import need, register
-from dqt.quant.codes import ProductCodes, pq_decode
+from dqt.quant.base import Quantizer, need, register
+from dqt.quant.export.codes import ProductCodes, pq_decode
 from dqt.quant.input_stats import InputCovariance
 from dqt.quant.ste import ste
 
@@ -125,20 +126,31 @@ class ProductQuant(InputCovariance):
     name = "pq"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 4, sub_dim: int = 4, iters: int = 10,
-                 response: bool = False, momentum: float = 0.1) -> None:
-        super().__init__(kind, momentum)
-        self.bits, self.sub_dim, self.iters, self.response = bits, sub_dim, iters, response
-        self._memo: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 4
+        """K = 2^bits sub-codewords per subspace, 1..12."""
+        sub_dim: int = 4
+        """d: input channels per subspace, 1..64."""
+        iters: int = 10
+        """At most this many k-means iterations, 1..1000."""
+        response: bool = False
+        """Error correction: fit the layer's response on its inputs, ‖(W − Ŵ)ᵀX‖."""
+        momentum: float = 0.1
+        """``response``: EMA weight of the new input covariance S, (0, 1]."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        b, d, i = args.get("bits"), args.get("sub_dim"), args.get("iters")
-        need(b is None or 1 <= b <= 12, "bits", f"must be in [1, 12] (K = 2^bits codewords); got {b}")
-        need(d is None or 1 <= d <= 64, "sub_dim", f"must be in [1, 64]; got {d}")
-        need(i is None or 1 <= i <= 1000, "iters", f"must be in [1, 1000]; got {i}")
-        m = args.get("momentum")
-        need(m is None or 0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
+        def __post_init__(self) -> None:
+            b, d, i, m = self.bits, self.sub_dim, self.iters, self.momentum
+            need(1 <= b <= 12, "bits", f"must be in [1, 12] (K = 2^bits codewords); got {b}")
+            need(1 <= d <= 64, "sub_dim", f"must be in [1, 64]; got {d}")
+            need(1 <= i <= 1000, "iters", f"must be in [1, 1000]; got {i}")
+            need(0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        c = self.cfg
+        self.bits, self.sub_dim, self.iters, self.response = c.bits, c.sub_dim, c.iters, c.response
+        self._memo: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
 
     @property
     def records(self) -> bool:

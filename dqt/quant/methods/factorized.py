@@ -30,6 +30,7 @@ same fp32 matmul as the forward pass, so it is bit-exact.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Factored, factored_decode
+from dqt.quant.export.codes import Factored, factored_decode
 from dqt.quant.ste import ste
 
 
@@ -87,16 +88,22 @@ class FFN(Quantizer):
     name = "ffn"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, rank: Optional[int] = None, iters: int = 10) -> None:
-        super().__init__(kind)
-        self.rank, self.iters = rank, iters
-        self._memo: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
+    @dataclass
+    class Config(Quantizer.Config):
+        rank: Optional[int] = None
+        """r: ternary rank-1 terms, >= 1 (null: min(N, K))."""
+        iters: int = 10
+        """At most this many alternating updates per term, 1..1000."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        r, i = args.get("rank"), args.get("iters")
-        need(r is None or r >= 1, "rank", f"must be >= 1 (or null: min(N, K)); got {r}")
-        need(i is None or 1 <= i <= 1000, "iters", f"must be in [1, 1000]; got {i}")
+        def __post_init__(self) -> None:
+            r, i = self.rank, self.iters
+            need(r is None or r >= 1, "rank", f"must be >= 1 (or null: min(N, K)); got {r}")
+            need(1 <= i <= 1000, "iters", f"must be in [1, 1000]; got {i}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.rank, self.iters = self.cfg.rank, self.cfg.iters
+        self._memo: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
 
     def storage_bits(self) -> Optional[float]:
         return None  # depends on the layer's shape: the export's meta has it

@@ -23,6 +23,7 @@ Binary weights export as 1-bit ``affine`` codes [w ≥ 0] with zero ½ and scale
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Affine
+from dqt.quant.export.codes import Affine
 from dqt.quant.ste import sign, sign_ste_htanh, ste
 
 
@@ -41,11 +42,16 @@ def hard_sigmoid(x: Tensor) -> Tensor:
 class _SignBase(Quantizer):
     """±1 binarization; ``stochastic`` samples +1 with probability hard_sigmoid(x) in training."""
 
-    def __init__(self, kind: str, stochastic: bool = False) -> None:
-        super().__init__(kind)
-        self.stochastic = stochastic
-
     bits = 1
+
+    @dataclass
+    class Config(Quantizer.Config):
+        stochastic: bool = False
+        """Training: +1 with probability hard_sigmoid(x) instead of sign(x)."""
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.stochastic = self.cfg.stochastic
 
     def signs(self, x: Tensor) -> Tensor:
         if self.stochastic and self.training:
@@ -105,9 +111,6 @@ class BWN(Quantizer):
     kinds = ("weight",)
     bits = 1
 
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-
     def quantize(self, w: Tensor) -> Tensor:
         return _BWNFn.apply(w)
 
@@ -128,8 +131,8 @@ class XNORInput(Quantizer):
     kinds = ("act",)
     bits = 1
 
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
+    def __init__(self, kind: str, cfg: Optional[Quantizer.Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
         self._k: Optional[Tensor] = None
 
     def scaling(self, x: Tensor) -> Tensor:
@@ -160,14 +163,17 @@ class HORQ(Quantizer):
     name = "horq"
     kinds = ("act",)
 
-    def __init__(self, kind: str, order: int = 2) -> None:
-        super().__init__(kind)
-        self.order = order
+    @dataclass
+    class Config(Quantizer.Config):
+        order: int = 2
+        """Residual order: the number of binary terms βᵢHᵢ, 1..4."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        o = args.get("order")
-        need(o is None or 1 <= o <= 4, "order", f"must be in [1, 4]; got {o}")
+        def __post_init__(self) -> None:
+            need(1 <= self.order <= 4, "order", f"must be in [1, 4]; got {self.order}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.order = self.cfg.order
 
     @property
     def bits(self) -> int:

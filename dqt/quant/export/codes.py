@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from dqt.kernels.lowbit_pack import BITS, dequantize_weight, pack_weight, unpack_weight
-from dqt.quant.huffman import huffman_bits
+from dqt.quant.export.huffman import huffman_bits
 
 
 def storage_bits(bits: int) -> int:

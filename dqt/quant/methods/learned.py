@@ -18,19 +18,23 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from dqt.quant.base import Quantizer, need, register, to_rows
-from dqt.quant.codes import Affine
+from dqt.quant.export.codes import Affine
 from dqt.quant.ste import grad_scale, round_ste
 
 
-def _check_bits(args: dict[str, Any]) -> None:
-    b = args.get("bits")
-    need(b is None or 2 <= b <= 8, "bits", f"must be in [2, 8]; got {b}")
+def _check_bits(bits: int) -> None:
+    need(2 <= bits <= 8, "bits", f"must be in [2, 8]; got {bits}")
+
+
+def _check_init(init: Optional[float]) -> None:
+    need(init is None or init > 0, "init", f"must be > 0; got {init}")
 
 
 @register
@@ -38,10 +42,28 @@ class LSQ(Quantizer):
     name = "lsq"
     stateful = True
 
-    def __init__(self, kind: str, bits: int = 4, per_channel: bool = False,
-                 init: Optional[float] = None) -> None:
-        super().__init__(kind)
-        self.bits, self.per_channel, self.init = bits, per_channel, init
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 4
+        """Bit-width b, 2..8 (weights signed, activations unsigned)."""
+        per_channel: bool = False
+        """Weights: one step s per output channel (activations: per tensor)."""
+        init: Optional[float] = None
+        """The initial step s₀, > 0 (null: 2·mean|v|/√Q_P from the weights, or from the first
+        training batch for activations)."""
+
+        def __post_init__(self) -> None:
+            _check_bits(self.bits)
+            _check_init(self.init)
+
+        def check_kind(self, kind: str) -> None:
+            need(not (kind == "act" and self.per_channel), "per_channel",
+                 "activations are quantized per tensor")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        bits, init = self.cfg.bits, self.cfg.init
+        self.bits, self.per_channel, self.init = bits, self.cfg.per_channel, init
         signed = kind == "weight"
         self.qn = 2 ** (bits - 1) if signed else 0
         self.qp = 2 ** (bits - 1) - 1 if signed else 2 ** bits - 1
@@ -51,14 +73,6 @@ class LSQ(Quantizer):
             with torch.no_grad():
                 self.s.fill_(init)
         self._pending: Optional[Tensor] = None
-
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args)
-        need(not (kind == "act" and args.get("per_channel")), "per_channel",
-             "activations are quantized per tensor")
-        i = args.get("init")
-        need(i is None or i > 0, "init", f"must be > 0; got {i}")
 
     def s0(self, v: Tensor) -> Tensor:
         if self.per_channel:
@@ -129,16 +143,21 @@ class PACT(Quantizer):
     name = "pact"
     kinds = ("act",)
 
-    def __init__(self, kind: str, bits: int = 4, init: float = 10.0) -> None:
-        super().__init__(kind)
-        self.bits, self.init = bits, init
-        self.alpha = nn.Parameter(torch.tensor(float(init)))
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 4
+        """Bit-width k, 2..8."""
+        init: float = 10.0
+        """The initial clip α₀, > 0 (the paper's 10)."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args)
-        i = args.get("init")
-        need(i is None or i > 0, "init", f"must be > 0; got {i}")
+        def __post_init__(self) -> None:
+            _check_bits(self.bits)
+            _check_init(self.init)
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits, self.init = self.cfg.bits, self.cfg.init
+        self.alpha = nn.Parameter(torch.tensor(float(self.init)))
 
     def quantize(self, x: Tensor) -> Tensor:
         return _PACTFn.apply(x, self.alpha.clamp(min=1e-4), self.bits)

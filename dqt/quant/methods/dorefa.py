@@ -22,13 +22,14 @@ scale 2E, zero ½); the forward value is computed as scale·(q − zero) so deco
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Affine
+from dqt.quant.export.codes import Affine
 from dqt.quant.ste import round_ste, sign, ste
 
 
@@ -49,9 +50,8 @@ def dorefa_grad(g: Tensor, bits: int, u: Tensor) -> Tensor:
     return torch.where(m > 0, x * safe * 2, torch.zeros_like(g))
 
 
-def _check_bits(args: dict[str, Any], lo: int, hi: int) -> None:
-    b = args.get("bits")
-    need(b is None or lo <= b <= hi, "bits", f"must be in [{lo}, {hi}]; got {b}")
+def _check_bits(bits: int, lo: int, hi: int) -> None:
+    need(lo <= bits <= hi, "bits", f"must be in [{lo}, {hi}]; got {bits}")
 
 
 @register
@@ -59,13 +59,19 @@ class DoReFaWeight(Quantizer):
     name = "dorefa_w"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 2, rescale: bool = False) -> None:
-        super().__init__(kind)
-        self.bits, self.rescale = bits, rescale
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 2
+        """Bit-width k, 1..8."""
+        rescale: bool = False
+        """k > 1: scale the weights by mean|W| (for models without BatchNorm)."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args, 1, 8)
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, 1, 8)
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits, self.rescale = self.cfg.bits, self.cfg.rescale
 
     def _affine(self, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(codes with STE, scale, zero) such that w_q = scale·(codes − zero)."""
@@ -103,11 +109,17 @@ class DoReFaAct(Quantizer):
     name = "dorefa_a"
     kinds = ("act",)
 
-    def __init__(self, kind: str, bits: int = 2) -> None:
-        super().__init__(kind)
-        self.bits = bits
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 2
+        """Bit-width k, 1..8."""
 
-    check = DoReFaWeight.check
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, 1, 8)
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits = self.cfg.bits
 
     def quantize(self, x: Tensor) -> Tensor:
         return quantize_k(torch.clamp(x, 0.0, 1.0), self.bits)
@@ -118,13 +130,17 @@ class DoReFaGrad(Quantizer):
     name = "dorefa_g"
     kinds = ("grad",)
 
-    def __init__(self, kind: str, bits: int = 8) -> None:
-        super().__init__(kind)
-        self.bits = bits
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 8
+        """Bit-width k of the gradient, 1..16."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args, 1, 16)
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, 1, 16)
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits = self.cfg.bits
 
     def quantize(self, g: Tensor) -> Tensor:
         return dorefa_grad(g, self.bits, torch.rand_like(g))

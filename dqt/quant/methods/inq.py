@@ -5,10 +5,10 @@
   largest-magnitude weights among those not yet quantized are added (weight partition, §2.2)
   until round(σ_s·n) are, and each goes to zero or a power of two of
   P = {±2^n1, …, ±2^n2, 0}, n1 = ⌊log2(4·max|W|/3)⌋, n2 = n1 + 1 − 2^(b−1)/2 (eq. 2–4; the
-  rounding is ``pow2``'s, :func:`dqt.quant.log_quant.pow2_codes`, with n1 fixed from max|W| at the
-  first stage that quantizes anything). Quantized weights are frozen: the forward pass uses their
-  stored value and their gradient is zero (the paper's mask T, eq. 5–6); the others are retrained
-  in full precision until the next stage.
+  rounding is ``pow2``'s, :func:`dqt.quant.methods.log_quant.pow2_codes`, with n1 fixed from
+  max|W| at the first stage that quantizes anything). Quantized weights are frozen: the forward
+  pass uses their stored value and their gradient is zero (the paper's mask T, eq. 5–6); the
+  others are retrained in full precision until the next stage.
 
   Schedule: stage s starts after optimizer step s·``stage_steps`` (stage 0 when the quantizer is
   attached). The step count is the quantizer's own buffer, advanced by ``after_step`` (called by
@@ -24,15 +24,16 @@ Export: ``log`` codes (as ``pow2``) once every weight is quantized; ``dense`` fp
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-from dqt.quant.base import need, register
-from dqt.quant.codes import Dense, Log, log_value
-from dqt.quant.log_quant import _LogBase, pow2_codes, pow2_n1
-from dqt.quant.weight_sharing import reject_bn_folding
+from dqt.quant.base import Quantizer, need, register
+from dqt.quant.export.codes import Dense, Log, log_value
+from dqt.quant.methods.log_quant import _LogBase, pow2_codes, pow2_n1
+from dqt.quant.methods.weight_sharing import reject_bn_folding
 
 SCHEDULE = (0.5, 0.75, 0.875, 1.0)
 
@@ -42,30 +43,35 @@ class INQ(_LogBase):
     name = "inq"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 5, schedule: Sequence[float] = SCHEDULE,
-                 stage_steps: int = 75) -> None:
-        super().__init__(kind)
-        self.bits, self.stage_steps = bits, stage_steps
-        self.schedule = [float(p) for p in schedule]
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 5
+        """Bit-width b of the power-of-two levels (as ``pow2``), 2..8."""
+        schedule: list[float] = field(default_factory=lambda: list(SCHEDULE))
+        """The share of the weights quantized at each stage: non-decreasing, in [0, 1]."""
+        stage_steps: int = 75
+        """Optimizer steps per stage, >= 1."""
+
+        def __post_init__(self) -> None:
+            b = self.bits
+            need(2 <= b <= 8, "bits", f"must be in [2, 8]; got {b}")
+            s = [float(p) for p in self.schedule]
+            need(len(s) > 0 and all(0 <= p <= 1 for p in s), "schedule",
+                 f"must be a non-empty list of shares in [0, 1]; got {s}")
+            need(all(a <= b for a, b in zip(s, s[1:])), "schedule",
+                 f"must be non-decreasing (quantized weights stay quantized); got {s}")
+            t = self.stage_steps
+            need(t >= 1, "stage_steps", f"must be >= 1; got {t}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits, self.stage_steps = self.cfg.bits, self.cfg.stage_steps
+        self.schedule = [float(p) for p in self.cfg.schedule]
         self.register_buffer("frozen", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("value", torch.zeros(0))
         self.register_buffer("n1", torch.tensor(math.nan))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("stage", torch.full((), -1, dtype=torch.long))
-
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        b = args.get("bits")
-        need(b is None or 2 <= b <= 8, "bits", f"must be in [2, 8]; got {b}")
-        s = args.get("schedule")
-        if s is not None:
-            s = [float(p) for p in s]
-            need(len(s) > 0 and all(0 <= p <= 1 for p in s), "schedule",
-                 f"must be a non-empty list of shares in [0, 1]; got {s}")
-            need(all(a <= b for a, b in zip(s, s[1:])), "schedule",
-                 f"must be non-decreasing (quantized weights stay quantized); got {s}")
-        t = args.get("stage_steps")
-        need(t is None or t >= 1, "stage_steps", f"must be >= 1; got {t}")
 
     def init_from(self, w: Tensor) -> None:
         reject_bn_folding(self)

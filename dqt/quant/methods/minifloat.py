@@ -9,13 +9,14 @@ STE: identity, zero beyond ±max (saturation).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Minifloat as MinifloatCodes
+from dqt.quant.export.codes import Minifloat as MinifloatCodes
 
 
 def minifloat_params(exp_bits: int, mant_bits: int) -> tuple[int, int, float]:
@@ -37,16 +38,22 @@ def minifloat_round(x: Tensor, exp_bits: int, mant_bits: int) -> Tensor:
 class Minifloat(Quantizer):
     name = "minifloat"
 
-    def __init__(self, kind: str, exp_bits: int = 4, mant_bits: int = 3) -> None:
-        super().__init__(kind)
-        self.exp_bits, self.mant_bits = exp_bits, mant_bits
-        self.top = minifloat_params(exp_bits, mant_bits)[2]
+    @dataclass
+    class Config(Quantizer.Config):
+        exp_bits: int = 4
+        """Exponent bits, 2..8."""
+        mant_bits: int = 3
+        """Mantissa bits, 0..23."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        e, m = args.get("exp_bits"), args.get("mant_bits")
-        need(e is None or 2 <= e <= 8, "exp_bits", f"must be in [2, 8]; got {e}")
-        need(m is None or 0 <= m <= 23, "mant_bits", f"must be in [0, 23]; got {m}")
+        def __post_init__(self) -> None:
+            e, m = self.exp_bits, self.mant_bits
+            need(2 <= e <= 8, "exp_bits", f"must be in [2, 8]; got {e}")
+            need(0 <= m <= 23, "mant_bits", f"must be in [0, 23]; got {m}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.exp_bits, self.mant_bits = self.cfg.exp_bits, self.cfg.mant_bits
+        self.top = minifloat_params(self.exp_bits, self.mant_bits)[2]
 
     @property
     def bits(self) -> int:

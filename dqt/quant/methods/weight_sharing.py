@@ -34,6 +34,7 @@ Huffman-coded indices, §4); before clustering ``dense``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Dense, SharedCodebook
+from dqt.quant.export.codes import Dense, SharedCodebook
 
 CENTROID_INITS = ("linear", "density", "random")
 MAX_ITERS = 100
@@ -139,24 +140,30 @@ class KMeans(Quantizer):
     name = "kmeans"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 4, centroid_init: str = "linear",
-                 cluster_step: int = 0) -> None:
-        super().__init__(kind)
-        self.bits, self.centroid_init, self.cluster_step = bits, centroid_init, cluster_step
-        self.centroids = nn.Parameter(torch.zeros(2 ** bits))
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 4
+        """k = 2^bits shared centroids, 1..8."""
+        centroid_init: str = "linear"
+        """Initial centroids: linear, density or random (the paper's §3.2)."""
+        cluster_step: int = 0
+        """Cluster after this optimizer step, >= 0 (0: when the quantizer is attached)."""
+
+        def __post_init__(self) -> None:
+            b, i, s = self.bits, self.centroid_init, self.cluster_step
+            need(1 <= b <= 8, "bits", f"must be in [1, 8] (k = 2^bits ≤ 256); got {b}")
+            need(i in CENTROID_INITS, "centroid_init",
+                 f"must be one of {', '.join(CENTROID_INITS)}; got {i!r}")
+            need(s >= 0, "cluster_step", f"must be >= 0; got {s}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        c = self.cfg
+        self.bits, self.centroid_init, self.cluster_step = c.bits, c.centroid_init, c.cluster_step
+        self.centroids = nn.Parameter(torch.zeros(2 ** c.bits))
         self.register_buffer("index", torch.zeros(0, dtype=torch.uint8))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("clustered", torch.zeros((), dtype=torch.bool))
-
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        b = args.get("bits")
-        need(b is None or 1 <= b <= 8, "bits", f"must be in [1, 8] (k = 2^bits ≤ 256); got {b}")
-        i = args.get("centroid_init")
-        need(i is None or i in CENTROID_INITS, "centroid_init",
-             f"must be one of {', '.join(CENTROID_INITS)}; got {i!r}")
-        s = args.get("cluster_step")
-        need(s is None or s >= 0, "cluster_step", f"must be >= 0; got {s}")
 
     def init_from(self, w: Tensor) -> None:
         reject_bn_folding(self)

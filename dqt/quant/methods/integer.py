@@ -15,27 +15,18 @@ scale is treated as a constant — as ``torch.fake_quantize_per_*_affine``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, amax, need, per_channel_dims, register, to_rows
-from dqt.quant.codes import Affine
+from dqt.quant.export.codes import Affine
 from dqt.quant.observers import EMARange
 from dqt.quant.ste import round_ste
 
 EPS = 1e-12
-
-
-def _check_bits(args: dict[str, Any], lo: int = 2, hi: int = 8) -> None:
-    b = args.get("bits")
-    need(b is None or lo <= b <= hi, "bits", f"must be in [{lo}, {hi}]; got {b}")
-
-
-def _check_momentum(args: dict[str, Any]) -> None:
-    m = args.get("momentum")
-    need(m is None or 0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
 
 
 @register
@@ -44,20 +35,31 @@ class IntSymmetric(Quantizer):
     kinds = ("weight", "act")
     stateful = True
 
-    def __init__(self, kind: str, bits: int = 8, per_channel: Optional[bool] = None,
-                 momentum: float = 0.1) -> None:
-        super().__init__(kind)
-        self.bits, self.momentum = bits, momentum
-        self.per_channel = (kind == "weight") if per_channel is None else per_channel
-        self.qmax = 2 ** (bits - 1) - 1
-        self.observer = EMARange(momentum, symmetric=True) if kind == "act" else None
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 8
+        """Bit-width k, 2..8."""
+        per_channel: Optional[bool] = None
+        """One scale per output channel (weights; null: per channel for weights, per tensor for
+        activations, which are always per tensor)."""
+        momentum: float = 0.1
+        """Activations: weight of the new batch in the EMA of the range, (0, 1]."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args)
-        _check_momentum(args)
-        need(not (kind == "act" and args.get("per_channel")), "per_channel",
-             "activations are quantized per tensor")
+        def __post_init__(self) -> None:
+            need(2 <= self.bits <= 8, "bits", f"must be in [2, 8]; got {self.bits}")
+            need(0 < self.momentum <= 1, "momentum", f"must be in (0, 1]; got {self.momentum}")
+
+        def check_kind(self, kind: str) -> None:
+            need(not (kind == "act" and self.per_channel), "per_channel",
+                 "activations are quantized per tensor")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        c = self.cfg
+        self.bits, self.momentum = c.bits, c.momentum
+        self.per_channel = (kind == "weight") if c.per_channel is None else c.per_channel
+        self.qmax = 2 ** (c.bits - 1) - 1
+        self.observer = EMARange(c.momentum, symmetric=True) if kind == "act" else None
 
     def _scale(self, x: Tensor) -> Tensor:
         if self.observer is not None:
@@ -93,15 +95,15 @@ class UIntAffine(Quantizer):
     kinds = ("weight", "act")
     stateful = True
 
-    def __init__(self, kind: str, bits: int = 8, per_channel: Optional[bool] = None,
-                 momentum: float = 0.1) -> None:
-        super().__init__(kind)
-        self.bits, self.momentum = bits, momentum
-        self.per_channel = (kind == "weight") if per_channel is None else per_channel
-        self.qmax = 2 ** bits - 1
-        self.observer = EMARange(momentum, symmetric=False) if kind == "act" else None
+    Config = IntSymmetric.Config
 
-    check = IntSymmetric.check
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        c = self.cfg
+        self.bits, self.momentum = c.bits, c.momentum
+        self.per_channel = (kind == "weight") if c.per_channel is None else c.per_channel
+        self.qmax = 2 ** c.bits - 1
+        self.observer = EMARange(c.momentum, symmetric=False) if kind == "act" else None
 
     def _params(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.observer is not None:

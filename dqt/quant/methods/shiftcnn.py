@@ -24,13 +24,14 @@ Export: ``shift`` codes (N B-bit indices per weight, packed) and the per-row sca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, amax, need, register, to_rows
-from dqt.quant.codes import Shift
+from dqt.quant.export.codes import Shift
 from dqt.quant.ste import ste
 
 
@@ -39,16 +40,24 @@ class ShiftCNN(Quantizer):
     name = "shiftcnn"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 4, terms: int = 2, per_channel: bool = False) -> None:
-        super().__init__(kind)
-        self.bits, self.terms, self.per_channel = bits, terms, per_channel
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 4
+        """B: M = 2^B − 1 codewords per codebook, 2..8."""
+        terms: int = 2
+        """N: power-of-two codewords summed per weight, 1..4."""
+        per_channel: bool = False
+        """Normalize by max|W| per output channel instead of per layer."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        b = args.get("bits")
-        need(b is None or 2 <= b <= 8, "bits", f"must be in [2, 8] (M = 2^B − 1 codewords); got {b}")
-        t = args.get("terms")
-        need(t is None or 1 <= t <= 4, "terms", f"must be in [1, 4]; got {t}")
+        def __post_init__(self) -> None:
+            b, t = self.bits, self.terms
+            need(2 <= b <= 8, "bits", f"must be in [2, 8] (M = 2^B − 1 codewords); got {b}")
+            need(1 <= t <= 4, "terms", f"must be in [1, 4]; got {t}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        c = self.cfg
+        self.bits, self.terms, self.per_channel = c.bits, c.terms, c.per_channel
 
     def scale(self, w: Tensor) -> Tensor:
         return amax(w.detach(), self.per_channel).clamp(min=torch.finfo(torch.float32).tiny)

@@ -1,39 +1,31 @@
-"""Convert a fake-quant model to packed integer weights, save it, load it back for inference.
+"""Convert a fake-quant model to packed integer weights, and install packed weights back.
 
 ``convert(model)`` walks the layers whose weight carries a quantizer and asks the quantizer to
 ``encode`` the weight it sees (after BN folding, if any) into one of the formats of
-``dqt.quant.codes`` — for affine codes exactly the packed-GEMM layout of
+:mod:`dqt.quant.export.codes` — for affine codes exactly the packed-GEMM layout of
 ``dqt.kernels.lowbit_pack`` (``W[n,k] = scale[n]·(code[n,k] − zero[n])``, codes packed along K
 into int32). Every other entry of the state dict (biases, BatchNorm, fp32 layers, activation
 quantizer state) is kept as it is; a weight quantizer's own state (LSQ's s, ADMM's λ and G) is
-not: the codes replace it. ``save_export`` writes::
+not: the codes replace it. :mod:`dqt.quant.export.serialize` writes the result to disk.
 
-    <dir>/model.safetensors   {layer}.weight.{packed,scale,zero | code | mantissa,exponent ...}
-                              + the remaining state-dict entries under their own names
-    <dir>/model.json          format/version, per-layer format + shape + bits (+ folded BN),
-                              the caller's metadata (config, data shape), the size summary
-
-``load_packed(model, dir)`` takes a model *prepared with the same qat config* and swaps each
-weight quantizer for a :class:`PackedWeight` that dequantizes the stored codes at every forward
-(the reference inference path: dequantize, then the layer's own matmul/conv). Because every
-quantizer computes its forward value with the same fp32 operations as the decoder, the outputs
-equal the fake-quant model's bit for bit (``tests/test_quant_export.py``).
+``load_packed(model, tensors, doc)`` takes a model *prepared with the same qat config* and swaps
+each weight quantizer for a :class:`PackedWeight` that dequantizes the stored codes at every
+forward (the reference inference path: dequantize, then the layer's own matmul/conv). Because
+every quantizer computes its forward value with the same fp32 operations as the decoder, the
+outputs equal the fake-quant model's bit for bit (``tests/test_quant_export.py``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dqt.quant.bn_fold import FoldScale, folded_bias
-from dqt.quant.codes import FORMATS
+from dqt.quant.export.codes import FORMATS
 from dqt.quant.prepare import weight_quantizer
 
-FORMAT, VERSION = "dqt.qat-export", 1
 ORIGINAL = "parametrizations.weight.original"
 
 
@@ -83,36 +75,6 @@ def convert(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
             tensors[key] = t
     tensors = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
     return tensors, layers
-
-
-def save_export(model: nn.Module, out_dir: str, meta: dict[str, Any] | None = None) -> str:
-    """Write ``model.safetensors`` + ``model.json`` into ``out_dir``; returns the json path."""
-    from safetensors.torch import save_file
-
-    from dqt.quant.summary import summarize
-
-    tensors, layers = convert(model)
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, ".model.safetensors.partial")
-    save_file(tensors, tmp, metadata={"format": FORMAT})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-    doc = {"format": FORMAT, "version": VERSION, "layers": layers, **(meta or {}),
-           "summary": summarize(model, (tensors, layers))}
-    path = os.path.join(out_dir, "model.json")
-    with open(path + ".partial", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(path + ".partial", path)
-    return path
-
-
-def read_export(out_dir: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    from safetensors.torch import load_file
-
-    with open(os.path.join(out_dir, "model.json")) as f:
-        doc = json.load(f)
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{out_dir}/model.json: not a dqt QAT export (format {doc.get('format')!r})")
-    return load_file(os.path.join(out_dir, "model.safetensors")), doc
 
 
 class PackedWeight(nn.Module):

@@ -31,14 +31,15 @@ Export: 1-bit ``affine`` codes [b > 0], zero ½, scale 2α.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dqt.quant.base import need, register
-from dqt.quant.codes import Affine
+from dqt.quant.base import Quantizer, need, register
+from dqt.quant.export.codes import Affine
 from dqt.quant.input_stats import InputCovariance
 from dqt.quant.ste import sign, ste
 
@@ -82,16 +83,22 @@ class BWNH(InputCovariance):
     kinds = ("weight",)
     bits = 1
 
-    def __init__(self, kind: str, iters: int = 2, momentum: float = 0.1) -> None:
-        super().__init__(kind, momentum)
-        self.iters = iters
-        self._memo: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
+    @dataclass
+    class Config(Quantizer.Config):
+        iters: int = 2
+        """At most this many sweeps of the B- and α-updates, 1..100."""
+        momentum: float = 0.1
+        """EMA weight of the new input covariance S, (0, 1]."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        i, m = args.get("iters"), args.get("momentum")
-        need(i is None or 1 <= i <= 100, "iters", f"must be in [1, 100]; got {i}")
-        need(m is None or 0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
+        def __post_init__(self) -> None:
+            i, m = self.iters, self.momentum
+            need(1 <= i <= 100, "iters", f"must be in [1, 100]; got {i}")
+            need(0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.iters = self.cfg.iters
+        self._memo: Optional[tuple[Tensor, Tensor, Tensor, Tensor]] = None
 
     # ------------------------------------------------------------ the maths
     def binarize(self, w: Tensor) -> tuple[Tensor, Tensor]:

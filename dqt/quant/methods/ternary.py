@@ -18,19 +18,19 @@ W_p and W_n).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from dqt.quant.base import Quantizer, need, register, to_rows
-from dqt.quant.codes import Affine, Ternary2
+from dqt.quant.export.codes import Affine, Ternary2
 from dqt.quant.ste import ste
 
 
-def _check_threshold(args: dict[str, Any], hi: float) -> None:
-    t = args.get("threshold")
-    need(t is None or 0 < t < hi, "threshold", f"must be in (0, {hi}); got {t}")
+def _check_threshold(t: float, hi: float) -> None:
+    need(0 < t < hi, "threshold", f"must be in (0, {hi}); got {t}")
 
 
 @register
@@ -39,13 +39,19 @@ class TWN(Quantizer):
     kinds = ("weight",)
     bits = 2
 
-    def __init__(self, kind: str, threshold: float = 0.7, per_channel: bool = False) -> None:
-        super().__init__(kind)
-        self.threshold, self.per_channel = threshold, per_channel
+    @dataclass
+    class Config(Quantizer.Config):
+        threshold: float = 0.7
+        """Δ = threshold·mean|W|, in (0, 10.0) (the paper's 0.7)."""
+        per_channel: bool = False
+        """Δ and α per output channel instead of per layer."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_threshold(args, 10.0)
+        def __post_init__(self) -> None:
+            _check_threshold(self.threshold, 10.0)
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.threshold, self.per_channel = self.cfg.threshold, self.cfg.per_channel
 
     def ternarize(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """(t ∈ {−1, 0, 1}, α) with α per tensor () or per channel (N, 1, ...)."""
@@ -97,17 +103,23 @@ class TTQ(Quantizer):
     kinds = ("weight",)
     bits = 2
 
-    def __init__(self, kind: str, threshold: float = 0.05, init: Optional[float] = None) -> None:
-        super().__init__(kind)
-        self.threshold, self.init = threshold, init
+    @dataclass
+    class Config(Quantizer.Config):
+        threshold: float = 0.05
+        """Δ = threshold·max|W| (t), in (0, 1.0)."""
+        init: Optional[float] = None
+        """The initial W_p and W_n, > 0 (null: TWN's α of the initial weights)."""
+
+        def __post_init__(self) -> None:
+            _check_threshold(self.threshold, 1.0)
+            i = self.init
+            need(i is None or i > 0, "init", f"must be > 0; got {i}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.threshold, self.init = self.cfg.threshold, self.cfg.init
         self.w_p = nn.Parameter(torch.ones(()))
         self.w_n = nn.Parameter(torch.ones(()))
-
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_threshold(args, 1.0)
-        i = args.get("init")
-        need(i is None or i > 0, "init", f"must be > 0; got {i}")
 
     def delta(self, w: Tensor) -> Tensor:
         return self.threshold * w.detach().abs().amax()

@@ -35,13 +35,14 @@ scale σ/α and zero 2^(k−1) − 1.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Affine
+from dqt.quant.export.codes import Affine
 from dqt.quant.ste import ste
 
 BETA = 1.5
@@ -83,8 +84,7 @@ def quantize_grad(g: Tensor, bits: int, lr: float, u: Tensor) -> Tensor:
     return torch.where(m > 0, out, torch.zeros_like(g))
 
 
-def _check_bits(args: dict[str, Any], key: str, lo: int, hi: int) -> None:
-    b = args.get(key)
+def _check_bits(b: Optional[int], key: str, lo: int, hi: int) -> None:
     need(b is None or lo <= b <= hi, key, f"must be in [{lo}, {hi}]; got {b}")
 
 
@@ -106,17 +106,25 @@ class WAGEWeight(Quantizer):
     name = "wage_w"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 2, grad_bits: Optional[int] = None,
-                 grad_lr: float = 8.0) -> None:
-        super().__init__(kind)
-        self.bits, self.grad_bits, self.grad_lr = bits, grad_bits, grad_lr
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 2
+        """k_W, 2..8."""
+        grad_bits: Optional[int] = None
+        """k_G: bits of the weight gradient Q_G, 2..16 (null: fp32 gradient)."""
+        grad_lr: float = 8.0
+        """η inside Q_G (the paper's learning rate 8), > 0."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args, "bits", 2, 8)
-        _check_bits(args, "grad_bits", 2, 16)
-        lr = args.get("grad_lr")
-        need(lr is None or lr > 0, "grad_lr", f"must be > 0; got {lr}")
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, "bits", 2, 8)
+            _check_bits(self.grad_bits, "grad_bits", 2, 16)
+            lr = self.grad_lr
+            need(lr > 0, "grad_lr", f"must be > 0; got {lr}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        c = self.cfg
+        self.bits, self.grad_bits, self.grad_lr = c.bits, c.grad_bits, c.grad_lr
 
     def _affine(self, w: Tensor) -> tuple[Tensor, float, float]:
         """(codes, scale σ/α, zero) with W_q = scale·(codes − zero)."""
@@ -154,13 +162,17 @@ class WAGEAct(Quantizer):
     name = "wage_a"
     kinds = ("act",)
 
-    def __init__(self, kind: str, bits: int = 8) -> None:
-        super().__init__(kind)
-        self.bits = bits
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 8
+        """k_A, 2..15."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args, "bits", 2, 15)
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, "bits", 2, 15)
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits = self.cfg.bits
 
     def quantize(self, x: Tensor) -> Tensor:
         xc = clip(x, self.bits)
@@ -173,11 +185,19 @@ class WAGEError(Quantizer):
     name = "wage_e"
     kinds = ("grad",)
 
-    def __init__(self, kind: str, bits: int = 8, rescale: bool = False) -> None:
-        super().__init__(kind)
-        self.bits, self.rescale = bits, rescale
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 8
+        """k_E, 2..15."""
+        rescale: bool = False
+        """Multiply the quantized error back by Shift(max|e|) (usual gradient magnitudes)."""
 
-    check = WAGEAct.check
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, "bits", 2, 15)
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits, self.rescale = self.cfg.bits, self.cfg.rescale
 
     def quantize(self, e: Tensor) -> Tensor:
         m = e.abs().amax()

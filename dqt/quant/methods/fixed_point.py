@@ -22,13 +22,14 @@ STE: identity inside the representable range, zero where the clamp saturates.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register, to_rows
-from dqt.quant.codes import Affine, Flex
+from dqt.quant.export.codes import Affine, Flex
 from dqt.quant.observers import EMARange
 from dqt.quant.ste import floor_ste, round_ste
 
@@ -60,9 +61,8 @@ def _affine_rows(q: Tensor, delta: Tensor | float, bits: int, w: Tensor) -> Affi
                   torch.full((w.shape[0],), zero), bits)
 
 
-def _check_bits(args: dict[str, Any], lo: int = 2, hi: int = 8) -> None:
-    b = args.get("bits")
-    need(b is None or lo <= b <= hi, "bits", f"must be in [{lo}, {hi}]; got {b}")
+def _check_bits(bits: int, lo: int, hi: int) -> None:
+    need(lo <= bits <= hi, "bits", f"must be in [{lo}, {hi}]; got {bits}")
 
 
 @register
@@ -71,17 +71,23 @@ class Linear(Quantizer):
 
     name = "linear"
 
-    def __init__(self, kind: str, frac_bits: Optional[int] = None, bits: int = 8) -> None:
-        super().__init__(kind)
-        self.frac_bits, self.bits = frac_bits, bits
+    @dataclass
+    class Config(Quantizer.Config):
+        frac_bits: Optional[int] = None
+        """Fractional bits (the seed's ``sf``: step δ = 2^-frac_bits), -32..32; required."""
+        bits: int = 8
+        """Bit-width, 2..8."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        need(args.get("frac_bits") is not None, "frac_bits",
-             "linear needs frac_bits (the seed's sf: δ = 2^-frac_bits)")
-        need(-32 <= args["frac_bits"] <= 32, "frac_bits",
-             f"must be in [-32, 32]; got {args['frac_bits']}")
-        _check_bits(args)
+        def __post_init__(self) -> None:
+            need(self.frac_bits is not None, "frac_bits",
+                 "linear needs frac_bits (the seed's sf: δ = 2^-frac_bits)")
+            need(-32 <= self.frac_bits <= 32, "frac_bits",
+                 f"must be in [-32, 32]; got {self.frac_bits}")
+            _check_bits(self.bits, 2, 8)
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.frac_bits, self.bits = self.cfg.frac_bits, self.cfg.bits
 
     def quantize(self, x: Tensor) -> Tensor:
         return _linear_codes(x, 2.0 ** -self.frac_bits, self.bits, ste=True) * 2.0 ** -self.frac_bits
@@ -99,18 +105,28 @@ class DynamicFixed(Quantizer):
     name = "dynamic_fixed"
     stateful = True  # only with an observer (stats() is None otherwise)
 
-    def __init__(self, kind: str, bits: int = 8, momentum: Optional[float] = None) -> None:
-        super().__init__(kind)
-        self.bits, self.momentum = bits, momentum
-        self.observer = EMARange(momentum, symmetric=True) if momentum is not None else None
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 8
+        """Bit-width, 1..16 (1 bit: the codes {−1, 0})."""
+        momentum: Optional[float] = None
+        """Activations: keep the range as an EMA of the batch max|x| with this weight of the new
+        batch, (0, 1]; null: the tensor's own max|x| at every call."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args, 1, 16)
-        m = args.get("momentum")
-        need(m is None or kind == "act", "momentum",
-             "only activations keep a range (a weight uses its own max|W| at every call)")
-        need(m is None or 0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, 1, 16)
+            m = self.momentum
+            need(m is None or 0 < m <= 1, "momentum", f"must be in (0, 1]; got {m}")
+
+        def check_kind(self, kind: str) -> None:
+            need(self.momentum is None or kind == "act", "momentum",
+                 "only activations keep a range (a weight uses its own max|W| at every call)")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits, self.momentum = self.cfg.bits, self.cfg.momentum
+        m = self.momentum
+        self.observer = EMARange(m, symmetric=True) if m is not None else None
 
     def describe(self) -> str:
         return f"{self.name}(bits={self.bits}" + (
@@ -150,27 +166,43 @@ class QNNLinear(Quantizer):
 
     name = "qnn_linear"
 
-    def __init__(self, kind: str, bits: int = 8, step: Optional[float] = None,
-                 min_val: Optional[float] = None, max_val: Optional[float] = None) -> None:
-        super().__init__(kind)
-        self.bits = bits
-        self.step = step if step is not None else 2.0 ** -(bits - 1)
-        self.min_val = min_val if min_val is not None else -(2 ** (bits - 1)) * self.step
-        self.max_val = max_val if max_val is not None else (2 ** (bits - 1) - 1) * self.step
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 8
+        """Bit-width of the default grid, 2..16."""
+        step: Optional[float] = None
+        """The step s, > 0 (null: 2^−(bits−1))."""
+        min_val: Optional[float] = None
+        """The clip minV, a multiple of s (null: −2^(bits−1)·s)."""
+        max_val: Optional[float] = None
+        """The clip maxV, a multiple of s above minV, at most 256 levels (null:
+        (2^(bits−1) − 1)·s)."""
+
+        def __post_init__(self) -> None:
+            _check_bits(self.bits, 2, 16)
+            s, lo, hi = self.grid()
+            need(s > 0, "step", f"must be > 0; got {s}")
+            need(lo < hi, "max_val", f"must be > min_val={lo}; got {hi}")
+            for key, v in (("min_val", lo), ("max_val", hi)):
+                need(abs(v / s - round(v / s)) < 1e-6, key,
+                     f"must be a multiple of step={s}; got {v}")
+            lo_k, hi_k = round(lo / s), round(hi / s)
+            need(hi_k - lo_k < 256, "step", f"gives {hi_k - lo_k + 1} levels in "
+                 f"[{lo}, {hi}]; at most 256 (8-bit codes)")
+
+        def grid(self) -> tuple[float, float, float]:
+            """(step, min_val, max_val) with the defaults filled in."""
+            s = self.step if self.step is not None else 2.0 ** -(self.bits - 1)
+            lo = self.min_val if self.min_val is not None else -(2 ** (self.bits - 1)) * s
+            hi = self.max_val if self.max_val is not None else (2 ** (self.bits - 1) - 1) * s
+            return s, lo, hi
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits = self.cfg.bits
+        self.step, self.min_val, self.max_val = self.cfg.grid()
         self.lo_k = round(self.min_val / self.step)
         self.hi_k = round(self.max_val / self.step)
-
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        _check_bits(args, 2, 16)
-        q = cls(kind, **{k: v for k, v in args.items() if v is not None})
-        need(q.step > 0, "step", f"must be > 0; got {q.step}")
-        need(q.min_val < q.max_val, "max_val", f"must be > min_val={q.min_val}; got {q.max_val}")
-        for key, v in (("min_val", q.min_val), ("max_val", q.max_val)):
-            need(abs(v / q.step - round(v / q.step)) < 1e-6, key,
-                 f"must be a multiple of step={q.step}; got {v}")
-        need(q.hi_k - q.lo_k < 256, "step", f"gives {q.hi_k - q.lo_k + 1} levels in "
-             f"[{q.min_val}, {q.max_val}]; at most 256 (8-bit codes)")
 
     def quantize(self, x: Tensor) -> Tensor:
         return torch.clamp(round_ste(x / self.step), self.lo_k, self.hi_k) * self.step

@@ -23,13 +23,14 @@ after a commit they are identical on every rank.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Flex
+from dqt.quant.export.codes import Flex
 from dqt.quant.ste import ste
 
 KAPPA_MIN, KAPPA_MAX = -32, 0
@@ -53,8 +54,25 @@ class Flexpoint(Quantizer):
     kinds = ("weight", "act", "grad")
     stateful = True
 
-    def __init__(self, kind: str, bits: int = 16, exp_bits: int = 5, history: int = 16) -> None:
-        super().__init__(kind)
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 16
+        """Mantissa bits: 16 (flex16+5)."""
+        exp_bits: int = 5
+        """Exponent bits: 5 (flex16+5)."""
+        history: int = 16
+        """Autoflex: the maxima kept per tensor, 2..1024."""
+
+        def __post_init__(self) -> None:
+            need(self.bits == 16, "bits", f"flex16+5 has 16-bit mantissas; got {self.bits}")
+            need(self.exp_bits == 5, "exp_bits",
+                 f"flex16+5 has a 5-bit exponent; got {self.exp_bits}")
+            h = self.history
+            need(2 <= h <= 1024, "history", f"must be in [2, 1024]; got {h}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        bits, exp_bits, history = self.cfg.bits, self.cfg.exp_bits, self.cfg.history
         self.bits, self.exp_bits, self.history = bits, exp_bits, history
         self.register_buffer("kappa", torch.zeros(()))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -62,14 +80,6 @@ class Flexpoint(Quantizer):
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self.register_buffer("overflows", torch.zeros((), dtype=torch.long))
         self._pending: Optional[Tensor] = None
-
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        need(args.get("bits") in (None, 16), "bits", f"flex16+5 has 16-bit mantissas; got {args.get('bits')}")
-        need(args.get("exp_bits") in (None, 5), "exp_bits",
-             f"flex16+5 has a 5-bit exponent; got {args.get('exp_bits')}")
-        h = args.get("history")
-        need(h is None or 2 <= h <= 1024, "history", f"must be in [2, 1024]; got {h}")
 
     def storage_bits(self) -> Optional[float]:
         return 16.0

@@ -1,10 +1,10 @@
 """Run an exported model's affine Linear layers through the packed low-bit GEMM.
 
 An export (:mod:`dqt.quant.export`) stores 1-, 2-, 4- and 8-bit weights in the layout of
-:mod:`dqt.kernels.lowbit_pack`, and :func:`~dqt.quant.export.load_packed` gives back a model
-whose layers dequantize those codes at every forward. :func:`use_packed_gemm` instead makes
-each such ``nn.Linear`` compute ``y = lowbit_linear(x, W_packed) + b`` directly from the codes
-(:mod:`dqt.kernels.lowbit_gemm`: Triton GEMV/GEMM on CUDA, the dequantize-then-matmul
+:mod:`dqt.kernels.lowbit_pack`, and :func:`~dqt.quant.export.convert.load_packed` gives back
+a model whose layers dequantize those codes at every forward. :func:`use_packed_gemm` instead
+makes each such ``nn.Linear`` compute ``y = lowbit_linear(x, W_packed) + b`` directly from the
+codes (:mod:`dqt.kernels.lowbit_gemm`: Triton GEMV/GEMM on CUDA, the dequantize-then-matmul
 reference elsewhere). Its forward pre-hooks — the input-activation quantizers — and forward
 hooks still run, because only the module's ``forward`` is replaced.
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dqt.kernels.lowbit_gemm import LowBitWeight, lowbit_linear
-from dqt.quant.export import PackedWeight
+from dqt.quant.export.convert import PackedWeight
 
 
 def _packed(module: nn.Module) -> PackedWeight | None:

@@ -1,12 +1,12 @@
 """Size summary of a quantized model — Larq's ``lq.models.summary`` is the anchor: parameters
 per bit-width, packed size including scales, fp32-equivalent size, compression ratio.
 
-It is computed from what :func:`dqt.quant.export.convert` actually writes, so "packed size" is
-the byte count of the exported tensors: the codes at their storage width (1-bit 8 per byte,
-ternary 2-bit, k-bit rounded up to 1/2/4/8, log codes int8, Flexpoint int16), plus their scales
-and zero points, plus every full-precision tensor (biases, BatchNorm parameters and statistics,
-unquantized layers, quantizer state) at its own dtype. "fp32 equivalent" is the same model with
-every one of those values in fp32 (4 bytes).
+It is computed from what :func:`dqt.quant.export.convert.convert` actually writes, so "packed
+size" is the byte count of the exported tensors: the codes at their storage width (1-bit 8 per
+byte, ternary 2-bit, k-bit rounded up to 1/2/4/8, log codes int8, Flexpoint int16), plus their
+scales and zero points, plus every full-precision tensor (biases, BatchNorm parameters and
+statistics, unquantized layers, quantizer state) at its own dtype. "fp32 equivalent" is the same
+model with every one of those values in fp32 (4 bytes).
 """
 
 from __future__ import annotations
@@ -16,11 +16,13 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
+from dqt.quant.export.convert import convert
+
 
 def summarize(model: nn.Module, converted: Optional[tuple[dict[str, Tensor], dict[str, Any]]]
               = None) -> dict[str, Any]:
-    from dqt.quant.export import convert
-
+    """The size summary of ``model``: per-layer rows, parameters per bit-width, packed and fp32
+    bytes, compression. ``converted``: the ``convert(model)`` result, when already at hand."""
     tensors, layers = converted if converted is not None else convert(model)
     rows = []
     by_bits: dict[str, int] = defaultdict(int)

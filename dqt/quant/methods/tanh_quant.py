@@ -11,13 +11,14 @@ boundary where rounding enters them, ±atanh(1 − 1/n), so training stays finit
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Tanh as TanhCodes, tanh_decode
+from dqt.quant.export.codes import Tanh as TanhCodes, tanh_decode
 from dqt.quant.ste import ste
 
 
@@ -44,14 +45,17 @@ def tanh_codes(x: Tensor, bits: int) -> Tensor:
 class TanhQuant(Quantizer):
     name = "tanh"
 
-    def __init__(self, kind: str, bits: int = 4) -> None:
-        super().__init__(kind)
-        self.bits = bits
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 4
+        """Bit-width: 2^bits − 1 steps in [−1, 1], 2..8."""
 
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        b = args.get("bits")
-        need(b is None or 2 <= b <= 8, "bits", f"must be in [2, 8]; got {b}")
+        def __post_init__(self) -> None:
+            need(2 <= self.bits <= 8, "bits", f"must be in [2, 8]; got {self.bits}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits = self.cfg.bits
 
     def quantize(self, x: Tensor) -> Tensor:
         return ste(x, tanh_decode(tanh_codes(x, self.bits), self.bits))

@@ -28,6 +28,7 @@ Export: ``codebook`` — codes into the layer's table a·S.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -35,7 +36,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from dqt.quant.base import Quantizer, need, register
-from dqt.quant.codes import Codebook, codebook_decode
+from dqt.quant.export.codes import Codebook, codebook_decode
 from dqt.quant.ste import ste
 
 
@@ -64,23 +65,36 @@ class ADMM(Quantizer):
     name = "admm"
     kinds = ("weight",)
 
-    def __init__(self, kind: str, bits: int = 2, rho: float = 0.3, every: int = 20,
-                 iters: int = 5, ste: bool = False) -> None:
-        super().__init__(kind)
-        self.bits, self.rho, self.every, self.iters, self.ste = bits, rho, every, iters, ste
-        self.register_buffer("levels", torch.tensor(code_set(bits)), persistent=False)
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 2
+        """The code set S: 1 binary, 2 ternary, 3 {0, ±1, ±2, ±4}, 4 {0, ±1, …, ±64}."""
+        rho: float = 0.3
+        """The penalty ρ of (ρ/2)‖W − G + λ‖², >= 0."""
+        every: int = 20
+        """Optimizer steps between the G and λ updates, >= 1."""
+        iters: int = 5
+        """Alternating updates of the projection onto {a·Q}, 1..100."""
+        ste: bool = False
+        """Train with G in the forward pass (identity STE) instead of W, the paper's."""
+
+        def __post_init__(self) -> None:
+            b, r, e, i = self.bits, self.rho, self.every, self.iters
+            need(1 <= b <= 4, "bits", f"must be in [1, 4]; got {b}")
+            need(r >= 0, "rho", f"must be >= 0; got {r}")
+            need(e >= 1, "every", f"must be >= 1; got {e}")
+            need(1 <= i <= 100, "iters", f"must be in [1, 100]; got {i}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        c = self.cfg
+        self.bits, self.rho, self.every, self.iters, self.ste = (c.bits, c.rho, c.every, c.iters,
+                                                                 c.ste)
+        self.register_buffer("levels", torch.tensor(code_set(c.bits)), persistent=False)
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("codes", torch.zeros(0, dtype=torch.uint8))
         self.register_buffer("lam", torch.zeros(0))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
-
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        b, r, e, i = (args.get(k) for k in ("bits", "rho", "every", "iters"))
-        need(b is None or 1 <= b <= 4, "bits", f"must be in [1, 4]; got {b}")
-        need(r is None or r >= 0, "rho", f"must be >= 0; got {r}")
-        need(e is None or e >= 1, "every", f"must be >= 1; got {e}")
-        need(i is None or 1 <= i <= 100, "iters", f"must be in [1, 100]; got {i}")
 
     # ------------------------------------------------------------------ state
     def init_from(self, w: Tensor) -> None:

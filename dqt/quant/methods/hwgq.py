@@ -29,8 +29,9 @@ as the paper's Q in place of the ReLU right after the BatchNorm.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -89,18 +90,23 @@ class HWGQ(Quantizer):
     name = "hwgq"
     kinds = ("act",)
 
-    def __init__(self, kind: str, bits: int = 2, uniform: bool = True) -> None:
-        super().__init__(kind)
-        self.bits, self.uniform = bits, uniform
-        lv = hwgq_levels(bits, uniform)
+    @dataclass
+    class Config(Quantizer.Config):
+        bits: int = 2
+        """Bit-width: 2^bits − 1 positive levels, 1..8."""
+        uniform: bool = True
+        """Uniform levels iΔ (the paper's); false: the non-uniform Lloyd-Max levels."""
+
+        def __post_init__(self) -> None:
+            need(1 <= self.bits <= 8, "bits", f"must be in [1, 8]; got {self.bits}")
+
+    def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
+        super().__init__(kind, cfg, **args)
+        self.bits, self.uniform = self.cfg.bits, self.cfg.uniform
+        lv = hwgq_levels(self.bits, self.uniform)
         self.register_buffer("levels", torch.tensor((0.0, *lv)), persistent=False)
         self.register_buffer("thresholds", torch.tensor(
             [(a + b) / 2 for a, b in zip(lv, lv[1:])]), persistent=False)
-
-    @classmethod
-    def check(cls, kind: str, args: dict[str, Any]) -> None:
-        b = args.get("bits")
-        need(b is None or 1 <= b <= 8, "bits", f"must be in [1, 8]; got {b}")
 
     def quantize(self, x: Tensor) -> Tensor:
         lv = self.levels.to(x.device)
