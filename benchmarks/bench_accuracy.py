@@ -1,11 +1,16 @@
-"""Accuracy at equal steps: every scheme vs plain all-reduce, several seeds, real torchrun runs.
+"""Quality at equal steps: every scheme against plain fp32 all-reduce, several seeds, real
+torchrun runs.
 
-    python -m benchmarks.bench_accuracy                          # digits, 4 ranks, seeds 1 2 3
-    python -m benchmarks.bench_accuracy --nproc 2 --seeds 1 --schemes onebit qsgd
+    python -m benchmarks.bench_accuracy                                   # digits, 4 ranks, seeds 1 2 3
+    python -m benchmarks.bench_accuracy --nproc 2 --seeds 1 --schemes onebit qsgd4
+    python -m benchmarks.bench_accuracy --experiment shakespeare_char --nproc 2 --metric eval/loss \\
+        --json out.json                                                   # the transformer matrix
 
-Prints a markdown table: mean ± std of the final test accuracy over seeds, the difference to
-plain all-reduce, and bytes sent per rank per step (from the hooks' counters). Run directories
-go to ``outputs/bench_accuracy/<scheme>/seed<k>`` (each can be fed to launch/report.py).
+Prints a markdown table: mean ± std over seeds of the final metric (``eval/acc`` in percent, or
+``eval/loss`` in nats), the difference to fp32 all-reduce, each seed's value, and bytes sent per
+rank per step (from the hooks' counters). Run directories go to
+``outputs/bench_accuracy/<experiment>/<scheme>/seed<k>`` (each can be fed to launch/report.py);
+``--json`` also writes every run's summary.
 """
 
 from __future__ import annotations
@@ -19,54 +24,85 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# scheme label -> overrides; signSGD's ±1 majority vote needs a small learning rate
+# label -> overrides
 SCHEMES = {
-    "allreduce": [],
+    "fp32": [],
+    "bf16 hook": ["+scheme=bf16"],
+    "powersgd": ["+scheme=powersgd"],
     "onebit": ["+scheme=onebit"],
-    "ternary_grad": ["+scheme=ternary_grad"],
-    "qsgd bits=4": ["+scheme=qsgd", "scheme.bits=4"],
     "ef_signsgd": ["+scheme=ef_signsgd"],
-    "signsgd (lr 0.002)": ["+scheme=signsgd", "optim.lr=0.002"],
+    "signsgd": ["+scheme=signsgd"],
+    "ternary_grad": ["+scheme=ternary_grad"],
+    "ternary_grad base3": ["+scheme=ternary_grad", "scheme.format=base3"],
+    "qsgd2": ["+scheme=qsgd", "scheme.bits=2"],
+    "qsgd4": ["+scheme=qsgd", "scheme.bits=4"],
+    "qsgd8": ["+scheme=qsgd", "scheme.bits=8"],
+    "onebit_adam": ["optim=onebit_adam"],
+    "onebit_adam ternary": ["optim=onebit_adam", "+scheme=ternary_grad"],
 }
+DIGITS = ["fp32", "onebit", "ternary_grad", "qsgd4", "ef_signsgd", "signsgd"]
 
 
-def run(label: str, seed: int, nproc: int, extra: list[str], out_root: str) -> dict:
-    run_dir = os.path.join(out_root, label.split()[0], f"seed{seed}")
+def run(experiment: str | None, label: str, seed: int, nproc: int, extra: list[str],
+        out_root: str) -> dict:
+    run_dir = os.path.join(out_root, experiment or "default", label.replace(" ", "_"),
+                           f"seed{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: an old one would be resumed
+    exp = [f"experiment={experiment}"] if experiment else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", os.path.join(ROOT, "launch", "train.py"),
+           f"--nproc_per_node={nproc}", os.path.join(ROOT, "launch", "train.py"), *exp,
            *SCHEMES[label], f"seed={seed}", f"hydra.run.dir={run_dir}", *extra]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode != 0:
+        raise SystemExit(f"{label} seed {seed} failed:\n{p.stderr[-3000:]}")
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if '"summary"' in line][-1]
 
 
+def table(rows: dict[str, list[dict]], metric: str) -> str:
+    scale, unit = (100.0, " pt") if metric == "eval/acc" else (1.0, "")
+    base = rows.get("fp32")
+    base_mean = statistics.mean(r[metric] for r in base) if base else None
+    out = [f"| scheme | {metric} (mean ± std) | vs fp32 | per seed | bytes/rank/step | ratio |",
+           "|---|---|---|---|---|---|"]
+    for label, runs in rows.items():
+        vals = [r[metric] for r in runs]
+        mean = statistics.mean(vals)
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        diff = f"{scale * (mean - base_mean):+.3f}{unit}" if base_mean is not None else "—"
+        per = ", ".join(f"{scale * v:.4f}" for v in vals)
+        out.append(f"| {label} | {scale * mean:.4f} ± {scale * std:.4f} | {diff} | {per} | "
+                   f"{runs[0]['comm/bytes_sent_per_step']:,.0f} | "
+                   f"{runs[0].get('comm/ratio') or 1.0:.1f}x |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--experiment", default=None, help="a conf/experiment preset")
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    ap.add_argument("--schemes", nargs="+", default=None, choices=list(SCHEMES),
+                    help="default: every scheme for an experiment, a digits subset without one")
+    ap.add_argument("--metric", default="eval/acc", choices=["eval/acc", "eval/loss"])
     ap.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench_accuracy"))
+    ap.add_argument("--json", default=None, help="also write every run's summary here")
     ap.add_argument("overrides", nargs="*", help="extra overrides for every run (e.g. steps=300)")
     args = ap.parse_args()
-    rows = {}
-    for label in args.schemes:
-        runs = [run(label, s, args.nproc, args.overrides, args.out) for s in args.seeds]
-        accs = [r["eval/acc"] for r in runs]
-        rows[label] = (accs, runs[0]["comm/bytes_sent_per_step"], runs[0].get("comm/ratio"))
-        print(f"{label}: {accs}", file=sys.stderr, flush=True)
-    base = statistics.mean(rows["allreduce"][0]) if "allreduce" in rows else None
-    print(f"\n{args.nproc} ranks, seeds {args.seeds}, data/model/steps from the default config "
+    schemes = args.schemes or (list(SCHEMES) if args.experiment else DIGITS)
+    rows: dict[str, list[dict]] = {}
+    for label in schemes:
+        rows[label] = [run(args.experiment, label, s, args.nproc, args.overrides, args.out)
+                       for s in args.seeds]
+        print(f"{label}: {[r[args.metric] for r in rows[label]]}", file=sys.stderr, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"experiment": args.experiment, "nproc": args.nproc,
+                           "seeds": args.seeds, "overrides": args.overrides, "runs": rows}, f,
+                          indent=1)
+    print(f"\n{args.nproc} ranks, seeds {args.seeds}, experiment {args.experiment or 'default'} "
           f"{' '.join(args.overrides)}\n")
-    print("| scheme | test acc (mean ± std) | vs all-reduce | per seed | bytes/rank/step | ratio |")
-    print("|---|---|---|---|---|---|")
-    for label, (accs, nbytes, ratio) in rows.items():
-        mean = statistics.mean(accs)
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        diff = f"{100 * (mean - base):+.2f} pt" if base is not None else "—"
-        per = ", ".join(f"{100 * a:.2f}" for a in accs)
-        print(f"| {label} | {100 * mean:.2f} ± {100 * std:.2f} | {diff} | {per} | {nbytes:,.0f} |"
-              f" {ratio or 1.0:.1f}x |")
+    print(table(rows, args.metric))
 
 
 if __name__ == "__main__":

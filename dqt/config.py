@@ -58,7 +58,12 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     freeze_steps: int = 100
-    """``onebit_adam``: steps of uncompressed AdamW before the variance freezes."""
+    """Steps of uncompressed Adam(W) that estimate its variance before it freezes:
+    ``onebit_adam`` always; ``adam``/``adamw`` when a dqt codec compresses the gradients (the
+    scheme's warm-up is extended to cover them) and ``freeze_variance`` is on."""
+    freeze_variance: bool = True
+    """``adam``/``adamw`` under a dqt codec (not signsgd's vote): freeze the variance after
+    ``freeze_steps``. Off, the codec's noise inflates Adam's variance (docs/comm.md)."""
 
     def __post_init__(self) -> None:
         _choice(self.name, OPTIMIZERS, "optim.name")
@@ -175,6 +180,14 @@ class TrainConfig:
             self._check_horovod()
         if getattr(self.optim, "name", None) == "onebit_adam":
             self._check_onebit_adam()
+
+    @property
+    def frozen_variance(self) -> bool:
+        """Adam(W) whose variance freezes after ``optim.freeze_steps`` uncompressed steps: a
+        dqt codec that estimates the gradient (not signsgd's vote) compresses it."""
+        return (getattr(self.optim, "name", None) in ("adam", "adamw")
+                and bool(getattr(self.optim, "freeze_variance", False))
+                and isinstance(self.scheme, CompressedConfig) and not self.scheme.vote)
 
     def _check_model_fits_data(self) -> None:
         """Sequence models train on their kind of sequence data, the others on classification

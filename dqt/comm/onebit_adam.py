@@ -41,7 +41,6 @@ too), so the same optimizer also runs in a loop without DDP.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Iterable, Optional
 
@@ -53,6 +52,7 @@ from dqt.comm.collective import BucketContext, run_sync, two_phase_allreduce
 from dqt.comm.config import CompressedConfig, OneBitConfig
 from dqt.comm.layout import BucketLayout, ParamSlot, build_layout
 from dqt.comm.scheme import Scheme
+from dqt.optim import FrozenVarianceAdamW
 
 
 class MomentumComm(Scheme):
@@ -155,11 +155,12 @@ def _local_gradient_hook(state, bucket):  # unannotated: DDP checks annotations 
     return fut
 
 
-class OneBitAdam(torch.optim.Optimizer):
-    """Adam(W) with a frozen variance and a compressed momentum all-reduce (1-bit Adam).
+class OneBitAdam(FrozenVarianceAdamW):
+    """Adam(W) with a frozen variance and a compressed all-reduce of the preconditioned
+    momentum (1-bit Adam; see the module docstring).
 
     Args:
-        params: parameters or param groups (each group may set ``lr`` and ``weight_decay``).
+        params: parameters or param groups (each group may set ``lr``, ``weight_decay``, ``eps``).
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (decoupled weight decay).
         freeze_steps: steps of uncompressed Adam before v is frozen and compression starts.
         codec: the momentum's codec, a dqt codec config (default ``OneBitConfig()``).
@@ -176,120 +177,16 @@ class OneBitAdam(torch.optim.Optimizer):
                  weight_decay: float = 0.0, *, freeze_steps: int = 100,
                  codec: Optional[CompressedConfig] = None, comm: Optional[MomentumComm] = None,
                  process_group: dist.ProcessGroup | None = None) -> None:
-        if not lr > 0:
-            raise ValueError(f"optim.lr: must be > 0; got {lr}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"optim.betas: must be in [0, 1); got {betas}")
-        if freeze_steps < 1:
-            raise ValueError(f"optim.freeze_steps: must be >= 1 (v is estimated from "
-                             f"uncompressed steps first); got {freeze_steps}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
-                                      weight_decay=weight_decay))
-        self.freeze_steps = int(freeze_steps)
+        super().__init__(params, lr, betas, eps, weight_decay, freeze_steps=freeze_steps)
         self.comm = comm if comm is not None else MomentumComm(codec or OneBitConfig(),
                                                                process_group)
-        self._params = [p for g in self.param_groups for p in g["params"]]
-        sizes = [p.numel() for p in self._params]
-        device = self._params[0].device if self._params else torch.device("cpu")
-        n = sum(sizes)
-        self.step_count = 0
-        self.exp_avg = torch.zeros(n, dtype=torch.float32, device=device)
-        self.exp_avg_sq = torch.zeros(n, dtype=torch.float32, device=device)
-        self._denom: Optional[Tensor] = None  # √v̂ + ε, fixed once v is frozen
-        self.comm.setup(n, device)
-        self.comm.build_layout(sizes, device)
-        self._offsets = [0]
-        for s in sizes:
-            self._offsets.append(self._offsets[-1] + s)
+        self.comm.setup(self.exp_avg.numel(), self.exp_avg.device)
+        self.comm.build_layout(self._sizes, self.exp_avg.device)
 
-    @property
-    def frozen(self) -> bool:
-        """True once v is frozen (the next steps communicate the compressed momentum)."""
-        return self.step_count >= self.freeze_steps
+    def warm_up_gradient(self, g: Tensor) -> Tensor:
+        """Warm-up: the local gradients, averaged by a plain fp32 all-reduce."""
+        return self.comm.mean(g)
 
-    def _flat_grad(self) -> Tensor:
-        g = torch.empty_like(self.exp_avg)
-        for p, a, b in zip(self._params, self._offsets[:-1], self._offsets[1:]):
-            if p.grad is None:
-                g[a:b].zero_()
-            else:
-                g[a:b].copy_(p.grad.reshape(-1))
-        return g
-
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        beta1, beta2 = self.param_groups[0]["betas"]
-        g = self._flat_grad()
-        m, v = self.exp_avg, self.exp_avg_sq
-        if not self.frozen:  # warm-up: averaged gradients, v estimated
-            self.comm.mean(g)
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            bc2 = 1 - beta2 ** (self.step_count + 1)
-            u = m / self._denominator(bc2)
-        else:  # local momentum; the preconditioned momentum averaged compressed; v frozen
-            denom = self._frozen_denominator()
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
-            u = m / denom
-            bound = max(1.0, (1 - beta1) / math.sqrt(1 - beta2)) * (1 - beta1 ** (self.step_count + 1))
-            u.clamp_(-bound, bound)  # Adam's own bound on |m̂/√v̂| (Kingma & Ba, §2.1)
-            self.comm.compressed_mean(u, self.step_count)
-            u.mul_(self._live)  # v̂ = 0: never updated
-            torch.mul(u, denom, out=m)  # the common momentum, for the next step
-        self.step_count += 1
-        bc1 = 1 - beta1 ** self.step_count
-        for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                i = self._index[id(p)]
-                a, b = self._offsets[i], self._offsets[i + 1]
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(u[a:b].view_as(p), alpha=-lr / bc1)
-        return loss
-
-    def _denominator(self, bc2: float) -> Tensor:
-        """√(v / bc2) + ε per coordinate (ε of each coordinate's param group)."""
-        denom = (self.exp_avg_sq / bc2).sqrt_()
-        for group in self.param_groups:
-            a = self._offsets[self._index[id(group["params"][0])]] if group["params"] else 0
-            n = sum(p.numel() for p in group["params"])
-            denom[a:a + n].add_(group["eps"])
-        return denom
-
-    def _frozen_denominator(self) -> Tensor:
-        if self._denom is None:
-            self._denom = self._denominator(1 - self.param_groups[0]["betas"][1] ** self.freeze_steps)
-            self._live = (self.exp_avg_sq > 0).to(torch.float32)
-        return self._denom
-
-    @property
-    def _index(self) -> dict[int, int]:
-        idx = self.__dict__.get("_index_cache")
-        if idx is None:
-            idx = {id(p): i for i, p in enumerate(self._params)}
-            self.__dict__["_index_cache"] = idx
-        return idx
-
-    # ------------------------------------------------------------------ state (identical on all ranks)
-    def state_dict(self) -> dict[str, Any]:
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
-        return {"step": self.step_count, "freeze_steps": self.freeze_steps,
-                "exp_avg": self.exp_avg.clone(), "exp_avg_sq": self.exp_avg_sq.clone(),
-                "param_groups": groups}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["exp_avg"].shape != self.exp_avg.shape:
-            raise ValueError(f"optimizer state has {state['exp_avg'].numel()} values; the "
-                             f"model has {self.exp_avg.numel()} parameters")
-        if len(state["param_groups"]) != len(self.param_groups):
-            raise ValueError("optimizer state has a different number of param groups")
-        self.step_count = int(state["step"])
-        self.exp_avg.copy_(state["exp_avg"])
-        self.exp_avg_sq.copy_(state["exp_avg_sq"])
-        for group, saved in zip(self.param_groups, state["param_groups"]):
-            group.update(saved)
+    def average_update(self, u: Tensor) -> Tensor:
+        """After the freeze: the ranks' preconditioned momenta, averaged compressed."""
+        return self.comm.compressed_mean(u, self.step_count)

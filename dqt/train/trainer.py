@@ -29,6 +29,7 @@ from dqt.comm.config import OneBitConfig
 from dqt.comm.onebit_adam import MomentumComm, OneBitAdam
 from dqt.comm.parallel import data_parallel
 from dqt.config import OptimConfig, TrainConfig
+from dqt.optim import FrozenVarianceAdamW
 from dqt.quant.config import QATConfig
 from dqt.quant import QAT, quantize_
 from dqt.train import distributed, preempt
@@ -58,9 +59,15 @@ def param_groups(cfg: OptimConfig, model: torch.nn.Module, qat: Optional[QATConf
 
 
 def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, qat: Optional[QATConfig] = None,
-                    comm: Optional[Any] = None) -> torch.optim.Optimizer:
-    """SGD / AdamW / Adam over :func:`param_groups` (group 0 = the model's own parameters)."""
+                    comm: Optional[Any] = None, freeze: bool = False) -> torch.optim.Optimizer:
+    """SGD / AdamW / Adam / 1-bit Adam over :func:`param_groups` (group 0 = the model's own
+    parameters); ``freeze``: Adam(W) with its variance frozen after ``freeze_steps``
+    (:class:`dqt.optim.FrozenVarianceAdamW`), for gradients a dqt codec compresses."""
     groups = param_groups(cfg, model, qat)
+    if freeze:
+        return FrozenVarianceAdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay, freeze_steps=cfg.freeze_steps,
+                                   decoupled=cfg.name == "adamw")
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
@@ -70,6 +77,18 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module, qat: Optional[QATC
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                weight_decay=cfg.weight_decay)
+
+
+def _scheme_warm_up(cfg: TrainConfig) -> Any:
+    """The scheme config to run: with a frozen-variance Adam(W), its uncompressed warm-up
+    covers the steps that estimate the variance (``optim.freeze_steps``)."""
+    scheme = cfg.scheme
+    if cfg.frozen_variance and scheme.warmup_steps < cfg.optim.freeze_steps:
+        log.info("%s with %s: the first %d steps are uncompressed while Adam estimates its "
+                 "variance, which is then frozen (optim.freeze_steps; optim.freeze_variance=false "
+                 "turns this off)", scheme.name, cfg.optim.name, cfg.optim.freeze_steps)
+        scheme = dataclasses.replace(scheme, warmup_steps=cfg.optim.freeze_steps)
+    return scheme
 
 
 def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
@@ -126,9 +145,10 @@ class Trainer:
         # DDP, or Horovod's collectives under DDP's buckets; the scheme is the comm hook (with
         # optim=onebit_adam the optimizer communicates and DDP leaves the gradients local)
         scheme = MomentumComm(cfg.scheme or OneBitConfig()) \
-            if cfg.optim.name == "onebit_adam" else cfg.scheme
+            if cfg.optim.name == "onebit_adam" else _scheme_warm_up(cfg)
         self.model, self.scheme = data_parallel(model, scheme, self.backend, self.device)
-        self.optimizer = build_optimizer(cfg.optim, model, cfg.qat, comm=self.scheme)
+        self.optimizer = build_optimizer(cfg.optim, model, cfg.qat, comm=self.scheme,
+                                         freeze=cfg.frozen_variance)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.optim, s, cfg.steps))
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
