@@ -2,7 +2,7 @@
 Hydra's compose API, read metrics and checkpoints of a run directory.
 
 Without a GPU, Triton kernels are tested through Triton's interpreter, which must be switched on
-before triton is first imported: this file sets ``TRITON_INTERPRET=1`` then (kernels.md §3).
+before triton is first imported: this file sets ``TRITON_INTERPRET=1`` then (``docs/kernels.md``, the Triton kernels).
 """
 
 from __future__ import annotations

@@ -88,14 +88,14 @@ def test_scheme_on_gloo(name, world, tmp_path):
     ranks = _run(name, world, tmp_path)
     for step in range(STEPS):
         avgs = [r["records"][step]["avg"] for r in ranks]
-        for other in avgs[1:]:  # invariant 1: bitwise identical on every rank
+        for other in avgs[1:]:  # docs/design.md invariant 1: bitwise identical on every rank
             assert torch.equal(avgs[0], other), f"step {step}: ranks disagree"
         rec = ranks[0]["records"][step]
         if tol is not None:
             err = (rec["avg"] - rec["exact"]).norm() / rec["exact"].norm()
             assert err <= tol, f"step {step}: relative error {err:.2e} > {tol}"
         stats = rec["stats"]
-        # raw = what an fp32 ring all-reduce of every gradient would send (invariant 4)
+        # raw = what an fp32 ring all-reduce of every gradient would send (docs/design.md invariant 4)
         assert stats["comm/bytes_raw"] == sum(
             wire_bytes("all_reduce", 4 * n, world) for n in _bucket_sizes(rec["numel"])) or \
             stats["comm/bytes_raw"] == pytest.approx(wire_bytes("all_reduce", 4 * rec["numel"],

@@ -12,7 +12,7 @@ per phase):
 4. re-encode the owned chunk (server error feedback for biased schemes);
 5. ``all_gather_single`` the N owned messages; every rank decodes the *same* bytes with
    the same code into the bucket, so the averaged gradient is bitwise identical on all ranks
-   (DESIGN invariant 1).
+   (``docs/design.md``, invariant 1).
 
 Bytes per rank: (N−1)/N·N·M + (N−1)·M = 2(N−1)·M ≈ 2(N−1)/N × the packed bucket size.
 

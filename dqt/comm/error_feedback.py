@@ -1,4 +1,4 @@
-"""Error-feedback residuals in flat fp32 buffers in parameter order (DESIGN invariant 3).
+"""Error-feedback residuals in flat fp32 buffers in parameter order (``docs/design.md``, invariant 3).
 
 DDP re-buckets parameters after the first iteration, so state keyed by bucket index (as in
 PyTorch's PowerSGD) silently breaks. dqt keeps one flat buffer the size of all trainable

@@ -1,4 +1,5 @@
-"""Bytes on the wire, counted from the tensors actually handed to collectives (invariant 4).
+"""Bytes on the wire, counted from the tensors actually handed to collectives (``docs/design.md``,
+invariant 4).
 
 ``comm/bytes_sent`` is what this rank transmits for a collective of the given input under the
 standard bandwidth-optimal algorithm for that collective (what gloo and NCCL run):

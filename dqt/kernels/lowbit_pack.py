@@ -16,7 +16,7 @@ dequantized-exact values through ``zero``/``scale`` only when W_p = W_n, see ``d
 
 **Packing (the layout the GEMM kernels read):** codes are packed *along K* (the reduction axis)
 into int32 words, LSB-first, ``per = 32 // bits`` codes per word, N contiguous — gemlite's
-layout (``reference/kernels.md`` §2b)::
+layout (``docs/kernels.md``, packed low-bit GEMV/GEMM)::
 
     packed[w, n] = Σ_{i < per} code[n, w·per + i] << (i·bits),   shape (ceil(K / per), N)
 

@@ -3,7 +3,7 @@
 Every rank runs the same code; rank 0 alone writes metrics and the console. The model is built
 from the same seed on every rank (identical init), then each rank reseeds with seed + rank for
 its own randomness (dropout). After the run all ranks compare a hash of their parameters
-(DESIGN invariant 1) and the result is logged in the summary.
+(``docs/design.md``, invariant 1) and the result is logged in the summary.
 """
 
 from __future__ import annotations
