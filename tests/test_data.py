@@ -19,7 +19,8 @@ from dqt.train.data import (CIFAR10_MEAN, CIFAR10_STD, DATASETS, MNIST_MEAN, MNI
 
 
 def test_registry_names():
-    assert DATASETS.names() == ["cifar10", "digits", "mnist", "shakespeare", "synthetic", "text"]
+    assert DATASETS.names() == ["cifar10", "digits", "mnist", "shakespeare", "sort", "synthetic",
+                                "text"]
     with pytest.raises(KeyError, match="data.name"):
         DATASETS.get("imagenet")
 
@@ -307,3 +308,36 @@ def test_eval_shard_covers(n, ws):
             assert torch.equal(s, torch.arange(s[0], s[0] + len(s)))  # contiguous
     assert torch.equal(torch.cat(shards), torch.arange(n))
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+# ------------------------------------------------------------------ data=sort
+def test_sort_samples_are_a_function_of_their_index_and_targets_are_sorted():
+    from dqt.train.data import SortConfig
+
+    ds = DATASETS.get("sort")(SortConfig(seq_len=16, vocab=10, num_train=1000, num_test=50))
+    assert ds.meta.task == "tokens" and ds.meta.num_classes == 10 and ds.meta.input_shape == (16,)
+    idx = torch.tensor([3, 999, 0, 3])
+    x, y = ds.train.batch(idx)
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64
+    assert torch.equal(x[0], x[3]) and not torch.equal(x[0], x[1])  # same index, same sample
+    assert torch.equal(y, x.sort(dim=1).values) and int(x.min()) >= 0 and int(x.max()) < 10
+    # every value appears about equally often (a uniform hash): chi-square, 9 dof, p ≈ 0.001
+    counts = torch.bincount(ds.train.batch(torch.arange(1000))[0].flatten(), minlength=10)
+    expected = 16 * 1000 / 10
+    assert float(((counts - expected) ** 2 / expected).sum()) < 27.9
+    # validation samples are other indices of the same stream, not training samples
+    tx, _ = ds.test.batch(torch.arange(50))
+    assert not any(torch.equal(tx[i], t) for i in range(50)
+                   for t in ds.train.batch(torch.arange(50))[0])
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("seq_len", 1, "data.seq_len: must be > 1; got 1"),
+    ("vocab", 1, "data.vocab: must be in [2, 65536]; got 1"),
+    ("num_test", 0, "data.num_test: must be > 0; got 0")])
+def test_sort_bad_values_name_the_key(key, value, message):
+    from dqt.train.data import SortConfig
+
+    with pytest.raises(ConfigError) as e:
+        SortConfig(**{key: value})
+    assert str(e.value) == message

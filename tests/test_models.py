@@ -276,3 +276,28 @@ def test_overfit_tiny_batch(name, meta, lr):
     with torch.no_grad():
         final = _loss(model, meta, x, y).item()
     assert final < 0.5 * first, (first, final)
+
+
+# ------------------------------------------------------------------ model=transformer
+def test_transformer_encoder_is_bidirectional_and_built_from_torch_layers():
+    from dqt.train.models import TransformerConfig
+
+    meta = Meta("tokens", (12,), 20)
+    torch.manual_seed(0)
+    model = build_model(TransformerConfig(n_layer=2, n_head=2, n_embd=16), meta).eval()
+    assert sum(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules()) == 2
+    x = torch.randint(20, (3, 12))
+    with torch.no_grad():
+        base = model(x)
+        assert base.shape == (3, 12, 20)
+        x2 = x.clone()
+        x2[:, 11] = (x2[:, 11] + 1) % 20
+        assert not torch.equal(model(x2)[:, 0], base[:, 0])  # position 0 sees the last token
+
+
+def test_transformer_refuses_next_token_data():
+    from dqt.train.models import TransformerConfig
+
+    with pytest.raises(ConfigError) as e:
+        build_model(TransformerConfig(), Meta("lm", (8,), 20))
+    assert str(e.value).startswith("model: model=transformer is a bidirectional encoder")
