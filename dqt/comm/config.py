@@ -136,6 +136,15 @@ class CompressedConfig(SchemeConfig):
         check(self.auto_trials >= 1, "scheme.auto_trials", f"must be >= 1; got {self.auto_trials}")
         check(self.auto_margin > 0, "scheme.auto_margin", f"must be > 0; got {self.auto_margin}")
 
+    def _check_no_error_feedback(self) -> None:
+        """Stochastic codecs: E‖C(v) − v‖² = Σ|vᵢ|(s − |vᵢ|) exceeds ‖v‖² when one value sets the
+        block's scale s far above the rest, so a residual fed back grows without bound."""
+        check(not self.error_feedback, "scheme.error_feedback",
+              f"{self.name} rounds stochastically and its error is not a contraction, so error "
+              "feedback grows without bound (on the character GPT the average's error reached "
+              "hundreds of times the gradient within 50 steps; docs/comm.md); it is unbiased "
+              "without it")
+
     def block_spec(self) -> BlockSpec:  # pragma: no cover - abstract
         """The block format the kernels encode and decode."""
         raise NotImplementedError
@@ -214,6 +223,7 @@ class TernaryGradConfig(CompressedConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice(self.format, TERNARY_FORMATS, "scheme.format")
+        self._check_no_error_feedback()
         check(self.clip_sigma >= 0, "scheme.clip_sigma",
               f"must be >= 0 (0 = off); got {self.clip_sigma!r}")
 
@@ -243,6 +253,7 @@ class QSGDConfig(CompressedConfig):
         super().__post_init__()
         check(not isinstance(self.bits, bool) and isinstance(self.bits, int)
               and 2 <= self.bits <= 8, "scheme.bits", f"must be in [2, 8]; got {self.bits!r}")
+        self._check_no_error_feedback()
 
     def block_spec(self) -> BlockSpec:
         return BlockSpec("qsgd", self.block_size, self.bits, "fp32",

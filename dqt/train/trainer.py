@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from dqt.comm.config import OneBitConfig
+from dqt.comm.config import CompressedConfig, OneBitConfig
 from dqt.comm.onebit_adam import MomentumComm, OneBitAdam
 from dqt.comm.parallel import data_parallel
 from dqt.config import OptimConfig, TrainConfig
@@ -83,6 +83,11 @@ def _scheme_warm_up(cfg: TrainConfig) -> Any:
     """The scheme config to run: with a frozen-variance Adam(W), its uncompressed warm-up
     covers the steps that estimate the variance (``optim.freeze_steps``)."""
     scheme = cfg.scheme
+    if (isinstance(scheme, CompressedConfig) and not scheme.vote and not cfg.frozen_variance
+            and cfg.optim.name in ("adam", "adamw")):
+        log.warning("%s with %s and optim.freeze_variance=false: the codec's noise inflates "
+                    "Adam's variance; this combination trained the character GPT 0.2-0.3 nats "
+                    "worse than fp32 (docs/comm.md)", scheme.name, cfg.optim.name)
     if cfg.frozen_variance and scheme.warmup_steps < cfg.optim.freeze_steps:
         log.info("%s with %s: the first %d steps are uncompressed while Adam estimates its "
                  "variance, which is then frozen (optim.freeze_steps; optim.freeze_variance=false "
