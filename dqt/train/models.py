@@ -1,4 +1,5 @@
-"""Model zoo: MLP, LeNet-style CNN, CIFAR ResNet and a small character GPT.
+"""Model zoo: MLP, LeNet-style CNN, CIFAR ResNet, a small character GPT and a bidirectional
+token encoder built from ``nn.TransformerEncoderLayer``.
 
 :func:`build_model` takes the typed model config (``MLPConfig`` ..., defined below) and the data
 set's metadata (any object with ``task``, ``input_shape`` and ``num_classes``) and returns an
@@ -99,7 +100,7 @@ class GPTConfig(ModelConfig):
         check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1); got {self.dropout}")
 
 __all__ = ["MODELS", "build_model", "num_params", "MLP", "LeNetCNN", "CifarResNet", "BasicBlock",
-           "GPT", "GPTBlock", "CausalSelfAttention"]
+           "GPT", "GPTBlock", "CausalSelfAttention", "TokenEncoder"]
 
 MODELS: Registry[Callable[[Any, Any], nn.Module]] = Registry("model.name")
 
