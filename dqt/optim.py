@@ -11,10 +11,14 @@ momentum as it does under SGD.
 
 :class:`FrozenVarianceAdamW` is AdamW (decoupled weight decay, bias correction) that updates v
 during the first ``freeze_steps`` steps and keeps it fixed afterwards. Two details keep a fixed
-v safe: coordinates whose v is exactly 0 at the freeze (gradients that were always zero) are not
-updated, and the preconditioned momentum u = m / (√v̂ + ε) is clamped to the bound Adam's own
-step obeys, |m̂/√v̂| ≤ max(1, (1 − β₁)/√(1 − β₂)) (Kingma & Ba 2015, §2.1) — a frozen v no longer
-grows when a rarely active coordinate's gradient does.
+v safe. A coordinate whose v is exactly 0 at the freeze (no gradient yet: a rare token's
+embedding row) takes the mean v̂ of its tensor, so it can still learn, at a typical rate; a
+tensor with no gradient at all stays put. And the preconditioned momentum u = m̂ / (√v̂ + ε) is
+clamped to ±1/√(1 − β₂), the largest |g|/√v Adam itself can produce (its v includes
+(1 − β₂)·g² of the current gradient): a frozen v no longer grows when a rarely active
+coordinate's gradient does, and without the clamp one such coordinate could take a step of any
+size. The clamp is loose on purpose: a codec's noise makes u noisy, and clamping noise tightly
+would shrink the signal underneath it.
 
 The state is flat fp32 buffers in parameter order (``exp_avg``, ``exp_avg_sq``) and the step;
 :meth:`state_dict` / :meth:`load_state_dict` round-trip it exactly.
@@ -124,9 +128,8 @@ class FrozenVarianceAdamW(torch.optim.Optimizer):
             denom = self._frozen_denominator()
             m.mul_(beta1).add_(g, alpha=1 - beta1)
             u = m / denom
-            bound = max(1.0, (1 - beta1) / math.sqrt(1 - beta2))
-            u.clamp_(-bound * (1 - beta1 ** (self.step_count + 1)),
-                     bound * (1 - beta1 ** (self.step_count + 1)))
+            bound = (1 - beta1 ** (self.step_count + 1)) / math.sqrt(1 - beta2)  # on u = m̂·bc1
+            u.clamp_(-bound, bound)
             u = self.average_update(u)
             u.mul_(self._live)
             torch.mul(u, denom, out=m)  # the momentum that goes on
@@ -142,9 +145,9 @@ class FrozenVarianceAdamW(torch.optim.Optimizer):
                 p.add_(u[a:b].view_as(p), alpha=-lr / bc1)
         return loss
 
-    def _denominator(self, bc2: float) -> Tensor:
-        """√(v / bc2) + ε per coordinate (each param group's ε)."""
-        denom = (self.exp_avg_sq / bc2).sqrt_()
+    def _denominator(self, bc2: float, v: Optional[Tensor] = None) -> Tensor:
+        """√(v / bc2) + ε per coordinate (each param group's ε); v defaults to the state's."""
+        denom = ((self.exp_avg_sq if v is None else v) / bc2).sqrt_()
         for group in self.param_groups:
             if group["params"]:
                 a = self._offsets[self._index[id(group["params"][0])]]
@@ -152,10 +155,21 @@ class FrozenVarianceAdamW(torch.optim.Optimizer):
         return denom
 
     def _frozen_denominator(self) -> Tensor:
+        """√v̂ + ε at the freeze; coordinates with v = 0 take their tensor's mean v̂; ``_live``
+        is 0 only on tensors that never had a gradient."""
         if self._denom is None:
             beta2 = self.param_groups[0]["betas"][1]
-            self._denom = self._denominator(1 - beta2 ** self.freeze_steps)
-            self._live = (self.exp_avg_sq > 0).to(torch.float32)
+            v = self.exp_avg_sq.clone()
+            self._live = torch.ones_like(v)
+            for a, b in zip(self._offsets[:-1], self._offsets[1:]):
+                part = v[a:b]
+                if part.numel() and not bool((part > 0).all()):
+                    mean = part.mean()
+                    if mean > 0:
+                        part.masked_fill_(part == 0, float(mean))
+                    else:
+                        self._live[a:b] = 0
+            self._denom = self._denominator(1 - beta2 ** self.freeze_steps, v)
         return self._denom
 
     # ------------------------------------------------------------------ state

@@ -1,5 +1,6 @@
 """dqt.optim.FrozenVarianceAdamW: AdamW (and Adam) until the freeze, a fixed variance after it,
-no step for coordinates whose variance is 0, Adam's step bound kept, exact state round trip —
+coordinates whose variance is 0 learning at their tensor's mean rate, Adam's one-step bound
+kept, exact state round trip —
 and the trainer choosing it when a dqt codec compresses the gradients under adam/adamw."""
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def test_before_the_freeze_it_is_adamw_or_adam(decoupled, ref_cls):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
-def test_variance_frozen_and_zero_variance_coordinates_not_updated():
+def test_variance_frozen_and_zero_variance_coordinates_learn_at_their_tensors_mean():
     model = _model()
     opt = FrozenVarianceAdamW(model.parameters(), lr=1e-2, freeze_steps=3)
     first = model[0].weight
@@ -52,12 +53,20 @@ def test_variance_frozen_and_zero_variance_coordinates_not_updated():
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     v = opt.exp_avg_sq.clone()
-    assert (v[:first.numel()].view_as(first)[:, 0] == 0).all()
+    w = v[:first.numel()].view_as(first)
+    assert (w[:, 0] == 0).all() and (w[:, 1:] > 0).all()
     column = first[:, 0].detach().clone()
-    for k in range(3, 8):  # now feature 0 is active: its gradients are non-zero
+    _step(model, opt, 3)  # feature 0 is active now: its gradient is non-zero
+    assert torch.equal(opt.exp_avg_sq, v)  # v stays frozen (the state is not rewritten)
+    g0 = first.grad[:, 0]
+    # its denominator is √(mean v̂ of the tensor): the step is lr·(1−β1)·g/√mean / bc1
+    vhat_mean = w.mean() / (1 - 0.999 ** 3)
+    bc1 = 1 - 0.9 ** 4
+    expected = column - 1e-2 * (0.1 * g0 / (vhat_mean.sqrt() + 1e-8)) / bc1
+    torch.testing.assert_close(first[:, 0].detach(), expected, rtol=1e-5, atol=1e-7)
+    for k in range(4, 8):
         _step(model, opt, k)
         assert torch.equal(opt.exp_avg_sq, v)
-    assert torch.equal(first[:, 0], column)  # v = 0 at the freeze: never updated
 
 
 def test_step_bound_holds_for_a_coordinate_that_wakes_up_after_the_freeze():
@@ -69,9 +78,9 @@ def test_step_bound_holds_for_a_coordinate_that_wakes_up_after_the_freeze():
     before = p.detach().clone()
     p.grad = torch.full((4,), 1e3)  # a billion times the frozen scale
     opt.step()
-    bound = max(1.0, 0.1 / math.sqrt(1 - 0.999))  # Kingma & Ba §2.1: 3.16 lr
+    bound = 1 / math.sqrt(1 - 0.999)  # the largest |g|/√v of Adam's own step: 31.6
     step = (before - p.detach()).abs()
-    assert (step <= 0.1 * bound * (1 + 1e-6)).all() and (step > 0.1).all()
+    assert torch.allclose(step, torch.full((4,), 0.1 * bound))  # clamped, not 1e3/1e-6
 
 
 def test_state_round_trips_exactly():

@@ -19,11 +19,10 @@ larger than most coordinates' gradient, so v is inflated and the update directio
    codec applied to m (DeepSpeed) hands every coordinate of a block the same absolute error and
    Adam then divides it by that coordinate's √v̂ — huge steps for small-variance coordinates
    (and a division by ε where v̂ = 0: sign codecs cannot send 0, DeepSpeed's ``exp_avg_mask``
-   problem). Coordinates whose v̂ is 0 at the freeze (gradients that were always zero) are
-   not updated, and u is clamped to the bound Adam's own step obeys, |m̂/√v̂| ≤
-   max(1, (1 − β₁)/√(1 − β₂)) (Kingma & Ba 2015, §2.1): a frozen v̂ no longer grows when a
-   rarely active coordinate's gradient does, so without it one such coordinate could take a
-   step of any size (and, through the block's shared scale, move its neighbours too). Every rank decodes the same bytes, so u, m = u·(√v̂ + ε) and the parameters
+   problem). Coordinates whose v̂ is 0 at the freeze take their tensor's mean v̂ and u is
+   clamped to ±1/√(1 − β₂) (:class:`dqt.optim.FrozenVarianceAdamW`): a frozen v̂ no longer grows
+   when a rarely active coordinate's gradient does, so without them one such coordinate could
+   take a step of any size (and, through the block's shared scale, move its neighbours too). Every rank decodes the same bytes, so u, m = u·(√v̂ + ε) and the parameters
    stay bitwise identical across ranks.
 3. The update is AdamW's with bias correction: x ← x − lr·wd·x − lr·û with û = u / (1 − β₁ᵗ)
    (during the warm-up, u = m / (√v̂ + ε) from the exact averages).
