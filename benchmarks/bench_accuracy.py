@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -50,7 +51,7 @@ DIGITS = ["fp32", "onebit", "ternary_grad", "qsgd4", "ef_signsgd", "signsgd"]
 
 def run(experiment: str | None, label: str, seed: int, nproc: int, extra: list[str],
         out_root: str) -> dict:
-    run_dir = os.path.join(out_root, experiment or "default", label.replace(" ", "_"),
+    run_dir = os.path.join(out_root, experiment or "default", re.sub(r"[^\w.-]+", "_", label),
                            f"seed{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: an old one would be resumed
     exp = [f"experiment={experiment}"] if experiment else []
