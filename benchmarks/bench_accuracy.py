@@ -61,25 +61,37 @@ def run(experiment: str | None, label: str, seed: int, nproc: int, extra: list[s
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if p.returncode != 0:
         raise SystemExit(f"{label} seed {seed} failed:\n{p.stderr[-3000:]}")
+    return read_run(run_dir)
+
+
+def read_run(run_dir: str) -> dict:
+    """The run's summary, with the compression ratio of its last logged step (after any
+    uncompressed warm-up) as ``comm/ratio_last_step``."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if '"summary"' in line][-1]
+        rows = [json.loads(line) for line in f if line.strip()]
+    summary = [r for r in rows if r["kind"] == "summary"][-1]
+    train = [r for r in rows if r["kind"] == "train"]
+    summary["comm/ratio_last_step"] = train[-1].get("comm/ratio", 1.0) if train else None
+    return summary
 
 
 def table(rows: dict[str, list[dict]], metric: str) -> str:
     scale, unit = (100.0, " pt") if metric == "eval/acc" else (1.0, "")
     base = rows.get("fp32")
     base_mean = statistics.mean(r[metric] for r in base) if base else None
-    out = [f"| scheme | {metric} (mean ± std) | vs fp32 | per seed | bytes/rank/step | ratio |",
-           "|---|---|---|---|---|---|"]
+    out = [f"| scheme | {metric} (mean ± std) | vs fp32 | per seed | bytes/rank/step | ratio | "
+           "ratio after warm-up |", "|---|---|---|---|---|---|---|"]
     for label, runs in rows.items():
         vals = [r[metric] for r in runs]
         mean = statistics.mean(vals)
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
         diff = f"{scale * (mean - base_mean):+.3f}{unit}" if base_mean is not None else "—"
         per = ", ".join(f"{scale * v:.4f}" for v in vals)
+        last = runs[0].get("comm/ratio_last_step")
         out.append(f"| {label} | {scale * mean:.4f} ± {scale * std:.4f} | {diff} | {per} | "
                    f"{runs[0]['comm/bytes_sent_per_step']:,.0f} | "
-                   f"{runs[0].get('comm/ratio') or 1.0:.1f}x |")
+                   f"{runs[0].get('comm/ratio') or 1.0:.1f}x | "
+                   f"{'—' if last is None else f'{last:.1f}x'} |")
     return "\n".join(out)
 
 
