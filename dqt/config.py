@@ -64,6 +64,11 @@ class OptimConfig:
     freeze_variance: bool = True
     """``adam``/``adamw`` under a dqt codec (not signsgd's vote): freeze the variance after
     ``freeze_steps``. Off, the codec's noise inflates Adam's variance (docs/comm.md)."""
+    precondition: bool = False
+    """With the variance frozen: the codec compresses each gradient divided by Adam's frozen
+    √v̂ + ε and the average is multiplied back (the same average; the codec's error then
+    lands in proportion to each coordinate's step). Off by default: it did not train the sort
+    transformer better (docs/results.md)."""
 
     def __post_init__(self) -> None:
         _choice(self.name, OPTIMIZERS, "optim.name")

@@ -172,6 +172,23 @@ class FrozenVarianceAdamW(torch.optim.Optimizer):
             self._denom = self._denominator(1 - beta2 ** self.freeze_steps, v)
         return self._denom
 
+    def preconditioner(self, p: Tensor) -> Optional[Tensor]:
+        """After the freeze, the scale of ``p``'s gradient in Adam's normalised units: its
+        frozen √v̂ + ε (1 on a tensor that never had a gradient), shaped as ``p``; None before
+        the freeze or for a parameter this optimizer does not hold.
+
+        A gradient codec divides the gradient by it before encoding and multiplies the decoded
+        average back (:meth:`dqt.comm.compressed_scheme.CompressedScheme.set_preconditioner`):
+        since v̂ is frozen and equal on every rank this is the same average, but the codec's
+        error, shared by a block of values, lands in proportion to each coordinate's step
+        instead of being divided by a small √v̂ into a large one."""
+        i = self._index.get(id(p))
+        if i is None or not self.frozen:
+            return None
+        denom = self._frozen_denominator()
+        a, b = self._offsets[i], self._offsets[i + 1]
+        return torch.where(self._live[a:b] > 0, denom[a:b], 1.0).view_as(p)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]

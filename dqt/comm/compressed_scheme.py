@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -62,6 +62,36 @@ class CompressedScheme(Scheme):
         self._layouts: dict[tuple[Any, ...], BucketLayout] = {}
         self.auto_choice: dict[int, bool] = {}  # bucket id -> compress (scheme.auto)
         self._auto_times: dict[int, list[torch.Tensor]] = {}
+        self._precondition: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+        self._scales: dict[int, torch.Tensor] = {}  # id(layout) -> the bucket's preconditioner
+
+    def set_preconditioner(self, scale: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+        """Compress each gradient divided by ``scale(param)`` (a tensor shaped as the
+        parameter, equal on every rank and constant once given, e.g.
+        :meth:`dqt.optim.FrozenVarianceAdamW.preconditioner`; None: not yet) and multiply the
+        decoded average back. The average is unchanged; the codec's error, shared by each block
+        of values, becomes proportional to ``scale``. The residuals of error feedback live in
+        the scaled units."""
+        self._precondition = scale
+        self._scales.clear()
+
+    def _scale(self, bucket: dist.GradBucket, layout: BucketLayout,
+               buf: torch.Tensor) -> torch.Tensor | None:
+        """The bucket's flat preconditioner, built once per bucket composition (its layout:
+        DDP rebuilds its buckets after the first iteration), when every parameter has one."""
+        if self._precondition is None:
+            return None
+        d = self._scales.get(id(layout))  # layouts are cached for the scheme's lifetime
+        if d is None:
+            parts = [self._precondition(p) for p in bucket.parameters()]
+            if any(s is None for s in parts):
+                return None
+            d = torch.empty(buf.numel(), dtype=torch.float32, device=buf.device)
+            for g, s in zip(bucket.gradients(), parts):
+                off = (g.data_ptr() - buf.data_ptr()) // buf.element_size()
+                d[off:off + g.numel()].copy_(s.reshape(-1))
+            self._scales[id(layout)] = d
+        return d
 
     def set_grad_scale(self, scale: float) -> None:
         self.grad_scale = float(scale)
@@ -194,6 +224,9 @@ class CompressedScheme(Scheme):
         layout = self.layout(bucket, buf)
         in_place = buf.dtype == torch.float32 and buf.is_contiguous()
         x = buf if in_place else buf.float().contiguous()
+        scale = self._scale(bucket, layout, buf)
+        if scale is not None:
+            x.div_(scale)
         ctx = BucketContext(self.rank, self.world_size, self.cfg.seed, self.step,
                             layout.first_param, self.meter, self.cfg.kernel)
         worker = self.worker.buffer if self.worker is not None else None
@@ -207,6 +240,8 @@ class CompressedScheme(Scheme):
         else:
             out = yield from allgather_allreduce(self.spec, x, layout, ctx, worker,
                                                  self.grad_scale, self.vote, out=out)
+        if scale is not None:
+            out.mul_(scale)
         return out if in_place else out.to(buf.dtype)
 
     # ------------------------------------------------------------------ state
