@@ -40,6 +40,9 @@ SCHEMES = {
     "qsgd8": ["+scheme=qsgd", "scheme.bits=8"],
     "onebit_adam": ["optim=onebit_adam"],
     "onebit_adam ternary": ["optim=onebit_adam", "+scheme=ternary_grad"],
+    # the control: no codec, Adam's variance frozen as under one (an uncompressed warm-up that
+    # never ends; the freeze alone changes the loss)
+    "fp32, frozen v": ["+scheme=qsgd", "scheme.warmup_steps=1000000000"],
     # the codecs as they ran before the variance froze (Adam's variance sees the codec's noise)
     "onebit, adaptive v": ["+scheme=onebit", "optim.freeze_variance=false"],
     "ternary_grad, adaptive v": ["+scheme=ternary_grad", "optim.freeze_variance=false"],

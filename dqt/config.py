@@ -64,11 +64,12 @@ class OptimConfig:
     freeze_variance: bool = True
     """``adam``/``adamw`` under a dqt codec (not signsgd's vote): freeze the variance after
     ``freeze_steps``. Off, the codec's noise inflates Adam's variance (docs/comm.md)."""
-    precondition: bool = False
+    precondition: bool = True
     """With the variance frozen: the codec compresses each gradient divided by Adam's frozen
-    √v̂ + ε and the average is multiplied back (the same average; the codec's error then
-    lands in proportion to each coordinate's step). Off by default: it did not train the sort
-    transformer better (docs/results.md)."""
+    √v̂ + ε, clamped to Adam's step bound ±1/√(1 − β₂), and the average is multiplied back
+    (the same average up to the clamp; the codec's error then lands in proportion to each
+    coordinate's step). Measured in docs/results.md: on the sort transformer it took
+    ``ternary_grad`` from 0.74 to 0.35 eval loss (fp32: 0.41)."""
 
     def __post_init__(self) -> None:
         _choice(self.name, OPTIMIZERS, "optim.name")

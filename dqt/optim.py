@@ -78,6 +78,22 @@ class FrozenVarianceAdamW(torch.optim.Optimizer):
         self._denom: Optional[Tensor] = None  # √v̂ + ε once v is frozen
         self._live: Optional[Tensor] = None  # 1 where the frozen v̂ > 0
 
+    average_gradient_term: bool = False
+    """After the freeze, what :meth:`average_update` averages: the whole preconditioned
+    momentum u = m / (√v̂ + ε) (False), or only its new term (1 − β₁)·g / (√v̂ + ε), added to
+    β₁·m / (√v̂ + ε), which every rank already shares (True). The two have the same mean; they
+    differ in where a lossy average's error goes. Averaging u puts the whole error into the
+    momentum, which carries it on (β₁ per step): right for codecs with error feedback, which
+    send it again later. Averaging the term scales the error by 1 − β₁ and lets the momentum
+    average it out over about 1/(1 − β₁) steps: right for unbiased codecs without error
+    feedback, whose error is fresh noise each step."""
+
+    @property
+    def step_bound(self) -> float:
+        """1 / √(1 − β₂): the largest |g| / √v Adam itself can produce (its v includes
+        (1 − β₂)·g² of the current gradient), the clamp on the preconditioned gradient."""
+        return 1 / math.sqrt(1 - self.param_groups[0]["betas"][1])
+
     @property
     def frozen(self) -> bool:
         """True once v is fixed (from step ``freeze_steps`` on)."""
@@ -126,11 +142,17 @@ class FrozenVarianceAdamW(torch.optim.Optimizer):
             u = m / self._denominator(1 - beta2 ** (self.step_count + 1))
         else:
             denom = self._frozen_denominator()
-            m.mul_(beta1).add_(g, alpha=1 - beta1)
-            u = m / denom
             bound = (1 - beta1 ** (self.step_count + 1)) / math.sqrt(1 - beta2)  # on u = m̂·bc1
-            u.clamp_(-bound, bound)
-            u = self.average_update(u)
+            if self.average_gradient_term:
+                # only the new term crosses the wire; β₁·m/denom is common to every rank
+                t = g.div_(denom).clamp_(-self.step_bound, self.step_bound).mul_(1 - beta1)
+                u = torch.div(m, denom).mul_(beta1).add_(self.average_update(t))
+                u.clamp_(-bound, bound)
+            else:
+                m.mul_(beta1).add_(g, alpha=1 - beta1)
+                u = m / denom
+                u.clamp_(-bound, bound)
+                u = self.average_update(u)
             u.mul_(self._live)
             torch.mul(u, denom, out=m)  # the momentum that goes on
         self.step_count += 1

@@ -1,7 +1,8 @@
 """A codec under frozen-variance Adam compresses the gradient in Adam's units: the scheme divides
 each bucket by the optimizer's preconditioner (√v̂ + ε) before encoding and multiplies the
-decoded average back. Checked on real gloo ranks against the same codec run on the divided
-gradient, on the optimizer's preconditioner itself, and through the CLI (resume == uninterrupted).
+decoded average back, with the divided gradient clamped to a bound (Adam's step bound). Checked
+on real gloo ranks against the same codec run on the divided (and clamped) gradient, on the
+optimizer's preconditioner itself, and through the CLI (resume == uninterrupted).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tests.conftest import checkpoints, rank_process, run_train
 
 SIZES = [300, 7, 129, 64]
 CODECS = {"onebit": OneBitConfig, "ternary_grad": TernaryGradConfig, "qsgd": QSGDConfig}
+BOUND = 3.0  # the clamp on the scaled gradient (Adam's step bound in the trainer)
 
 
 class _Bucket:
@@ -63,13 +65,15 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     scales = {id(p): torch.exp(3 * torch.randn(p.numel(), generator=gen)) for p in params}
     flat_scale = torch.cat([scales[id(p)] for p in params])
     results = {}
-    for name in CODECS:
-        pre, plain = _scheme(name, params), _scheme(name, params)
-        pre.set_preconditioner(lambda p: scales[id(p)])
+    for name, bound in [(n, None) for n in CODECS] + [(f"{n} bound", BOUND) for n in CODECS]:
+        pre, plain = _scheme(name.split()[0], params), _scheme(name.split()[0], params)
+        pre.set_preconditioner(lambda p: scales[id(p)], bound)
         outs = []
         for step in range(3):  # the residuals of error feedback carry over between steps
             g = torch.randn(sum(SIZES), generator=torch.Generator().manual_seed(100 * rank + step))
-            ba, bb = _Bucket(params, g.clone()), _Bucket(params, g / flat_scale)
+            scaled = g / flat_scale if bound is None else (g / flat_scale).clamp(-bound, bound)
+            results.setdefault("clamped", []).append(int(((g / flat_scale).abs() > BOUND).sum()))
+            ba, bb = _Bucket(params, g.clone()), _Bucket(params, scaled)
             a = run_sync(pre._compressed(ba.buffer(), ba), pre.process_group, pre.meter)
             b = run_sync(plain._compressed(bb.buffer(), bb), plain.process_group, plain.meter)
             pre.step += 1
@@ -84,7 +88,8 @@ def test_preconditioned_codec_equals_the_codec_on_the_scaled_gradient(world, tmp
     mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world,
              join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for name in CODECS:
+    assert min(ranks[0]["clamped"]) > 10  # the bound cuts some values at every step
+    for name in [*CODECS, *(f"{n} bound" for n in CODECS)]:
         for step, (a, b) in enumerate(ranks[0][name]):
             assert torch.equal(a, b), f"{name} step {step}: not the codec on g / scale, scaled back"
             for r in range(1, world):

@@ -64,15 +64,24 @@ class CompressedScheme(Scheme):
         self._auto_times: dict[int, list[torch.Tensor]] = {}
         self._precondition: Callable[[torch.Tensor], torch.Tensor | None] | None = None
         self._scales: dict[int, torch.Tensor] = {}  # id(layout) -> the bucket's preconditioner
+        self._bound: float | None = None
 
-    def set_preconditioner(self, scale: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+    def set_preconditioner(self, scale: Callable[[torch.Tensor], torch.Tensor | None],
+                           bound: float | None = None) -> None:
         """Compress each gradient divided by ``scale(param)`` (a tensor shaped as the
         parameter, equal on every rank and constant once given, e.g.
         :meth:`dqt.optim.FrozenVarianceAdamW.preconditioner`; None: not yet) and multiply the
         decoded average back. The average is unchanged; the codec's error, shared by each block
         of values, becomes proportional to ``scale``. The residuals of error feedback live in
-        the scaled units."""
+        the scaled units.
+
+        ``bound``: clamp the scaled gradient to ±bound before encoding (infinities pass, so an
+        overflow is still seen), e.g. :attr:`dqt.optim.FrozenVarianceAdamW.step_bound`. A
+        coordinate whose frozen scale is far below its current gradient would otherwise set
+        its block's scale (ternary and QSGD code every value relative to the block's largest)
+        and turn the rest of the block into noise."""
         self._precondition = scale
+        self._bound = None if bound is None else float(bound)
         self._scales.clear()
 
     def _scale(self, bucket: dist.GradBucket, layout: BucketLayout,
@@ -227,6 +236,9 @@ class CompressedScheme(Scheme):
         scale = self._scale(bucket, layout, buf)
         if scale is not None:
             x.div_(scale)
+            if self._bound is not None:  # in the gradient's (loss-scaled) units
+                b = self._bound * self.grad_scale
+                torch.where(x.isinf(), x, x.clamp(-b, b), out=x)
         ctx = BucketContext(self.rank, self.world_size, self.cfg.seed, self.step,
                             layout.first_param, self.meter, self.cfg.kernel)
         worker = self.worker.buffer if self.worker is not None else None

@@ -22,8 +22,13 @@ larger than most coordinates' gradient, so v is inflated and the update directio
    problem). Coordinates whose v̂ is 0 at the freeze take their tensor's mean v̂ and u is
    clamped to ±1/√(1 − β₂) (:class:`dqt.optim.FrozenVarianceAdamW`): a frozen v̂ no longer grows
    when a rarely active coordinate's gradient does, so without them one such coordinate could
-   take a step of any size (and, through the block's shared scale, move its neighbours too). Every rank decodes the same bytes, so u, m = u·(√v̂ + ε) and the parameters
-   stay bitwise identical across ranks.
+   take a step of any size (and, through the block's shared scale, move its neighbours too).
+   Codecs without error feedback (the unbiased ``ternary_grad``, ``qsgd``) average only the new
+   term (1 − β₁)·g_r / (√v̂ + ε) and add β₁·m / (√v̂ + ε), common to every rank
+   (:attr:`dqt.optim.FrozenVarianceAdamW.average_gradient_term`): their error, fresh noise
+   every step, then enters the momentum scaled by 1 − β₁ instead of at full size. Every rank
+   decodes the same bytes, so u, m = u·(√v̂ + ε) and the parameters stay bitwise identical
+   across ranks.
 3. The update is AdamW's with bias correction: x ← x − lr·wd·x − lr·û with û = u / (1 − β₁ᵗ)
    (during the warm-up, u = m / (√v̂ + ε) from the exact averages).
 
@@ -179,6 +184,9 @@ class OneBitAdam(FrozenVarianceAdamW):
         super().__init__(params, lr, betas, eps, weight_decay, freeze_steps=freeze_steps)
         self.comm = comm if comm is not None else MomentumComm(codec or OneBitConfig(),
                                                                process_group)
+        # a codec without error feedback (the unbiased ternary_grad, qsgd) would leave its
+        # error in the momentum, step after step: it averages the momentum's new term instead
+        self.average_gradient_term = not self.comm.error_feedback
         self.comm.setup(self.exp_avg.numel(), self.exp_avg.device)
         self.comm.build_layout(self._sizes, self.exp_avg.device)
 
@@ -187,5 +195,6 @@ class OneBitAdam(FrozenVarianceAdamW):
         return self.comm.mean(g)
 
     def average_update(self, u: Tensor) -> Tensor:
-        """After the freeze: the ranks' preconditioned momenta, averaged compressed."""
+        """After the freeze: the ranks' preconditioned momenta (or only their new terms:
+        ``average_gradient_term``), averaged compressed."""
         return self.comm.compressed_mean(u, self.step_count)

@@ -155,7 +155,8 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, model, cfg.qat, comm=self.scheme,
                                          freeze=cfg.frozen_variance)
         if cfg.frozen_variance and cfg.optim.precondition:  # the codec works in Adam's units
-            self.scheme.set_preconditioner(self.optimizer.preconditioner)
+            self.scheme.set_preconditioner(self.optimizer.preconditioner,
+                                           self.optimizer.step_bound)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(cfg.optim, s, cfg.steps))
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
