@@ -24,9 +24,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[train]"
 	touch $@
 
-# Tests also need the `slurm` extra (Hydra's submitit launcher, for tests/test_slurm.py).
+# Tests also need the `slurm` extra (Hydra's submitit launcher, for tests/test_slurm.py) and the
+# `lightning` extra (tests/test_lightning.py); torch stays the one installed above.
 $(VENV)/.installed-dev: $(VENV)/.installed Makefile
-	$(PY) -m pip install --quiet -e ".[train,dev,triton,slurm]" $(TRITON_SPEC) || $(PY) -m pip install --quiet -e ".[train,dev,slurm]"
+	$(PY) -m pip install --quiet -e ".[train,dev,triton,slurm,lightning]" $(TRITON_SPEC) || $(PY) -m pip install --quiet -e ".[train,dev,slurm,lightning]"
 	touch $@
 
 install: $(VENV)/.installed
