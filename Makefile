@@ -21,12 +21,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install --quiet "$(TORCH_SPEC)"; fi
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e ".[train]"
 	touch $@
 
-# Tests also need the `slurm` extra (Hydra's submitit launcher, for tests/test_slurm.py).
+# Tests also need the `slurm` extra (Hydra's submitit launcher, for tests/test_slurm.py) and the
+# `lightning` extra (tests/test_lightning.py); torch stays the one installed above.
 $(VENV)/.installed-dev: $(VENV)/.installed Makefile
-	$(PY) -m pip install --quiet -e ".[dev,triton,slurm]" $(TRITON_SPEC) || $(PY) -m pip install --quiet -e ".[dev,slurm]"
+	$(PY) -m pip install --quiet -e ".[train,dev,triton,slurm,lightning]" $(TRITON_SPEC) || $(PY) -m pip install --quiet -e ".[train,dev,slurm,lightning]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from dqt.comm.config import SCHEME_CONFIGS, CompressedConfig
-from dqt.errors import ConfigError, check
+from dqt.errors import ConfigError, check, check_finite_floats
 from dqt.errors import check_bool as _check_bool
 from dqt.errors import check_choice as _choice
 from dqt.quant.config import QATConfig
@@ -348,4 +348,5 @@ def to_typed(cfg: DictConfig) -> Any:
             raise cause from None
         raise
     assert isinstance(obj, (TrainConfig, SearchBitsConfig))
+    check_finite_floats(obj)  # inf/nan pass most range checks (inf > 0): refuse them all
     return obj

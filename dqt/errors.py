@@ -33,3 +33,27 @@ def check_bool(value: Any, key: str) -> None:
 def check_choice(value: str, allowed: tuple[str, ...], key: str) -> None:
     """``value`` must be one of ``allowed`` (the message lists them in order)."""
     check(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite: training stopped before the step that would have written
+    non-finite parameters (the message names the step, the ranks and the last checkpoint)."""
+
+
+def check_finite_floats(obj: Any, prefix: str = "") -> None:
+    """Every float field of the dataclass ``obj`` (recursively, lists included) must be finite:
+    ``inf``/``nan`` in a config is a :class:`ConfigError` naming its full key."""
+    import dataclasses
+    import math
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            check_finite_floats(getattr(obj, f.name), f"{prefix}{f.name}.")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_finite_floats(v, f"{prefix.rstrip('.')}[{i}].")
+        return
+    if isinstance(obj, float) and not math.isfinite(obj):
+        raise ConfigError(prefix.rstrip("."), f"must be a finite number; got {obj}")
+

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from dqt.config import ConfigError, register_configs, to_typed
+from dqt.errors import TrainingDiverged
 from dqt.train.run_dir import env_rank, register_resolvers
 
 register_configs()
@@ -47,6 +48,11 @@ def _train(dcfg: DictConfig) -> bool:
             logging.getLogger("dqt").error("config error: %s", e)
             print(f"dqt: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except TrainingDiverged as e:  # every rank stops at the same step
+        if env_rank() == 0:
+            logging.getLogger("dqt").error("training diverged: %s", e)
+            print(f"dqt: training diverged: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")

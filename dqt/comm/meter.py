@@ -28,6 +28,9 @@ import torch.distributed as dist
 
 
 def wire_bytes(op: str, nbytes: int, world: int, is_src: bool = True) -> int:
+    """Bytes one rank sends for collective ``op`` over a buffer of ``nbytes`` on ``world``
+    ranks, as bandwidth-optimal algorithms move them (a ring all-reduce sends
+    2(N − 1)/N of the buffer); what every scheme's meter counts."""
     if world <= 1:
         return 0
     if op == "all_reduce":

@@ -19,6 +19,13 @@ from dqt.comm.meter import CommMeter
 
 
 class Scheme:
+    """A gradient-communication scheme attached to a DDP model (what :func:`dqt.comm.compress`
+    returns). Its methods: :meth:`attach` (done by ``compress``), :meth:`stats` (bytes and times
+    since the last call), :meth:`state_dict` / :meth:`load_state_dict` (its per-rank state:
+    error-feedback residuals, PowerSGD factors, its step; save one file per rank),
+    :meth:`set_grad_scale` (the loss scale of the coming backward under a ``GradScaler``).
+    ``process_group``: the ranks it averages over (by default a new group of all ranks)."""
+
     name = "base"
 
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
@@ -32,6 +39,7 @@ class Scheme:
         return dist.get_world_size(self.process_group)
 
     def attach(self, model: DistributedDataParallel) -> None:
+        """Register the scheme as ``model``'s communication hook."""
         raise NotImplementedError
 
     def set_grad_scale(self, scale: float) -> None:
@@ -42,10 +50,11 @@ class Scheme:
         return self.meter.pop()
 
     def state_dict(self) -> dict[str, Any]:
+        """This rank's state (differs between ranks: save it per rank)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what :meth:`state_dict` returned on this rank."""
 
 
 SchemeBuilder = Callable[[Any, "dist.ProcessGroup | None"], Scheme]

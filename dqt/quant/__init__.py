@@ -54,10 +54,16 @@ from dqt.quant import methods  # noqa: F401  (registers every quantizer)
 from dqt.quant.base import QUANTIZERS, Quantizer, quantizer_parameters
 from dqt.quant.export.summary import format_summary, summarize
 from dqt.quant.prepare import prepare, qat_penalty, qat_step
+from dqt.quant.config import QATConfig, QATRuleConfig, QATSlotsConfig, QuantizerConfig
+from dqt.quant.export.convert import convert, load_packed
+from dqt.quant.export.serialize import read_export, save_export
+from dqt.quant.presets import preset, presets
 from dqt.quant.rules import LayerPlan
 
-__all__ = ["QAT", "QUANTIZERS", "Quantizer", "apply_qat", "is_active", "prepare", "qat_penalty",
-           "qat_step", "quantize_", "quantizer_parameters"]
+__all__ = ["QAT", "QATConfig", "QATRuleConfig", "QATSlotsConfig", "QUANTIZERS", "Quantizer",
+           "QuantizerConfig", "apply_qat", "convert", "is_active", "load_packed", "prepare",
+           "preset", "presets", "qat_penalty", "qat_step", "quantize_", "quantizer_parameters",
+           "read_export", "save_export"]
 
 
 def is_active(cfg: Any) -> bool:

@@ -29,6 +29,7 @@ from dqt.comm.config import CompressedConfig, OneBitConfig
 from dqt.comm.onebit_adam import MomentumComm, OneBitAdam
 from dqt.comm.parallel import data_parallel
 from dqt.config import OptimConfig, TrainConfig
+from dqt.errors import TrainingDiverged
 from dqt.optim import FrozenVarianceAdamW
 from dqt.quant.config import QATConfig
 from dqt.quant import QAT, quantize_
@@ -201,6 +202,11 @@ class Trainer:
                         ckpt.world_size, self.env.world_size)
 
     def save(self) -> str:
+        # the parameters are identical on every rank, so every rank decides alike
+        if not all(torch.isfinite(p).all() for p in self.model.module.parameters()):
+            raise TrainingDiverged(f"step {self.step}: the parameters are not finite; no "
+                                   f"checkpoint written. {self._checkpoint_note()} Lower "
+                                   f"optim.lr (now {self.cfg.optim.lr:g}) or set optim.grad_clip")
         shared = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                   "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                   "step": self.step, "data_meta": dataclasses.asdict(self.data.meta)}
@@ -238,6 +244,8 @@ class Trainer:
             t["forward"] += t2 - t1
             t["backward"] += t3 - t2
         t4 = time.perf_counter()
+        if not self.scaler.is_enabled():  # (a GradScaler skips non-finite steps itself)
+            self._stop_if_diverged(sums[0].item())
         if self.scaler.is_enabled() and isinstance(self.optimizer, OneBitAdam):
             agree_on_overflow(list(self.model.module.parameters()), self.device)
         if cfg.optim.grad_clip > 0 or self.qat.active:
@@ -257,6 +265,26 @@ class Trainer:
         out["time/step_ms"] = sum(out.values())
         out["_sums"] = sums  # reduced across ranks only on log steps
         return out
+
+    def _stop_if_diverged(self, local_loss: float) -> None:
+        """Every rank agrees whether some rank's loss is non-finite; if so, all raise
+        :class:`TrainingDiverged` before the optimizer step, so no non-finite parameters are
+        ever stepped into or checkpointed."""
+        bad = torch.tensor([0.0 if math.isfinite(local_loss) else 1.0], device=self.device)
+        flags = [torch.zeros_like(bad) for _ in range(self.env.world_size)]
+        dist.all_gather(flags, bad)
+        ranks = [r for r, f in enumerate(flags) if f.item()]
+        if ranks:
+            raise TrainingDiverged(
+                f"step {self.step + 1}: the training loss is not finite on rank(s) "
+                f"{', '.join(map(str, ranks))}; stopped before the optimizer step. "
+                f"{self._checkpoint_note()} Lower optim.lr (now {self.cfg.optim.lr:g}) or set "
+                "optim.grad_clip")
+
+    def _checkpoint_note(self) -> str:
+        last = self.checkpointer.latest_step()
+        return "No checkpoint was written." if last is None else \
+            f"The newest checkpoint (step {last}) holds finite parameters."
 
     def _sync_device(self) -> None:
         if self.device.type == "cuda":
