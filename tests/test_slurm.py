@@ -38,7 +38,18 @@ from tests.conftest import (REPO, TRAIN, checkpoints, clean_env, read_metrics, s
 SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
 CLUSTER = REPO / "launch" / "slurm" / "local_cluster.sh"
 REQUIRED = os.environ.get("DQT_REQUIRE_SLURM") == "1"
-HAS_SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+
+
+def _has_submitit() -> bool:
+    """find_spec of a submodule raises ModuleNotFoundError when its parent package
+    (hydra_plugins, which only Hydra plugins install) is absent."""
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+HAS_SUBMITIT = _has_submitit()
 
 
 def _unavailable(reason: str) -> None:
