@@ -70,8 +70,20 @@ class MetricLogger:
     def _truncate_after(self, step: int) -> None:
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            records = [(line, json.loads(line)) for line in f if line.strip()]
+        records = []
+        with open(self.path, errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    r = None
+                if not (isinstance(r, dict) and "step" in r and "kind" in r):
+                    log.warning("%s:%d: not a complete metrics record (a write torn by a stop); "
+                                "dropped", self.path, n)
+                    continue
+                records.append((line if line.endswith("\n") else line + "\n", r))
         kept = [line for line, r in records if r["step"] <= step and r["kind"] != "summary"]
         tmp = self.path + ".partial"
         with open(tmp, "w") as f:
