@@ -56,6 +56,10 @@ SCHEMES = {  # label -> overrides
     "ef_signsgd": ["+scheme=ef_signsgd"],
     # scheme.auto: per bucket, the faster of onebit and the plain fp32 all-reduce (timed trials)
     "onebit auto": ["+scheme=onebit", "scheme.auto=true"],
+    # the hook's whole exchange inline (no communication thread): the overlap's baseline
+    "onebit inline": ["+scheme=onebit", "scheme.overlap=false"],
+    "ternary_grad inline": ["+scheme=ternary_grad", "scheme.overlap=false"],
+    "qsgd bits=4 inline": ["+scheme=qsgd", "scheme.bits=4", "scheme.overlap=false"],
 }
 
 
@@ -169,7 +173,8 @@ def table(rows: list[dict], floors: dict[str, float]) -> str:
                          if r["iface_total"] and r["hook_total"] else "—")
                 out.append(
                     f"| {r['scheme']} | {r['step_ms']:.0f} | "
-                    f"{fp32 / r['step_ms']:.2f}x | " + (f"{bf16 / r['step_ms']:.2f}x" if bf16 else "—")
+                    + (f"{fp32 / r['step_ms']:.2f}x | " if fp32 else "— | ")
+                    + (f"{bf16 / r['step_ms']:.2f}x" if bf16 else "—")
                     + f" | {r['step_ms'] / floors[model]:.2f}x | {r['bytes_step']:,.0f} | {iface} | "
                     f"{r['acc']:.4f} | {r['in_sync']} |")
     return "\n".join(out)

@@ -132,10 +132,16 @@ class BackendConfig:
 
     name: str = "auto"
     timeout_s: int = 600
+    bucket_cap_mb: Optional[float] = None
+    """Gradient bucket size in MiB (DDP's ``bucket_cap_mb``; the Horovod backend builds the
+    same buckets). None: DDP's default, 25 MiB with a first bucket of 1 MiB; a value sets
+    every bucket's cap, the first included (as DDP does)."""
 
     def __post_init__(self) -> None:
         _choice(self.name, ("auto", "gloo", "nccl", "horovod"), "backend.name")
         check(self.timeout_s > 0, "backend.timeout_s", f"must be > 0; got {self.timeout_s}")
+        check(self.bucket_cap_mb is None or self.bucket_cap_mb > 0, "backend.bucket_cap_mb",
+              f"must be > 0 (MiB) or null; got {self.bucket_cap_mb}")
 
 
 # --------------------------------------------------------------------------- checkpoint

@@ -80,7 +80,17 @@ def run_sync(work: BucketWork, group: dist.ProcessGroup, meter: CommMeter) -> to
     """Drive a bucket's work to the end with blocking torch.distributed collectives (inside
     a DDP hook); the time spent in them is the meter's ``communicate``."""
     try:
-        req = next(work)
+        first = next(work)
+    except StopIteration as stop:
+        return stop.value
+    return run_started(first, work, group, meter)
+
+
+def run_started(req: Request, work: BucketWork, group: dist.ProcessGroup,
+                meter: CommMeter) -> torch.Tensor:
+    """:func:`run_sync` for a generator already run up to its first request ``req`` (the
+    communication thread of :mod:`dqt.comm.overlap`)."""
+    try:
         while True:
             t0 = time.perf_counter()
             if req.op == "all_to_all":

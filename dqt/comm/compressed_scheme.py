@@ -16,11 +16,14 @@ Per bucket and step:
   every rank alike, whether the bucket stays compressed or falls back to the plain all-reduce
   (compression loses on fast links, where encoding costs more than the bytes it saves).
 
-Under DDP the work runs inline in the hook and the hook returns a completed future. All ranks
-therefore issue their collectives in DDP's bucket order from one thread, which cannot deadlock
-the way callback-chained hooks can on gloo. The per-bucket maths is a generator of collective
-requests (:mod:`dqt.comm.collective`), so the Horovod backend (:mod:`dqt.comm.horovod`) runs
-the very same code with Horovod's asynchronous collectives through :meth:`bucket_work`.
+The per-bucket maths is a generator of collective requests (:mod:`dqt.comm.collective`). Under
+DDP the hook runs it up to its first request (the encode) on the autograd thread and returns a
+pending future; the scheme's communication thread (:mod:`dqt.comm.overlap`) carries the
+collectives and the decoding in DDP's bucket order, so the wire overlaps the rest of backward
+and every rank issues the same collectives in the same order on the scheme's own group
+(``scheme.overlap``; ``false``: all of it inline, a completed future). The Horovod backend
+(:mod:`dqt.comm.horovod`) runs the very same generators with Horovod's asynchronous
+collectives through :meth:`bucket_work`.
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dqt.comm.collective import (BucketContext, BucketWork, Request, allgather_allreduce,
-                                 run_sync, two_phase_allreduce)
+                                 run_started, run_sync, two_phase_allreduce)
 from dqt.comm.compressors import Compressor
 from dqt.comm.config import SCHEME_CONFIGS, CompressedConfig
 from dqt.comm.error_feedback import FlatResidual
 from dqt.comm.layout import BucketLayout, ParamSlot, build_layout
+from dqt.comm.overlap import CommThread
 from dqt.comm.scheme import Scheme, register_scheme
 
 log = logging.getLogger("dqt")
@@ -65,6 +69,7 @@ class CompressedScheme(Scheme):
         self._precondition: Callable[[torch.Tensor], torch.Tensor | None] | None = None
         self._scales: dict[int, torch.Tensor] = {}  # id(layout) -> the bucket's preconditioner
         self._bound: float | None = None
+        self._thread: CommThread | None = None  # scheme.overlap under DDP
 
     def set_preconditioner(self, scale: Callable[[torch.Tensor], torch.Tensor | None],
                            bound: float | None = None) -> None:
@@ -113,6 +118,10 @@ class CompressedScheme(Scheme):
         self.worker = FlatResidual(params) if self.error_feedback else None
         self.server = FlatResidual(params) if self.error_feedback and self.two_phase else None
         if isinstance(model, DistributedDataParallel):
+            if self.cfg.overlap and self._thread is None:
+                self._thread = CommThread(
+                    lambda first, work: run_started(first, work, self.process_group, self.meter),
+                    self.name)
             model.register_comm_hook(None, self._hook)
         else:
             model.attach_scheme(self)
@@ -128,17 +137,21 @@ class CompressedScheme(Scheme):
         buf = bucket.buffer()
         n, world = buf.numel(), self.world_size
         self.meter.record_raw(n, world)
-        out = None
-        plain = self._plain(n)
+        plain, trial = self._plain(n), False
         if not plain and self.cfg.auto:
             choice = self.auto_choice.get(self.layout(bucket, buf).first_param)
-            plain = choice is False
-            out = self._auto(buf, bucket) if choice is None else None
-        if plain:  # asynchronous, like DDP's own hook: the wire overlaps the rest of backward
+            plain, trial = choice is False, choice is None
+        if self._thread is not None and not trial:
+            # encode here, the collectives and the decoding on the communication thread
+            work = self._plain_work(buf) if plain else self._compressed(buf, bucket)
+            fut = self._thread.submit(next(work), work, buf.device)
+        elif plain:  # asynchronous, like DDP's own hook: the wire overlaps the rest of backward
             fut = self._plain_allreduce_async(buf)
         else:
-            if out is None:
-                out = run_sync(self._compressed(buf, bucket), self.process_group, self.meter)
+            if self._thread is not None:  # a scheme.auto trial: its collectives come after
+                self._thread.drain()      # every bucket already handed over, on every rank
+            out = self._auto(buf, bucket) if trial else \
+                run_sync(self._compressed(buf, bucket), self.process_group, self.meter)
             fut = torch.futures.Future()
             fut.set_result(out)
         if bucket.is_last():

@@ -116,6 +116,10 @@ class CompressedConfig(SchemeConfig):
     """Compressed steps timed by ``auto``."""
     auto_margin: float = 1.0
     """``auto`` compresses when compressed time × auto_margin < plain time."""
+    overlap: bool = True
+    """Under DDP: encode each bucket on the autograd thread and run its collectives and
+    decoding on a communication thread of the scheme's own, so the wire overlaps the rest of
+    backward (:mod:`dqt.comm.overlap`). ``false``: the whole exchange inline in the hook."""
 
     biased: ClassVar[bool] = True
     """The codec's expectation differs from its input (wants error feedback)."""
@@ -135,6 +139,7 @@ class CompressedConfig(SchemeConfig):
         check_choice(self.kernel, KERNELS, "scheme.kernel")
         check(self.auto_trials >= 1, "scheme.auto_trials", f"must be >= 1; got {self.auto_trials}")
         check(self.auto_margin > 0, "scheme.auto_margin", f"must be > 0; got {self.auto_margin}")
+        check_bool(self.overlap, "scheme.overlap")
 
     def _check_no_error_feedback(self) -> None:
         """Stochastic codecs: E‖C(v) − v‖² = Σ|vᵢ|(s − |vᵢ|) exceeds ‖v‖² when one value sets the

@@ -179,9 +179,13 @@ class HorovodDataParallel(nn.Module):
     """``module`` with its gradients averaged over Horovod ranks by a dqt scheme — the role DDP
     plays for the torch.distributed backends (see the module docstring)."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, bucket_cap_mb: float | None = None) -> None:
         super().__init__()
         self.module = module
+        # DDP's rule: the default is 25 MiB with a first bucket of 1 MiB; a cap given is every
+        # bucket's, the first included
+        cap = None if bucket_cap_mb is None else int(bucket_cap_mb * 1024 * 1024)
+        self._limits = [FIRST_BUCKET_BYTES, BUCKET_BYTES] if cap is None else [cap, cap]
         self.params = [p for p in module.parameters() if p.requires_grad]
         self._index = {id(p): i for i, p in enumerate(self.params)}
         self.scheme: Optional[Any] = None
@@ -220,7 +224,7 @@ class HorovodDataParallel(nn.Module):
         order = self._ready_order
         if len(order) == len(self.params):
             idx, _ = dist._compute_bucket_assignment_by_size(
-                [self.params[i] for i in order], [FIRST_BUCKET_BYTES, BUCKET_BYTES],
+                [self.params[i] for i in order], self._limits,
                 [False] * len(order), order)
             self._set_buckets([list(b) for b in idx])
         self._rebuilt = True

@@ -20,6 +20,7 @@ wraps that function (once, transparently) so their traffic is counted like dqt's
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,20 +57,30 @@ class CommMeter:
     total_sent: int = 0
     total_raw: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    # a bucket is encoded on the autograd thread and finished on the scheme's communication
+    # thread (dqt.comm.overlap): both count
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def record(self, op: str, tensor: torch.Tensor, world: int, is_src: bool = True) -> None:
         n = tensor.numel() * tensor.element_size()
-        self.payload_bytes += n
-        self.bytes_sent += wire_bytes(op, n, world, is_src)
-        self.collectives += 1
+        with self._lock:
+            self.payload_bytes += n
+            self.bytes_sent += wire_bytes(op, n, world, is_src)
+            self.collectives += 1
 
     def record_raw(self, numel: int, world: int, element_size: int = 4) -> None:
-        self.bytes_raw += wire_bytes("all_reduce", numel * element_size, world)
+        with self._lock:
+            self.bytes_raw += wire_bytes("all_reduce", numel * element_size, world)
 
     def add_time(self, key: str, seconds: float) -> None:
-        self.extra[key] = self.extra.get(key, 0.0) + seconds
+        with self._lock:
+            self.extra[key] = self.extra.get(key, 0.0) + seconds
 
     def pop(self) -> dict[str, float]:
+        with self._lock:
+            return self._pop()
+
+    def _pop(self) -> dict[str, float]:
         self.total_sent += self.bytes_sent
         self.total_raw += self.bytes_raw
         out: dict[str, float] = {

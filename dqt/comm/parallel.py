@@ -22,24 +22,28 @@ from torch.nn.parallel import DistributedDataParallel
 from dqt.comm.horovod import HorovodDataParallel, build_horovod_scheme
 from dqt.comm.scheme import Scheme, build_scheme
 
-Wrapper = Callable[[nn.Module, Any, torch.device], "tuple[nn.Module, Scheme]"]
+Wrapper = Callable[[nn.Module, Any, torch.device, "float | None"], "tuple[nn.Module, Scheme]"]
 
 
-def _ddp(model: nn.Module, scheme: Any, device: torch.device) -> tuple[nn.Module, Scheme]:
-    wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+def _ddp(model: nn.Module, scheme: Any, device: torch.device,
+         bucket_cap_mb: float | None) -> tuple[nn.Module, Scheme]:
+    kw = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
+    wrapped = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                      **kw)
     return wrapped, scheme if isinstance(scheme, Scheme) else build_scheme(scheme)
 
 
-def _horovod(model: nn.Module, scheme_cfg: Any, device: torch.device) -> tuple[nn.Module, Scheme]:
-    return HorovodDataParallel(model), build_horovod_scheme(scheme_cfg)
+def _horovod(model: nn.Module, scheme_cfg: Any, device: torch.device,
+             bucket_cap_mb: float | None) -> tuple[nn.Module, Scheme]:
+    return HorovodDataParallel(model, bucket_cap_mb), build_horovod_scheme(scheme_cfg)
 
 
 WRAPPERS: dict[str, Wrapper] = {"gloo": _ddp, "nccl": _ddp, "horovod": _horovod}
 """Process-group backend → the data-parallel wrapper that carries its collectives."""
 
 
-def data_parallel(model: nn.Module, scheme_cfg: Any, backend: str, device: torch.device
-                  ) -> tuple[nn.Module, Scheme]:
+def data_parallel(model: nn.Module, scheme_cfg: Any, backend: str, device: torch.device,
+                  bucket_cap_mb: float | None = None) -> tuple[nn.Module, Scheme]:
     """Wrap ``model`` (already on ``device``) for data-parallel training over ``backend``
     (``gloo``, ``nccl`` or ``horovod``; the process group is initialised) and attach the scheme
     of ``scheme_cfg`` (a config of :mod:`dqt.comm.config`, None for plain all-reduce, or a
@@ -48,6 +52,6 @@ def data_parallel(model: nn.Module, scheme_cfg: Any, backend: str, device: torch
     if backend not in WRAPPERS:
         raise ValueError(f"backend.name: no data-parallel wrapper for '{backend}'; "
                          f"available: {', '.join(WRAPPERS)}")
-    wrapped, scheme = WRAPPERS[backend](model, scheme_cfg, device)
+    wrapped, scheme = WRAPPERS[backend](model, scheme_cfg, device, bucket_cap_mb)
     scheme.attach(wrapped)
     return wrapped, scheme

@@ -152,7 +152,8 @@ class Trainer:
         # optim=onebit_adam the optimizer communicates and DDP leaves the gradients local)
         scheme = MomentumComm(cfg.scheme or OneBitConfig()) \
             if cfg.optim.name == "onebit_adam" else _scheme_warm_up(cfg)
-        self.model, self.scheme = data_parallel(model, scheme, self.backend, self.device)
+        self.model, self.scheme = data_parallel(model, scheme, self.backend, self.device,
+                                                cfg.backend.bucket_cap_mb)
         self.optimizer = build_optimizer(cfg.optim, model, cfg.qat, comm=self.scheme,
                                          freeze=cfg.frozen_variance)
         if cfg.frozen_variance and cfg.optim.precondition:  # the codec works in Adam's units
