@@ -119,6 +119,7 @@ BAD_VALUES = [
     (["+scheme=onebit", "scheme.kernel=cuda"], "scheme.kernel: must be one of auto, c, triton, reference"),
     (["+scheme=onebit", "scheme.auto_trials=0"], "scheme.auto_trials: must be >= 1; got 0"),
     (["+scheme=onebit", "scheme.auto_margin=0"], "scheme.auto_margin: must be > 0; got 0.0"),
+    (["backend.bucket_cap_mb=0"], "backend.bucket_cap_mb: must be > 0 (MiB) or null; got 0"),
 ]
 
 
