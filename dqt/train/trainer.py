@@ -168,7 +168,7 @@ class Trainer:
             init_scale=cfg.precision.init_scale, growth_interval=cfg.precision.growth_interval)
         torch.manual_seed(cfg.seed + 1 + self.env.rank)  # per-rank randomness from here on
 
-        self.step = 0
+        self.step, self.wall_before, self._fit_start = 0, 0.0, time.perf_counter()
         if resume is not None:
             self._restore(resume, restore_rank_state)
         self.loader = ShardedLoader(self.data.train, cfg.data.batch_size, self.env.rank,
@@ -195,9 +195,14 @@ class Trainer:
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
         self.step = shared["step"]
+        self.wall_before = float(shared.get("wall_s", 0.0))  # earlier attempts' training time
         if per_rank is not None:
             set_rng_state(per_rank["rng"])
             self.scheme.load_state_dict(per_rank["scheme"])
+            # running totals continue across resumes (what a loss-vs-bytes plot reads)
+            totals = per_rank.get("comm_totals", {})
+            self.scheme.meter.total_sent = int(totals.get("bytes_sent", 0))
+            self.scheme.meter.total_raw = int(totals.get("bytes_raw", 0))
         else:
             log.warning("world size changed (%d → %d): restored model and optimizer only",
                         ckpt.world_size, self.env.world_size)
@@ -210,9 +215,12 @@ class Trainer:
                                    f"optim.lr (now {self.cfg.optim.lr:g}) or set optim.grad_clip")
         shared = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                   "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                  "step": self.step, "data_meta": dataclasses.asdict(self.data.meta)}
+                  "step": self.step, "data_meta": dataclasses.asdict(self.data.meta),
+                  "wall_s": self._wall_s()}
+        meter = self.scheme.meter
         per_rank = {"rng": rng_state(), "scheme": self.scheme.state_dict(),
-                    "params_sha256": params_digest(self.model.module)}  # this rank's own copy
+                    "params_sha256": params_digest(self.model.module),  # this rank's own copy
+                    "comm_totals": {"bytes_sent": meter.total_sent, "bytes_raw": meter.total_raw}}
         path = self.checkpointer.save(self.step, shared, per_rank)
         log.info("checkpoint step %d → %s", self.step, path)
         return path
@@ -311,7 +319,8 @@ class Trainer:
         samples_per_step = cfg.data.batch_size * cfg.grad_accum * self.env.world_size
         last_eval: dict[str, float] = {}
         step_ms: list[float] = []
-        start, preempted = time.perf_counter(), False
+        start = self._fit_start = time.perf_counter()
+        first_step, preempted = self.step, False
         while self.step < cfg.steps:
             m = self.train_step(batches)
             comm = self.scheme.stats()
@@ -343,7 +352,8 @@ class Trainer:
             last_eval = self.evaluate()
         if self.checkpointer.latest_step() != self.step:
             self.save()
-        summary = self._summary(last_eval, step_ms, time.perf_counter() - start, preempted)
+        summary = self._summary(last_eval, step_ms, time.perf_counter() - start, preempted,
+                                first_step)
         self.logger.log(self.step, "summary", summary)
         self.logger.close()
         if preempted:
@@ -354,18 +364,26 @@ class Trainer:
         return TrainResult(self.step, summary, {k: v.detach().cpu().clone() for k, v in
                                                 self.model.module.state_dict().items()}, preempted)
 
-    def _summary(self, last_eval: dict[str, float], step_ms: list[float], wall_s: float,
-                 preempted: bool) -> dict[str, Any]:
+    def _wall_s(self) -> float:
+        """Training time of every attempt of this run so far (resumes add up)."""
+        return self.wall_before + time.perf_counter() - self._fit_start
+
+    def _summary(self, last_eval: dict[str, float], step_ms: list[float], attempt_s: float,
+                 preempted: bool, first_step: int) -> dict[str, Any]:
+        """The run's summary; totals (bytes, ``wall_s``) cover every attempt since step 0,
+        ``attempt/*`` this process's own."""
         digests: list[str] = [""] * self.env.world_size
         dist.all_gather_object(digests, params_digest(self.model.module))
         meter = self.scheme.meter
         summary: dict[str, Any] = {
             **last_eval, "steps": self.step, "world_size": self.env.world_size,
             "model/params": sum(p.numel() for p in self.model.module.parameters()),
-            "scheme": self.scheme.name, "qat": self.cfg.qat.name, "wall_s": wall_s,
+            "scheme": self.scheme.name, "qat": self.cfg.qat.name,
+            "wall_s": self.wall_before + attempt_s, "attempt/wall_s": attempt_s,
+            "attempt/first_step": first_step,
             "time/step_ms_median": sorted(step_ms)[len(step_ms) // 2] if step_ms else None,
             "comm/bytes_sent_total": meter.total_sent, "comm/bytes_raw_total": meter.total_raw,
-            "comm/bytes_sent_per_step": meter.total_sent / max(1, len(step_ms)),
+            "comm/bytes_sent_per_step": meter.total_sent / max(1, self.step),
             "params_in_sync": len(set(digests)) == 1, "params_sha256": digests[0],
             "preempted": preempted,
         }
@@ -386,7 +404,7 @@ class Trainer:
                 f"{_fmt_bytes(raw - sent)}, {raw / sent:.1f}x)" if sent else
                 "nothing crossed a wire (one rank)")
         log.info("done: %d steps in %.1f s | %s | %s | params identical on all ranks: %s",
-                 self.step, wall_s, metric, wire, summary["params_in_sync"])
+                 self.step, summary["wall_s"], metric, wire, summary["params_in_sync"])
         return summary
 
 
