@@ -35,6 +35,11 @@ def check_choice(value: str, allowed: tuple[str, ...], key: str) -> None:
     check(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
 
 
+class PeerLost(RuntimeError):
+    """A collective failed because a peer stopped answering (timed out, or its connection was
+    lost); the message names this rank, the step and the ranks whose heartbeat stopped."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became non-finite: training stopped before the step that would have written
     non-finite parameters (the message names the step, the ranks and the last checkpoint)."""

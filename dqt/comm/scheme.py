@@ -10,12 +10,27 @@ and is exercised by tests parametrized over the registry.
 
 from __future__ import annotations
 
+import datetime
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dqt.comm.meter import CommMeter
+
+
+def world_timeout() -> "datetime.timedelta | None":
+    """The default group's timeout (``init_process_group(timeout=...)``, the trainer's
+    ``backend.timeout_s``). A new group otherwise gets the backend's default (30 minutes on
+    gloo) and a frozen peer would hold the scheme's collectives that long."""
+    world = dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            return world._get_backend(torch.device(device)).options._timeout
+        except Exception:  # noqa: BLE001 - no such backend on this group, or no options
+            continue
+    return None
 
 
 class Scheme:
@@ -31,7 +46,8 @@ class Scheme:
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
         # A communicator of its own: the scheme's traffic is separable (and countable) from
         # the trainer's, and its collectives never interleave with the trainer's.
-        self.process_group = process_group if process_group is not None else dist.new_group()
+        self.process_group = process_group if process_group is not None else \
+            dist.new_group(timeout=world_timeout())
         self.meter = CommMeter()
 
     @property

@@ -29,13 +29,14 @@ from dqt.comm.config import CompressedConfig, OneBitConfig
 from dqt.comm.onebit_adam import MomentumComm, OneBitAdam
 from dqt.comm.parallel import data_parallel
 from dqt.config import OptimConfig, TrainConfig
-from dqt.errors import TrainingDiverged
+from dqt.errors import PeerLost, TrainingDiverged
 from dqt.optim import FrozenVarianceAdamW
 from dqt.quant.config import QATConfig
 from dqt.quant import QAT, quantize_
 from dqt.train import distributed, preempt
 from dqt.train.checkpoint import Checkpointer, load_weights, rng_state, set_rng_state
 from dqt.train.data import ShardedLoader, build_dataset, eval_shard
+from dqt.train.heartbeat import Heartbeat, comm_failure
 from dqt.train.metrics import MetricLogger, check_logger
 from dqt.train.models import build_model
 
@@ -135,6 +136,7 @@ class Trainer:
         resume = self.checkpointer.latest() if cfg.checkpoint.resume else None
         restore_rank_state = resume is not None and self.checkpointer.check_world_size(resume)
         self.backend, self.device = distributed.init(self.env, cfg.backend)
+        self.heartbeat = _start_heartbeat(self.env.rank, self.env.world_size)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
 
@@ -316,11 +318,38 @@ class Trainer:
         cfg = self.cfg
         batches = iter(self.loader)
         bar = _progress(self.env.is_main, self.step, cfg.steps)
-        samples_per_step = cfg.data.batch_size * cfg.grad_accum * self.env.world_size
-        last_eval: dict[str, float] = {}
         step_ms: list[float] = []
         start = self._fit_start = time.perf_counter()
         first_step, preempted = self.step, False
+        try:
+            preempted, last_eval = self._loop(batches, bar, step_ms)
+        except RuntimeError as e:
+            if isinstance(e, TrainingDiverged) or not comm_failure(e):
+                raise
+            raise self._peer_lost(e) from e
+        bar.close()
+        if not last_eval:  # resumed a finished run: nothing trained, still report the metric
+            last_eval = self.evaluate()
+        if self.checkpointer.latest_step() != self.step:
+            self.save()
+        summary = self._summary(last_eval, step_ms, time.perf_counter() - start, preempted,
+                                first_step)
+        self.logger.log(self.step, "summary", summary)
+        self.logger.close()
+        if preempted:
+            log.info("%s: stopped at step %d with a checkpoint; run again with "
+                     "hydra.run.dir=%s to resume",
+                     preempt.received_name() or "a stop signal on another rank", self.step,
+                     self.run_dir)
+        return TrainResult(self.step, summary, {k: v.detach().cpu().clone() for k, v in
+                                                self.model.module.state_dict().items()}, preempted)
+
+    def _loop(self, batches: Iterator, bar: Any, step_ms: list[float]
+              ) -> tuple[bool, dict[str, float]]:
+        """Train to ``steps`` or a stop signal: (preempted, the last evaluation)."""
+        cfg = self.cfg
+        samples_per_step = cfg.data.batch_size * cfg.grad_accum * self.env.world_size
+        last_eval: dict[str, float] = {}
         while self.step < cfg.steps:
             m = self.train_step(batches)
             comm = self.scheme.stats()
@@ -345,24 +374,21 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not is_last:
                 self.save()
             if not is_last and _stop_agreed(self.device):
-                preempted = True
-                break
-        bar.close()
-        if not last_eval:  # resumed a finished run: nothing trained, still report the metric
-            last_eval = self.evaluate()
-        if self.checkpointer.latest_step() != self.step:
-            self.save()
-        summary = self._summary(last_eval, step_ms, time.perf_counter() - start, preempted,
-                                first_step)
-        self.logger.log(self.step, "summary", summary)
-        self.logger.close()
-        if preempted:
-            log.info("%s: stopped at step %d with a checkpoint; run again with "
-                     "hydra.run.dir=%s to resume",
-                     preempt.received_name() or "a stop signal on another rank", self.step,
-                     self.run_dir)
-        return TrainResult(self.step, summary, {k: v.detach().cpu().clone() for k, v in
-                                                self.model.module.state_dict().items()}, preempted)
+                return True, last_eval
+        return False, last_eval
+
+    def _peer_lost(self, e: RuntimeError) -> PeerLost:
+        """The one-line report of a collective that failed for want of a peer."""
+        text = str(e).lower()
+        cause = "timed out" if "timed out" in text or "timeout" in text else \
+            "lost its connection to a peer"
+        silent = self.heartbeat.silent_ranks() if self.heartbeat else []
+        who = (f"rank(s) {', '.join(map(str, silent))} stopped answering (no heartbeat for "
+               f"{3 * self.heartbeat.interval:.0f} s: frozen or gone)" if silent else
+               "every other rank's heartbeat is alive")
+        return PeerLost(f"rank {self.env.rank}: a collective {cause} at step {self.step + 1}; "
+                        f"{who}. Collectives wait at most backend.timeout_s="
+                        f"{self.cfg.backend.timeout_s} s. {self._checkpoint_note()}")
 
     def _wall_s(self) -> float:
         """Training time of every attempt of this run so far (resumes add up)."""
@@ -494,13 +520,29 @@ def _report(bar: Any, step: int, total: int, m: dict[str, float], comm: dict[str
         bar.set_postfix_str(line)
 
 
+def _start_heartbeat(rank: int, world: int) -> Heartbeat | None:
+    """This rank's heartbeat in the job's store (several ranks only)."""
+    if world < 2:
+        return None
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store (e.g. a group made without one)
+        return None
+    return Heartbeat(store, rank, world).start()
+
+
 def train(cfg: TrainConfig, run_dir: str) -> TrainResult:
     """Run one training job in this process (one rank); tears the process group down."""
     os.makedirs(run_dir, exist_ok=True)
+    trainer = None
     try:
-        result = Trainer(cfg, run_dir).fit()
+        trainer = Trainer(cfg, run_dir)
+        result = trainer.fit()
     except BaseException:
         distributed.teardown()
         raise
+    finally:
+        if trainer is not None and trainer.heartbeat is not None:
+            trainer.heartbeat.stop()
     distributed.teardown(barrier=True)
     return result
