@@ -2,7 +2,8 @@
 
 Layout of ``<run_dir>/checkpoints/step_0000300/``::
 
-    meta.json      {"step", "world_size", "time"} — written last, by rank 0
+    meta.json      {"step", "world_size", "time", "sha256": {file: digest}} — written last,
+                   by rank 0
     train.pt       model, optimizer, LR scheduler, grad scaler, step (rank 0; replicated state)
     rank0.pt ...   per rank: RNG states and the scheme's state (error-feedback residuals,
                    PowerSGD factors) — these differ between ranks and are never deduplicated
@@ -10,11 +11,17 @@ Layout of ``<run_dir>/checkpoints/step_0000300/``::
 All ranks write into ``.tmp-step_0000300/``; after a barrier rank 0 writes ``meta.json`` and
 renames the directory into place. A rename is atomic, so a ``step_*`` directory is always
 complete; a crash leaves at most a ``.tmp-*`` directory, which the next save removes.
+
+Resume takes the newest checkpoint whose files all match the digests in its ``meta.json``; a
+damaged one (truncated, overwritten, a file missing) is named in a warning and skipped. Every
+rank verifies every file, so all ranks choose the same checkpoint without communicating.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -31,6 +38,15 @@ from dqt.config import CheckpointConfig
 from dqt.errors import ConfigError
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
+log = logging.getLogger("dqt")
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:
@@ -69,26 +85,36 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ discovery
     def latest(self) -> Checkpoint | None:
-        """The newest complete checkpoint in the run directory, or None."""
+        """The newest complete, undamaged checkpoint in the run directory, or None. Damaged
+        ones are skipped with a warning naming the file."""
+        for step, name in self._complete():
+            path = os.path.join(self.root, name)
+            try:
+                with open(os.path.join(path, "meta.json")) as f:
+                    meta = json.load(f)
+                problem = _damage(path, meta)
+            except (OSError, ValueError, KeyError) as e:
+                meta, problem = None, f"meta.json unreadable ({e})"
+            if problem is None:
+                return Checkpoint(path, meta["step"], meta["world_size"])
+            log.warning("checkpoint %s is damaged (%s); skipped, trying an older one", path,
+                        problem)
+        return None
+
+    def _complete(self) -> list[tuple[int, str]]:
+        """(step, directory name) of the checkpoints that have their ``meta.json`` (written
+        last), newest first."""
         if not os.path.isdir(self.root):
-            return None
-        best = None
-        for name in os.listdir(self.root):
-            m = _STEP_DIR.match(name)
-            meta = os.path.join(self.root, name, "meta.json")
-            if m and os.path.isfile(meta):
-                step = int(m.group(1))
-                if best is None or step > best[0]:
-                    best = (step, name, meta)
-        if best is None:
-            return None
-        with open(best[2]) as f:
-            meta = json.load(f)
-        return Checkpoint(os.path.join(self.root, best[1]), meta["step"], meta["world_size"])
+            return []
+        found = [(int(m.group(1)), n) for n in os.listdir(self.root)
+                 if (m := _STEP_DIR.match(n)) and os.path.isfile(os.path.join(self.root, n,
+                                                                              "meta.json"))]
+        return sorted(found, reverse=True)
 
     def latest_step(self) -> int | None:
-        ckpt = self.latest()
-        return None if ckpt is None else ckpt.step
+        """The step of the newest complete checkpoint (not verified: cheap)."""
+        complete = self._complete()
+        return complete[0][0] if complete else None
 
     def check_world_size(self, ckpt: Checkpoint) -> bool:
         """True if per-rank state can be restored; raises if the change is not allowed."""
@@ -114,11 +140,15 @@ class Checkpointer:
         dist.barrier()
         if self.rank == 0:
             _atomic_torch_save(shared, os.path.join(tmp, "train.pt"))
-        _atomic_torch_save(per_rank, os.path.join(tmp, f"rank{self.rank}.pt"))
-        dist.barrier()
+        own = os.path.join(tmp, f"rank{self.rank}.pt")
+        _atomic_torch_save(per_rank, own)
+        digests: list[Any] = [None] * self.world_size  # every rank's file, for meta.json
+        dist.all_gather_object(digests, (f"rank{self.rank}.pt", file_sha256(own)))
         if self.rank == 0:
+            sha = {"train.pt": file_sha256(os.path.join(tmp, "train.pt")), **dict(digests)}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"step": step, "world_size": self.world_size, "time": time.time()}, f)
+                json.dump({"step": step, "world_size": self.world_size, "time": time.time(),
+                           "sha256": sha}, f)
             if os.path.exists(final):  # re-saving a step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -136,9 +166,31 @@ class Checkpointer:
         return shared, per_rank
 
     def _prune(self) -> None:
-        steps = sorted(n for n in os.listdir(self.root) if _STEP_DIR.match(n))
-        for name in steps[: max(0, len(steps) - self.cfg.keep)]:
-            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        """Keep the ``checkpoint.keep`` newest complete checkpoints; a directory without its
+        ``meta.json`` does not count (and goes once older than the newest complete one)."""
+        complete = self._complete()
+        keep = {n for _, n in complete[: self.cfg.keep]}
+        newest = complete[0][0] if complete else -1
+        for name in os.listdir(self.root):
+            m = _STEP_DIR.match(name)
+            if m and name not in keep and (any(n == name for _, n in complete)
+                                           or int(m.group(1)) < newest):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+
+def _damage(path: str, meta: dict[str, Any]) -> str | None:
+    """What is wrong with the checkpoint at ``path`` (a file missing or not matching its
+    digest), or None. Checkpoints written before digests were recorded are checked for the
+    files only."""
+    files = meta.get("sha256") or {n: None for n in
+                                   ["train.pt", *(f"rank{r}.pt" for r in range(meta["world_size"]))]}
+    for name, digest in files.items():
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            return f"{name} is missing"
+        if digest is not None and file_sha256(f) != digest:
+            return f"{name} does not match the sha256 recorded when it was written"
+    return None
 
 
 # ---------------------------------------------------------------------- weights of another run
