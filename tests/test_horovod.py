@@ -118,12 +118,14 @@ def test_horovod_run_learns_and_logs(runs):
     assert "2 ranks (horovodrun, horovod)" in log
 
 
-def test_horovod_resume_restores_error_feedback_exactly(tmp_path):
+@pytest.mark.parametrize("buckets", [[], ["model.widths=[64,64,64]", "backend.bucket_cap_mb=0.01"]],
+                         ids=["one_bucket", "three_buckets"])
+def test_horovod_resume_restores_error_feedback_exactly(buckets, tmp_path):
     """Under Horovod, 6 steps then a resume to 12 == 12 uninterrupted steps: parameters and
-    per-rank residuals, bitwise. (The default MLP: one bucket. With several buckets a resumed
-    run starts again from DDP's single first-step bucket, under DDP as here; see README.)"""
+    per-rank residuals, bitwise, with the default MLP's one bucket and with three (the resumed
+    process's first step, one bucket, follows the checkpoint's bucket compositions)."""
     common = ["+scheme=onebit", "steps=12", "eval_every=0", "optim.schedule=constant",
-              "deterministic=true"]
+              "deterministic=true", *buckets]
     _ok(horovodrun(*common, f"hydra.run.dir={tmp_path}/full"))
     _ok(horovodrun(*[a.replace("steps=12", "steps=6") for a in common],
                    f"hydra.run.dir={tmp_path}/split"))
@@ -135,6 +137,8 @@ def test_horovod_resume_restores_error_feedback_exactly(tmp_path):
         a, b = (torch.load(checkpoints(d)[-1] / f"rank{r}.pt", weights_only=False)["scheme"]
                 for d in (full, split))
         assert a["step"] == b["step"] == 12
+        assert (len(a["buckets"]) >= 3) == bool(buckets), a["buckets"]
+        assert a["buckets"] == b["buckets"]
         for key in ("worker_residual", "server_residual"):
             assert a[key].abs().sum() > 0
             assert torch.equal(a[key], b[key]), f"rank {r} {key} not restored exactly"

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from dqt.comm.buckets import BucketGroups, SubBucket
 from dqt.comm.collective import (BucketContext, BucketWork, Request, allgather_allreduce,
                                  run_started, run_sync, two_phase_allreduce)
 from dqt.comm.compressors import Compressor
@@ -70,6 +71,7 @@ class CompressedScheme(Scheme):
         self._scales: dict[int, torch.Tensor] = {}  # id(layout) -> the bucket's preconditioner
         self._bound: float | None = None
         self._thread: CommThread | None = None  # scheme.overlap under DDP
+        self.groups = BucketGroups()  # bucket compositions, saved so a resume follows them
 
     def set_preconditioner(self, scale: Callable[[torch.Tensor], torch.Tensor | None],
                            bound: float | None = None) -> None:
@@ -126,9 +128,10 @@ class CompressedScheme(Scheme):
         else:
             model.attach_scheme(self)
 
-    def _plain(self, n: int) -> bool:
+    def _plain(self, n: int, step: int | None = None) -> bool:
         """Warm-up, small buckets and one rank: the plain fp32 all-reduce (same on all ranks)."""
-        return self.step < self.cfg.warmup_steps or n < self.cfg.min_bucket_numel or \
+        step = self.step if step is None else step
+        return step < self.cfg.warmup_steps or n < self.cfg.min_bucket_numel or \
             self.world_size == 1
 
     # ------------------------------------------------------------------ the hook
@@ -141,7 +144,18 @@ class CompressedScheme(Scheme):
         if not plain and self.cfg.auto:
             choice = self.auto_choice.get(self.layout(bucket, buf).first_param)
             plain, trial = choice is False, choice is None
-        if self._thread is not None and not trial:
+        flats = [self.index.offset(p) for p in bucket.parameters()]
+        groups = None if self.cfg.auto else self.groups.split(flats)
+        if groups is None:
+            self.groups.observe(bucket.index(), flats)
+        if groups is not None:  # a resumed process's first step: the checkpoint's buckets
+            work = self._split_work(bucket, groups)
+            if self._thread is not None:
+                fut = self._thread.submit(next(work), work, buf.device)
+            else:
+                fut = torch.futures.Future()
+                fut.set_result(run_sync(work, self.process_group, self.meter))
+        elif self._thread is not None and not trial:
             # encode here, the collectives and the decoding on the communication thread
             work = self._plain_work(buf) if plain else self._compressed(buf, bucket)
             fut = self._thread.submit(next(work), work, buf.device)
@@ -158,6 +172,20 @@ class CompressedScheme(Scheme):
             self.step += 1
         self.meter.hook_s += time.perf_counter() - start
         return fut
+
+    def _split_work(self, bucket: Any, groups: list[list[int]]) -> BucketWork:
+        """A bucket processed as the saved buckets ``groups`` (flat offsets, bucket order), one
+        after another, each exactly as DDP's bucket of those parameters would be."""
+        step = self.step  # the later groups run after the hook has counted the step
+        by_flat = {self.index.offset(p): (p, g)
+                   for p, g in zip(bucket.parameters(), bucket.gradients())}
+        for flats in groups:
+            sub = SubBucket([by_flat[f][0] for f in flats], [by_flat[f][1] for f in flats])
+            buf = sub.buffer()
+            out = yield from (self._plain_work(buf) if self._plain(buf.numel(), step)
+                              else self._compressed(buf, sub, step))
+            sub.write_back(out)
+        return bucket.buffer()
 
     def _plain_allreduce(self, buf: torch.Tensor) -> torch.Tensor:
         return self._plain_allreduce_async(buf).wait()
@@ -227,8 +255,14 @@ class CompressedScheme(Scheme):
         received, and the generator returns the averaged bucket. Not with ``scheme.auto``."""
         buf = bucket.buffer()
         self.meter.record_raw(buf.numel(), self.world_size)
-        plain = self._plain(buf.numel())
-        work = self._plain_work(buf) if plain else self._compressed(buf, bucket)
+        flats = [self.index.offset(p) for p in bucket.parameters()]
+        groups = self.groups.split(flats)
+        if groups is not None:  # a resumed process's first step: the checkpoint's buckets
+            work = self._split_work(bucket, groups)
+        else:
+            self.groups.observe(bucket.index(), flats)
+            plain = self._plain(buf.numel())
+            work = self._plain_work(buf) if plain else self._compressed(buf, bucket)
         first = next(work)
         if bucket.is_last():
             self.step += 1
@@ -242,7 +276,8 @@ class CompressedScheme(Scheme):
         got = yield Request("all_reduce", t)
         return got if t is buf else got.to(buf.dtype)
 
-    def _compressed(self, buf: torch.Tensor, bucket: dist.GradBucket) -> BucketWork:
+    def _compressed(self, buf: torch.Tensor, bucket: dist.GradBucket,
+                    step: int | None = None) -> BucketWork:
         layout = self.layout(bucket, buf)
         in_place = buf.dtype == torch.float32 and buf.is_contiguous()
         x = buf if in_place else buf.float().contiguous()
@@ -252,7 +287,8 @@ class CompressedScheme(Scheme):
             if self._bound is not None:  # in the gradient's (loss-scaled) units
                 b = self._bound * self.grad_scale
                 torch.where(x.isinf(), x, x.clamp(-b, b), out=x)
-        ctx = BucketContext(self.rank, self.world_size, self.cfg.seed, self.step,
+        ctx = BucketContext(self.rank, self.world_size, self.cfg.seed,
+                            self.step if step is None else step,
                             layout.first_param, self.meter, self.cfg.kernel)
         worker = self.worker.buffer if self.worker is not None else None
         # the average is decoded straight into the bucket (read first, written last): no
@@ -274,11 +310,13 @@ class CompressedScheme(Scheme):
         return {"step": self.step,
                 "worker_residual": self.worker.state_dict() if self.worker else None,
                 "server_residual": self.server.state_dict() if self.server else None,
-                "auto_choice": dict(self.auto_choice)}
+                "auto_choice": dict(self.auto_choice),
+                "buckets": self.groups.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.auto_choice = dict(state.get("auto_choice") or {})  # a resume keeps the choices
+        self.groups.load_state_dict(state.get("buckets"))  # and follows the saved buckets
         if self.worker is not None and state.get("worker_residual") is not None:
             self.worker.load_state_dict(state["worker_residual"])
         if self.server is not None and state.get("server_residual") is not None:
