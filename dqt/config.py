@@ -156,6 +156,7 @@ class CheckpointConfig:
     keep: int = 2  # newest complete checkpoints kept
     resume: bool = True  # resume from the newest complete checkpoint in the run directory
     allow_world_size_change: bool = False  # resume model+optimizer only, reset per-rank state
+    allow_scheme_change: bool = False  # resume with another scheme; its state starts fresh
     init_from: Optional[str] = None  # weights of another run to start from (fine-tuning)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,9 @@ default ``hydra.sweep.dir``) is agreed through torchrun's / horovodrun's store a
 every rank runs the sweep itself (``torchrun ... launch/train.py -m ...``), else
 ``BASE/<date>/<time>``.
 
-``${dqt_rank0_only:X}`` is X on rank 0 and null elsewhere (only rank 0 writes ``.hydra/``);
+``${dqt_rank0_only:X}`` is X on rank 0 and null elsewhere; ``${dqt_hydra_subdir:DIR}`` is
+where rank 0 writes Hydra's record of this attempt (``.hydra``, then ``.hydra/attempt_N``) and
+null elsewhere;
 ``${dqt_rank0_level:L}`` is L on rank 0 and WARNING elsewhere (console noise from one rank);
 ``${dqt_rank:}`` is this process's global rank (per-rank log file names).
 """
@@ -98,6 +100,28 @@ def sweep_dir(base: str = "multirun") -> str:
             or _agreed_through_horovodrun(base, "sweep_dir") or _timestamped(base))
 
 
+_SUBDIRS: dict[str, str] = {}
+
+
+def hydra_subdir(output_dir: str) -> str | None:
+    """Where rank 0 writes Hydra's record of this attempt (``hydra.output_subdir``; other
+    ranks write none): ``.hydra`` for a run directory's first attempt, ``.hydra/attempt_N``
+    for its N-th, so a resume (or a refused one) never overwrites an earlier attempt's
+    record."""
+    if env_rank() != 0:
+        return None
+    if output_dir not in _SUBDIRS:  # Hydra may resolve this more than once per job
+        base = os.path.join(output_dir, ".hydra")
+        if not os.path.exists(os.path.join(base, "config.yaml")):
+            _SUBDIRS[output_dir] = ".hydra"
+        else:
+            n = 2
+            while os.path.exists(os.path.join(base, f"attempt_{n}")):
+                n += 1
+            _SUBDIRS[output_dir] = f".hydra/attempt_{n}"
+    return _SUBDIRS[output_dir]
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
@@ -108,5 +132,6 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("dqt_rank", env_rank, replace=True)
     OmegaConf.register_new_resolver(
         "dqt_rank0_only", lambda value: value if env_rank() == 0 else None, replace=True)
+    OmegaConf.register_new_resolver("dqt_hydra_subdir", hydra_subdir, replace=True)
     OmegaConf.register_new_resolver(
         "dqt_rank0_level", lambda level: level if env_rank() == 0 else "WARNING", replace=True)

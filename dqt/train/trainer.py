@@ -29,7 +29,7 @@ from dqt.comm.config import CompressedConfig, OneBitConfig
 from dqt.comm.onebit_adam import MomentumComm, OneBitAdam
 from dqt.comm.parallel import data_parallel
 from dqt.config import OptimConfig, TrainConfig
-from dqt.errors import PeerLost, TrainingDiverged
+from dqt.errors import ConfigError, PeerLost, TrainingDiverged
 from dqt.optim import FrozenVarianceAdamW
 from dqt.quant.config import QATConfig
 from dqt.quant import QAT, quantize_
@@ -198,9 +198,11 @@ class Trainer:
         self.scaler.load_state_dict(shared["scaler"])
         self.step = shared["step"]
         self.wall_before = float(shared.get("wall_s", 0.0))  # earlier attempts' training time
+        same_scheme = self._check_scheme(ckpt, shared.get("scheme"))
         if per_rank is not None:
             set_rng_state(per_rank["rng"])
-            self.scheme.load_state_dict(per_rank["scheme"])
+            if same_scheme:
+                self.scheme.load_state_dict(per_rank["scheme"])
             # running totals continue across resumes (what a loss-vs-bytes plot reads)
             totals = per_rank.get("comm_totals", {})
             self.scheme.meter.total_sent = int(totals.get("bytes_sent", 0))
@@ -208,6 +210,25 @@ class Trainer:
         else:
             log.warning("world size changed (%d → %d): restored model and optimizer only",
                         ckpt.world_size, self.env.world_size)
+
+    def _check_scheme(self, ckpt: Any, saved: str | None) -> bool:
+        """Resuming with the checkpoint's scheme? Another one is refused (its per-rank state,
+        the error-feedback residuals, would be dropped without a word) unless
+        ``checkpoint.allow_scheme_change``, which warns."""
+        if saved is None or saved == self.scheme.name:
+            return True
+        if not self.cfg.checkpoint.allow_scheme_change:
+            raise ConfigError(
+                "checkpoint.allow_scheme_change",
+                f"{ckpt.path} was written with scheme '{saved}' but this run has "
+                f"'{self.scheme.name}'. Resume with the same scheme, or set "
+                "checkpoint.allow_scheme_change=true to continue the model and optimizer with "
+                f"the new scheme (the state of '{saved}', e.g. its error-feedback residuals, is "
+                "dropped), or start a new run directory.")
+        log.warning("scheme changed on resume ('%s' → '%s', checkpoint.allow_scheme_change): "
+                    "model and optimizer restored; '%s' starts with fresh state", saved,
+                    self.scheme.name, self.scheme.name)
+        return False
 
     def save(self) -> str:
         # the parameters are identical on every rank, so every rank decides alike
@@ -218,7 +239,7 @@ class Trainer:
         shared = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                   "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                   "step": self.step, "data_meta": dataclasses.asdict(self.data.meta),
-                  "wall_s": self._wall_s()}
+                  "wall_s": self._wall_s(), "scheme": self.scheme.name}
         meter = self.scheme.meter
         per_rank = {"rng": rng_state(), "scheme": self.scheme.state_dict(),
                     "params_sha256": params_digest(self.model.module),  # this rank's own copy
