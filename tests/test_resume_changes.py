@@ -57,3 +57,17 @@ def test_a_refused_world_size_change_keeps_the_hydra_record(tmp_path):
     assert p.returncode == 2 and "checkpoint.allow_world_size_change" in p.stderr
     assert (tmp_path / ".hydra" / "config.yaml").read_text() == first
     assert (tmp_path / ".hydra" / "attempt_2" / "overrides.yaml").exists()
+
+
+@pytest.mark.parametrize("change,key,says", [
+    ("model.widths=[32]", "checkpoint.resume", "holds a different model (Error(s) in loading "
+     "state_dict for MLP:; Unexpected key(s) in state_dict"),
+    ("optim=adamw", "optim.name", "holds the state of another optimizer")])
+def test_a_different_model_or_optimizer_names_the_checkpoint(change, key, says, tmp_path):
+    p = run_train("steps=2", "eval_every=0", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_train("steps=4", "eval_every=0", change, f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 2
+    ckpt = checkpoints(tmp_path)[-1]
+    assert f"dqt: config error: {key}: {ckpt} {says}" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr

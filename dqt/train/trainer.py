@@ -192,8 +192,20 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint
     def _restore(self, ckpt: Any, with_rank_state: bool) -> None:
         shared, per_rank = self.checkpointer.load(ckpt, with_rank_state)
-        self.model.module.load_state_dict(shared["model"])
-        self.optimizer.load_state_dict(shared["optimizer"])
+        try:
+            self.model.module.load_state_dict(shared["model"])
+        except RuntimeError as e:  # torch lists every mismatch, one per line
+            raise ConfigError("checkpoint.resume", f"{ckpt.path} holds a different model "
+                              f"({_first_lines(e)}); resume with the model it was trained "
+                              "with, or set checkpoint.resume=false (or a new hydra.run.dir) "
+                              "to start over") from None
+        try:
+            self.optimizer.load_state_dict(shared["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ConfigError("optim.name", f"{ckpt.path} holds the state of another optimizer "
+                              f"or parameter grouping ({type(e).__name__}: {_first_lines(e)}); "
+                              "resume with the optimizer it was trained with, or set "
+                              "checkpoint.resume=false (or a new hydra.run.dir)") from None
         self.scheduler.load_state_dict(shared["scheduler"])
         self.scaler.load_state_dict(shared["scaler"])
         self.step = shared["step"]
@@ -539,6 +551,11 @@ def _report(bar: Any, step: int, total: int, m: dict[str, float], comm: dict[str
         log.info("step %d/%d %s", step, total, line)
     else:
         bar.set_postfix_str(line)
+
+
+def _first_lines(e: BaseException, n: int = 3) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return "; ".join(lines[:n]) + (" ..." if len(lines) > n else "")
 
 
 def _start_heartbeat(rank: int, world: int) -> Heartbeat | None:
