@@ -174,6 +174,39 @@ def init(env: DistEnv, cfg: BackendConfig) -> tuple[str, torch.device]:
     return backend, device
 
 
+def check_shared_dir(path: str, rank: int, world: int) -> None:
+    """Every rank must see the one run directory (checkpoints are written into it by all ranks
+    and renamed into place by rank 0): rank 0 writes a token file there and every rank looks
+    for it. Raises :class:`ConfigError` naming ``hydra.run.dir`` and the ranks that cannot see
+    it, on every rank, before anything else is written."""
+    import uuid
+
+    from dqt.errors import ConfigError
+
+    token = [uuid.uuid4().hex if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = os.path.join(path, f".dqt-shared-{token[0]}")
+    if rank == 0:
+        with open(probe, "w") as f:
+            f.write(token[0])
+    dist.barrier()
+    try:
+        with open(probe) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    views: list = [None] * world
+    dist.all_gather_object(views, seen)
+    if rank == 0:
+        os.remove(probe)
+    blind = [r for r, ok in enumerate(views) if not ok]
+    if blind:
+        raise ConfigError("hydra.run.dir", f"{path} is not shared by every rank: rank(s) "
+                          f"{', '.join(map(str, blind))} cannot see a file rank 0 wrote there. "
+                          "All ranks write checkpoints into one run directory: put it on a "
+                          "filesystem every node mounts (hydra.run.dir=/shared/path)")
+
+
 _GROUPS = 0  # process groups this process has made: the jobs of a sweep (-m) run in one process
 
 

@@ -136,6 +136,8 @@ class Trainer:
         resume = self.checkpointer.latest() if cfg.checkpoint.resume else None
         restore_rank_state = resume is not None and self.checkpointer.check_world_size(resume)
         self.backend, self.device = distributed.init(self.env, cfg.backend)
+        if self.env.world_size > 1:  # before anything else is written into it
+            distributed.check_shared_dir(run_dir, self.env.rank, self.env.world_size)
         self.heartbeat = _start_heartbeat(self.env.rank, self.env.world_size)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
