@@ -35,6 +35,22 @@ def check_choice(value: str, allowed: tuple[str, ...], key: str) -> None:
     check(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
 
 
+class NoSpace(RuntimeError):
+    """A write failed because the device is full; the message names the file, the space it
+    needed and what was kept (the partial write is removed)."""
+
+
+def no_space(e: BaseException) -> bool:
+    """Did ``e`` come from a full disk? (``OSError`` ENOSPC, or the message torch's writer
+    gives for it: ``basic_ios::clear: iostream error`` / ``unexpected pos``.)"""
+    import errno
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left" in text or "iostream error" in text or "unexpected pos" in text
+
+
 class PeerLost(RuntimeError):
     """A collective failed because a peer stopped answering (timed out, or its connection was
     lost); the message names this rank, the step and the ranks whose heartbeat stopped."""

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from dqt.config import ConfigError, register_configs, to_typed
-from dqt.errors import PeerLost, TrainingDiverged
+from dqt.errors import NoSpace, PeerLost, TrainingDiverged
 from dqt.train.run_dir import env_rank, register_resolvers
 
 register_configs()
@@ -48,6 +48,11 @@ def _train(dcfg: DictConfig) -> bool:
             logging.getLogger("dqt").error("config error: %s", e)
             print(f"dqt: config error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NoSpace as e:  # every rank stops at the same save; the last checkpoint is kept
+        if env_rank() == 0:
+            logging.getLogger("dqt").error("%s", e)
+            print(f"dqt: {e}", file=sys.stderr)
+        sys.exit(5)
     except PeerLost as e:  # each rank that saw it names itself and the silent ranks
         logging.getLogger("dqt").error("%s", e)
         print(f"dqt: {e}", file=sys.stderr)

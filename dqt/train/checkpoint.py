@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from dqt.config import CheckpointConfig
-from dqt.errors import ConfigError
+from dqt.errors import ConfigError, NoSpace, no_space
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 log = logging.getLogger("dqt")
@@ -65,10 +65,48 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _nbytes(obj: Any) -> int:
+    """The tensor bytes in a nested checkpoint object (what writing it needs, roughly)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def _atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` through ``path.partial`` and a rename; a full disk raises
+    :class:`NoSpace` naming ``path`` (the partial file removed)."""
     tmp = f"{path}.partial"
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if not no_space(e):
+            raise
+        free = shutil.disk_usage(os.path.dirname(path)).free
+        raise NoSpace(f"no space left on device writing {path} (need ~{_nbytes(obj) / 1e6:.1f} "
+                      f"MB, {free / 1e6:.1f} MB free)") from None
     os.replace(tmp, path)
+
+
+def remove_stale(run_dir: str) -> list[str]:
+    """Remove what an interrupted write left in ``run_dir`` (``checkpoints/.tmp-step_*``
+    directories and ``*.partial`` files); returns their paths. Rank 0, at start-up, before
+    anything is written."""
+    stale = [os.path.join(run_dir, n) for n in os.listdir(run_dir) if n.endswith(".partial")]
+    root = os.path.join(run_dir, "checkpoints")
+    if os.path.isdir(root):
+        stale += [os.path.join(root, n) for n in os.listdir(root) if n.startswith(".tmp-")]
+    for path in stale:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    return stale
 
 
 @dataclass
@@ -138,12 +176,29 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         dist.barrier()
-        if self.rank == 0:
-            _atomic_torch_save(shared, os.path.join(tmp, "train.pt"))
         own = os.path.join(tmp, f"rank{self.rank}.pt")
-        _atomic_torch_save(per_rank, own)
+        try:
+            if self.rank == 0:
+                _atomic_torch_save(shared, os.path.join(tmp, "train.pt"))
+            _atomic_torch_save(per_rank, own)
+            mine: Any = (f"rank{self.rank}.pt", file_sha256(own))
+        except NoSpace as e:
+            mine = e
         digests: list[Any] = [None] * self.world_size  # every rank's file, for meta.json
-        dist.all_gather_object(digests, (f"rank{self.rank}.pt", file_sha256(own)))
+        dist.all_gather_object(digests, mine)
+        failed = [(r, d) for r, d in enumerate(digests) if isinstance(d, NoSpace)]
+        if failed:  # every rank stops; the newest complete checkpoint is untouched
+            dist.barrier()
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = self._complete()
+            kept = f"the newest complete checkpoint (step {last[0][0]}) is intact" if last \
+                else "no complete checkpoint exists yet"
+            r, err = failed[0]
+            need = _nbytes(shared) + self.world_size * _nbytes(per_rank)
+            free = shutil.disk_usage(self.root).free
+            raise NoSpace(f"rank {r}: {err.args[0].split(' (need')[0]} (checkpoint step {step} "
+                          f"needs ~{need / 1e6:.2f} MB, {free / 1e6:.2f} MB free); {kept}")
         if self.rank == 0:
             sha = {"train.pt": file_sha256(os.path.join(tmp, "train.pt")), **dict(digests)}
             with open(os.path.join(tmp, "meta.json"), "w") as f:

@@ -29,12 +29,13 @@ from dqt.comm.config import CompressedConfig, OneBitConfig
 from dqt.comm.onebit_adam import MomentumComm, OneBitAdam
 from dqt.comm.parallel import data_parallel
 from dqt.config import OptimConfig, TrainConfig
-from dqt.errors import ConfigError, PeerLost, TrainingDiverged
+from dqt.errors import ConfigError, NoSpace, PeerLost, TrainingDiverged, no_space
 from dqt.optim import FrozenVarianceAdamW
 from dqt.quant.config import QATConfig
 from dqt.quant import QAT, quantize_
 from dqt.train import distributed, preempt
-from dqt.train.checkpoint import Checkpointer, load_weights, rng_state, set_rng_state
+from dqt.train.checkpoint import (Checkpointer, load_weights, remove_stale, rng_state,
+                                  set_rng_state)
 from dqt.train.data import ShardedLoader, build_dataset, eval_shard
 from dqt.train.heartbeat import Heartbeat, comm_failure
 from dqt.train.metrics import MetricLogger, check_logger
@@ -138,6 +139,9 @@ class Trainer:
         self.backend, self.device = distributed.init(self.env, cfg.backend)
         if self.env.world_size > 1:  # before anything else is written into it
             distributed.check_shared_dir(run_dir, self.env.rank, self.env.world_size)
+        if self.env.is_main:
+            for path in remove_stale(run_dir):
+                log.warning("removed %s, left by an interrupted write", path)
         self.heartbeat = _start_heartbeat(self.env.rank, self.env.world_size)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -516,8 +520,16 @@ def eval_metrics(sums: torch.Tensor) -> dict[str, float]:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".partial", "w") as f:
-        f.write(text)
+    try:
+        with open(path + ".partial", "w") as f:
+            f.write(text)
+    except OSError as e:
+        if os.path.exists(path + ".partial"):
+            os.remove(path + ".partial")
+        if not no_space(e):
+            raise
+        raise NoSpace(f"no space left on device writing {path} (need ~{len(text) / 1e6:.2f} "
+                      "MB)") from None
     os.replace(path + ".partial", path)
 
 
