@@ -235,3 +235,17 @@ def test_inq_grad_is_zero_on_frozen_weights_identity_elsewhere():
 
 
 STE |= {"kmeans", "inq"}
+
+
+def test_the_forward_keeps_the_sign_of_zero():
+    """The STE's forward is the quantized value bit for bit, −0 included (an STE written
+    ``q + (x − x.detach())`` turns −0 into +0)."""
+    from dqt.quant.ste import round_ste
+
+    x = torch.tensor([-0.0, 0.0, -1e-30, 1e-30, -0.3, 0.3, -0.7], requires_grad=True)
+    y = make("minifloat", "weight").quantize(x)
+    assert torch.signbit(y).tolist() == [True, False, True, False, True, False, True]
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(7))  # the STE's gradient is unchanged
+    r = round_ste(x)
+    assert torch.signbit(r).tolist() == [True, False, True, False, True, False, True]

@@ -2,9 +2,10 @@
 gradients through stochastic neurons"): the forward pass uses the quantized value, the backward
 pass pretends the quantizer was (a clipped) identity.
 
-Every helper has the form ``q.detach() + (f(x) − f(x).detach())``: the second term is exactly
-zero, so the forward value is *bit for bit* ``q`` (which export relies on), and the gradient is
-that of ``f``. No ``.item()`` and no data-dependent Python control flow.
+Every helper has the form ``q.detach() − (f(x).detach() − f(x))``: the second term is exactly
++0, so the forward value is *bit for bit* ``q`` (which export relies on) — −0 included, which
+``q + (f − f.detach())`` would turn into +0 — and the gradient is that of ``f``. No ``.item()``
+and no data-dependent Python control flow.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor
 
 
 def _through(q: Tensor, f: Tensor) -> Tensor:
-    return q.detach() + (f - f.detach())
+    return q.detach() - (f.detach() - f)  # q − (+0) keeps q's sign of zero
 
 
 def ste(x: Tensor, q: Tensor) -> Tensor:

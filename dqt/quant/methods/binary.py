@@ -78,7 +78,7 @@ class BNNSign(_SignBase):
 
     def quantize(self, x: Tensor) -> Tensor:
         ht = x.clamp(-1.0, 1.0)
-        return self.signs(x.detach()) + (ht - ht.detach())
+        return self.signs(x.detach()) - (ht.detach() - ht)
 
 
 @register

@@ -116,4 +116,4 @@ class HWGQ(Quantizer):
         q = lv[code]
         mask = ((x > 0) & (x <= lv[-1])).to(x.dtype).detach()
         f = x * mask  # gradient exactly the clipped-ReLU mask
-        return q + (f - f.detach())
+        return q - (f.detach() - f)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from dqt.quant.base import Quantizer, need, register
+from dqt.quant.ste import _through
 from dqt.quant.export.codes import Minifloat as MinifloatCodes
 
 
@@ -62,7 +63,7 @@ class Minifloat(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         q = minifloat_round(x, self.exp_bits, self.mant_bits)
         xc = x.clamp(-self.top, self.top)
-        return xc + (q - xc).detach()
+        return _through(q, xc)  # forward q bit for bit (−0 too)
 
     def encode(self, w: Tensor) -> MinifloatCodes:
         e_bits, m_bits = self.exp_bits, self.mant_bits

@@ -58,4 +58,4 @@ class TNNAct(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         ht = x.clamp(-1.0, 1.0)
-        return self.ternary(x.detach()) + (ht - ht.detach())
+        return self.ternary(x.detach()) - (ht.detach() - ht)
