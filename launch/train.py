@@ -47,6 +47,7 @@ def _train(dcfg: DictConfig) -> bool:
         if env_rank() == 0:
             logging.getLogger("dqt").error("config error: %s", e)
             print(f"dqt: config error: {e}", file=sys.stderr)
+        _forget_run_dir(run_dir)
         sys.exit(2)
     except NoSpace as e:  # every rank stops at the same save; the last checkpoint is kept
         if env_rank() == 0:
@@ -62,6 +63,34 @@ def _train(dcfg: DictConfig) -> bool:
             logging.getLogger("dqt").error("training diverged: %s", e)
             print(f"dqt: training diverged: {e}", file=sys.stderr)
         sys.exit(3)
+
+
+def _forget_run_dir(run_dir: str) -> None:
+    """After a config error in a run directory this attempt made (only Hydra's record and the
+    ranks' log files in it), remove what it wrote: a refused config leaves nothing behind. A
+    directory with anything else (an earlier attempt, checkpoints) keeps this attempt's record."""
+    hydra_dir = os.path.join(run_dir, ".hydra")
+    try:
+        names = set(os.listdir(run_dir))
+        record = set(os.listdir(hydra_dir)) if os.path.isdir(hydra_dir) else set()
+    except OSError:
+        return
+    if any(not (n == ".hydra" or re.fullmatch(r"train_rank\d+\.log", n)) for n in names) or \
+            not record <= {"config.yaml", "hydra.yaml", "overrides.yaml"}:
+        return
+    own = [os.path.join(run_dir, f"train_rank{env_rank()}.log")]
+    if env_rank() == 0:
+        own += [os.path.join(hydra_dir, n) for n in record]
+    for path in own:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    for d in (hydra_dir, run_dir):  # whichever rank is last removes the directories
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")
@@ -86,6 +115,45 @@ def _need_submitit_plugin(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _config_dirs(argv: list[str]) -> list[str]:
+    """The config directories Hydra will read: conf/ and every ``--config-dir``/``-cd``."""
+    dirs = [CONF]
+    for i, a in enumerate(argv):
+        if a in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(argv[i + 1])
+        elif a.startswith("--config-dir="):
+            dirs.append(a.split("=", 1)[1])
+    return dirs
+
+
+def _check_yaml(argv: list[str]) -> None:
+    """A YAML syntax error in a config file: one line naming the file, line and column (rank 0),
+    instead of Hydra's traceback on every rank."""
+    import yaml
+
+    for root in _config_dirs(argv):
+        for dirpath, _, files in os.walk(root):
+            for name in sorted(f for f in files if f.endswith((".yaml", ".yml"))):
+                path = os.path.join(dirpath, name)
+                try:
+                    with open(path) as f:
+                        yaml.safe_load(f)
+                except yaml.MarkedYAMLError as e:
+                    mark, ctx = e.problem_mark or e.context_mark, e.context_mark
+                    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+                    started = (f" ({e.context} at line {ctx.line + 1}, column {ctx.column + 1})"
+                               if ctx is not None and e.context else "")
+                    if env_rank() == 0:
+                        print(f"dqt: config error: {where}: {e.problem or e.context}{started}",
+                              file=sys.stderr)
+                    sys.exit(2)
+                except (yaml.YAMLError, OSError) as e:
+                    if env_rank() == 0:
+                        print(f"dqt: config error: {path}: {e}", file=sys.stderr)
+                    sys.exit(2)
+
+
 if __name__ == "__main__":
     _need_submitit_plugin(sys.argv[1:])
+    _check_yaml(sys.argv[1:])
     main()

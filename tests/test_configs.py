@@ -190,8 +190,29 @@ def test_cli_bad_value_one_message_exit_2_nothing_written(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "dqt: config error: optim.lr: must be > 0; got -1.0" in p.stderr
     assert "Traceback" not in p.stderr + p.stdout
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists(), "a refused config leaves no run directory"
+
+
+def test_cli_bad_value_keeps_an_existing_directorys_files(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    p = run_train("optim.lr=-1", f"hydra.run.dir={tmp_path}/run")
+    assert p.returncode == 2, p.stderr
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"
+
+
+def test_cli_yaml_syntax_error_names_file_line_and_column_once(tmp_path):
+    exp = tmp_path / "conf" / "experiment"
+    exp.mkdir(parents=True)
+    (exp / "mine.yaml").write_text("# @package _global_\nsteps: 3\noptim:\n  lr: [0.1\n")
+    p = run_train("--config-dir", str(tmp_path / "conf"), "+experiment=mine",
+                  f"hydra.run.dir={tmp_path}/run", nproc=2)
+    assert p.returncode != 0
+    lines = [ln for ln in p.stderr.splitlines() if "mine.yaml" in ln]
+    assert lines == [f"dqt: config error: {exp / 'mine.yaml'}:5:1: expected ',' or ']', but "
+                     "got '<stream end>' (while parsing a flow sequence at line 4, column 7)"]
+    assert "hydra/_internal" not in p.stderr  # no Hydra traceback (torchrun adds its own report)
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_typo_key(tmp_path):
