@@ -23,6 +23,13 @@ bytes, O(N).
 Stochastic rounding draws Philox numbers keyed by (seed, step, rank, bucket, phase) with one
 counter per block. Majority-vote messages end in a flag byte (1 if a chunk held inf/NaN), since
 scale-free sign bits cannot carry a non-finite value.
+
+**Majority vote and ties.** The vote is sign(Σ signs). With an even number of ranks the sum can
+be 0 (at N = 2, half of the coordinates of pure noise); a tie is broken by a fair coin, ±1 with
+probability ½ each, drawn from a generator keyed by (seed, step, owner, bucket, phase 2) — the
+owner of the chunk in two-phase (its choice then travels to every rank in phase 2), rank 0's key
+on every rank in allgather mode — so the vote is unbiased and every rank ends with the same
+signs. (Taking sign(0) = +1 would add +1 to the mean vote of half the coordinates at N = 2.)
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from dqt.kernels import blockq
 from dqt.kernels.blockq import BlockSpec
 from dqt.kernels.philox import mix_seed
 
-WORKER, SERVER = 0, 1
+WORKER, SERVER, TIES = 0, 1, 2
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -108,6 +115,19 @@ def run_started(req: Request, work: BucketWork, group: dist.ProcessGroup,
         return stop.value
 
 
+def majority_vote(total: torch.Tensor, key: int) -> torch.Tensor:
+    """In place: the sum of the peers' signs → its sign, a tie (0) → a fair coin from a generator
+    seeded with ``key`` (deterministic), NaN (a flagged chunk) kept."""
+    ties = total == 0
+    k = int(ties.sum())
+    total.copy_(torch.where(total > 0, 1.0, torch.where(total < 0, -1.0, total)))
+    if k:
+        g = torch.Generator().manual_seed(key & 0x7FFF_FFFF_FFFF_FFFF)
+        coin = torch.randint(0, 2, (k,), generator=g).to(total.device, total.dtype) * 2 - 1
+        total[ties] = coin
+    return total
+
+
 def _flag_bytes(msgs: torch.Tensor, bad: torch.Tensor, chunk_of: torch.Tensor,
                 layout: BucketLayout, nmsgs: int) -> None:
     """Majority vote only: byte M−1 of message r ← any non-finite block in chunk r."""
@@ -163,8 +183,11 @@ def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
     recv = yield Request("all_to_all", send, b["recv"])
     t2 = time.perf_counter()
     owned = b["owned"]
+    # vote: the peers' sum ("copy"), then its sign with ties broken by the owner's coin
     blockq.decode(spec, recv, layout.own_blocks, owned, npeers=N, peer_stride=M,
-                  flag_off=layout.flag_off, mode="vote" if vote else "mean", impl=ctx.impl)
+                  flag_off=layout.flag_off, mode="copy" if vote else "mean", impl=ctx.impl)
+    if vote:
+        majority_vote(owned, ctx.key(TIES))
     t3 = time.perf_counter()
     msg = b["msg"]
     own_bad = b["own_bad"] if vote else None
@@ -205,6 +228,8 @@ def allgather_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
     t2 = time.perf_counter()
     out = _output(out, layout)
     blockq.decode(spec, gathered, layout.all_blocks, out, npeers=N, peer_stride=M,
-                  flag_off=layout.flag_off, mode="vote" if vote else "mean", impl=ctx.impl)
+                  flag_off=layout.flag_off, mode="copy" if vote else "mean", impl=ctx.impl)
+    if vote:  # every rank decides the ties alike: rank 0's key
+        majority_vote(out, mix_seed(ctx.seed, ctx.step, 0, ctx.bucket, TIES))
     ctx.meter.add_time("decompress", time.perf_counter() - t2)
     return out
