@@ -64,6 +64,29 @@ def test_minifloat_e5m10_is_ieee_half():
     assert float(q(torch.tensor([1e6]))) == 65504.0  # saturates instead of inf
 
 
+@pytest.mark.parametrize("e,m,dtype,top", [(4, 3, torch.float8_e4m3fn, 448.0),
+                                            (5, 2, torch.float8_e5m2, 57344.0)])
+def test_minifloat_ocp_is_torch_float8_bit_for_bit(e, m, dtype, top):
+    """format=ocp against PyTorch's float8 dtypes: every finite code maps to itself, the
+    midpoints between neighbours round to even as torch does, random values of every magnitude
+    agree, and the exported codes are torch's bytes; beyond ±max it saturates (torch's cast
+    gives NaN or inf there)."""
+    q = make("minifloat", "weight", {"exp_bits": e, "mant_bits": m, "format": "ocp"})
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    noise = torch.from_numpy((RNG.standard_normal(20000) * np.exp(RNG.uniform(-12, 12, 20000)))
+                             .astype(np.float32)).clamp(-top, top)
+    x = torch.cat([grid, mids, noise])
+    y = q(x)
+    assert torch.equal(y, x.to(dtype).float())
+    codes = q.encode(x[:len(x) // 4 * 4].reshape(4, -1)).codes.reshape(-1).to(torch.int64)
+    assert torch.equal((codes & 0xFF).to(torch.uint8), x[:len(codes)].to(dtype).view(torch.uint8))
+    assert float(q(torch.tensor([1e9]))) == top and grid.max() == top
+    assert make("minifloat", "weight", {"exp_bits": e, "mant_bits": m}).top == \
+        (240.0 if e == 4 else 57344.0)  # the IEEE-style layout reserves e4m3's top exponent
+
+
 # ------------------------------------------------------------------ the seed, verbatim
 def test_seed_linear_quantize_verbatim():
     x = torch.from_numpy(S)
