@@ -54,3 +54,18 @@ def test_a_step_directory_without_meta_does_not_count_toward_keep(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert "resumed from step 4" in (tmp_path / "train_rank0.log").read_text()
     assert sorted(d.name for d in root.iterdir()) == ["step_0000006", "step_0000099"]
+
+
+@pytest.mark.slow
+def test_when_every_checkpoint_is_damaged_the_run_is_not_started_over_silently(tmp_path):
+    p = run_train(*COMMON, "steps=2", f"hydra.run.dir={tmp_path}", nproc=2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    only = tmp_path / "checkpoints" / "step_0000002"
+    (only / "rank1.pt").unlink()
+    p = run_train(*COMMON, "steps=4", f"hydra.run.dir={tmp_path}", nproc=2)
+    assert p.returncode != 0
+    assert ("dqt: config error: checkpoint.resume: every checkpoint of this run directory is "
+            f"damaged: {only} (rank1.pt is missing)") in p.stderr, p.stderr[-2000:]
+    p = run_train(*COMMON, "steps=4", "checkpoint.resume=false", f"hydra.run.dir={tmp_path}",
+                  nproc=2)
+    assert p.returncode == 0, p.stderr[-2000:]

@@ -19,6 +19,7 @@ import torch
 
 from tests.conftest import (REPO, checkpoints, clean_env, read_metrics, run_train, summary,
                       train_cmd, wait_for_step)
+from dqt.train.checkpoint import file_sha256
 from tests.wandb_log import config_and_history
 
 pytestmark = pytest.mark.slow
@@ -227,13 +228,20 @@ def test_failing_rank_is_reported_with_its_rank_and_traceback(tmp_path):
     summary names the rank that failed and shows its traceback."""
     p = run_train("steps=10", "eval_every=0", f"hydra.run.dir={tmp_path}", nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
-    (checkpoints(tmp_path)[-1] / "rank1.pt").unlink()  # rank 1 alone cannot restore its state
+    # rank 1 alone cannot restore its state: its file (with a matching digest) lacks a key
+    ckpt = checkpoints(tmp_path)[-1]
+    state = torch.load(ckpt / "rank1.pt", weights_only=False)
+    del state["scheme"]
+    torch.save(state, ckpt / "rank1.pt")
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["sha256"]["rank1.pt"] = file_sha256(str(ckpt / "rank1.pt"))
+    (ckpt / "meta.json").write_text(json.dumps(meta))
     p = run_train("steps=20", "eval_every=0", f"hydra.run.dir={tmp_path}", nproc=2)
     assert p.returncode == 1
     root = p.stderr.split("Root Cause (first observed failure):")[1]
     assert "rank      : 1 (local_rank: 1)" in root, root
     assert "error_file: <N/A>" not in root and "Traceback (most recent call last)" in root
-    assert "FileNotFoundError" in root and "rank1.pt" in root
+    assert "KeyError" in root and "'scheme'" in root
 
 
 def test_wandb_offline_run_holds_config_and_history(tmp_path):

@@ -125,6 +125,7 @@ class Checkpointer:
     def latest(self) -> Checkpoint | None:
         """The newest complete, undamaged checkpoint in the run directory, or None. Damaged
         ones are skipped with a warning naming the file."""
+        damaged = []
         for step, name in self._complete():
             path = os.path.join(self.root, name)
             try:
@@ -137,6 +138,11 @@ class Checkpointer:
                 return Checkpoint(path, meta["step"], meta["world_size"])
             log.warning("checkpoint %s is damaged (%s); skipped, trying an older one", path,
                         problem)
+            damaged.append(f"{path} ({problem})")
+        if damaged:  # never start over silently in a directory that holds a run
+            raise ConfigError("checkpoint.resume", "every checkpoint of this run directory is "
+                              f"damaged: {'; '.join(damaged)}. Set checkpoint.resume=false to "
+                              "start over here, or use a new hydra.run.dir")
         return None
 
     def _complete(self) -> list[tuple[int, str]]:
