@@ -46,6 +46,8 @@ ap.add_argument("--resume", default=None)
 ap.add_argument("--strategy", default="ddp")
 ap.add_argument("--devices", type=int, default=2)
 ap.add_argument("--codec", default="onebit", choices=["onebit", "ternary_grad"])
+ap.add_argument("--fp16-scale", type=float, default=0.0,
+                help="train under a GradScaler with this fixed loss scale (fp16 autocast)")
 args = ap.parse_args()
 torch.manual_seed(0)
 codec = comm.OneBit if args.codec == "onebit" else comm.TernaryGrad
@@ -55,8 +57,13 @@ if args.save_every:
     callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"),
                                                   every_n_train_steps=args.save_every,
                                                   save_top_k=-1, filename="{step}"))
+plugins = []
+if args.fp16_scale:  # Lightning's fp16 AMP with a CPU GradScaler (fixed scale: no growth)
+    from lightning.pytorch.plugins import MixedPrecision
+    plugins.append(MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler(
+        "cpu", init_scale=args.fp16_scale, growth_interval=10**9)))
 trainer = pl.Trainer(accelerator="cpu", devices=args.devices, strategy=args.strategy, max_steps=args.steps,
-                     callbacks=callbacks, logger=False, enable_progress_bar=False,
+                     callbacks=callbacks, plugins=plugins, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, enable_checkpointing=bool(args.save_every),
                      deterministic=True)
 model = Net()

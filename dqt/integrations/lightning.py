@@ -11,6 +11,7 @@ feedback) must go into the checkpoint, which Lightning writes from rank 0 only. 
   (any ``DDPStrategy``; anything else is refused with one message);
 * wires the preconditioner when the optimizer is :class:`dqt.optim.FrozenVarianceAdamW` (the
   codec then compresses in Adam's units, as the trainer does);
+* under fp16 AMP passes the ``GradScaler``'s scale to the scheme before every backward;
 * on ``on_save_checkpoint`` (every rank builds the checkpoint dict) gathers every rank's
   scheme state into the checkpoint under ``"dqt_compression"``, a list indexed by rank, and on
   resume gives each rank its own entry back; a checkpoint from another world size is refused.
@@ -62,6 +63,15 @@ class DQTCompression(pl.Callback):
         if self._pending is not None:
             self.scheme.load_state_dict(self._pending)
             self._pending = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           loss: Any) -> None:
+        """Under fp16 AMP (Lightning's ``MixedPrecision`` with a ``GradScaler``), tell the
+        scheme the loss scale of this backward: error feedback keeps its residuals, and the
+        preconditioner's clamp its bound, in unscaled units."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if self.scheme is not None and scaler is not None and scaler.is_enabled():
+            self.scheme.set_grad_scale(scaler.get_scale())
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
