@@ -35,6 +35,12 @@ def check_choice(value: str, allowed: tuple[str, ...], key: str) -> None:
     check(value in allowed, key, f"must be one of {', '.join(allowed)}; got '{value}'")
 
 
+def first_lines(e: BaseException, n: int = 3) -> str:
+    """The first ``n`` non-empty lines of an exception's message, joined with "; "."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return "; ".join(lines[:n]) + (" ..." if len(lines) > n else "")
+
+
 class NoSpace(RuntimeError):
     """A write failed because the device is full; the message names the file, the space it
     needed and what was kept (the partial write is removed)."""

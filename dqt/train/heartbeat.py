@@ -74,3 +74,16 @@ class Heartbeat:
             return []
         return [r for r in range(self.world)
                 if r != self.rank and (r not in after or after[r] == before.get(r))]
+
+
+def start_heartbeat(rank: int, world: int) -> Heartbeat | None:
+    """This rank's heartbeat in the default process group's store (several ranks only)."""
+    if world < 2:
+        return None
+    import torch.distributed as dist
+
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:  # noqa: BLE001 - no store (e.g. a group made without one)
+        return None
+    return Heartbeat(store, rank, world).start()

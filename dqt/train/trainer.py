@@ -29,7 +29,8 @@ from dqt.comm.config import CompressedConfig, OneBitConfig
 from dqt.comm.onebit_adam import MomentumComm, OneBitAdam
 from dqt.comm.parallel import data_parallel
 from dqt.config import OptimConfig, TrainConfig
-from dqt.errors import ConfigError, NoSpace, PeerLost, TrainingDiverged, no_space
+from dqt.errors import (ConfigError, NoSpace, PeerLost, TrainingDiverged, first_lines,
+                        no_space)
 from dqt.optim import FrozenVarianceAdamW
 from dqt.quant.config import QATConfig
 from dqt.quant import QAT, quantize_
@@ -37,7 +38,7 @@ from dqt.train import distributed, preempt
 from dqt.train.checkpoint import (Checkpointer, load_weights, remove_stale, rng_state,
                                   set_rng_state)
 from dqt.train.data import ShardedLoader, build_dataset, eval_shard
-from dqt.train.heartbeat import Heartbeat, comm_failure
+from dqt.train.heartbeat import comm_failure, start_heartbeat
 from dqt.train.metrics import MetricLogger, check_logger
 from dqt.train.models import build_model
 
@@ -142,7 +143,7 @@ class Trainer:
         if self.env.is_main:
             for path in remove_stale(run_dir):
                 log.warning("removed %s, left by an interrupted write", path)
-        self.heartbeat = _start_heartbeat(self.env.rank, self.env.world_size)
+        self.heartbeat = start_heartbeat(self.env.rank, self.env.world_size)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
 
@@ -202,14 +203,14 @@ class Trainer:
             self.model.module.load_state_dict(shared["model"])
         except RuntimeError as e:  # torch lists every mismatch, one per line
             raise ConfigError("checkpoint.resume", f"{ckpt.path} holds a different model "
-                              f"({_first_lines(e)}); resume with the model it was trained "
+                              f"({first_lines(e)}); resume with the model it was trained "
                               "with, or set checkpoint.resume=false (or a new hydra.run.dir) "
                               "to start over") from None
         try:
             self.optimizer.load_state_dict(shared["optimizer"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise ConfigError("optim.name", f"{ckpt.path} holds the state of another optimizer "
-                              f"or parameter grouping ({type(e).__name__}: {_first_lines(e)}); "
+                              f"or parameter grouping ({type(e).__name__}: {first_lines(e)}); "
                               "resume with the optimizer it was trained with, or set "
                               "checkpoint.resume=false (or a new hydra.run.dir)") from None
         self.scheduler.load_state_dict(shared["scheduler"])
@@ -565,22 +566,6 @@ def _report(bar: Any, step: int, total: int, m: dict[str, float], comm: dict[str
         log.info("step %d/%d %s", step, total, line)
     else:
         bar.set_postfix_str(line)
-
-
-def _first_lines(e: BaseException, n: int = 3) -> str:
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    return "; ".join(lines[:n]) + (" ..." if len(lines) > n else "")
-
-
-def _start_heartbeat(rank: int, world: int) -> Heartbeat | None:
-    """This rank's heartbeat in the job's store (several ranks only)."""
-    if world < 2:
-        return None
-    try:
-        store = dist.distributed_c10d._get_default_store()
-    except Exception:  # noqa: BLE001 - no store (e.g. a group made without one)
-        return None
-    return Heartbeat(store, rank, world).start()
 
 
 def train(cfg: TrainConfig, run_dir: str) -> TrainResult:
