@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks of the Triton kernels, in one go (for a lent GPU machine with torch + triton):
+# GPU checks of the Triton kernels, in one go (on a GPU machine with torch + triton):
 # correctness against the torch references (pytest, CUDA tests), then the kernel benchmark.
 #   bash benchmarks/gpu_check.sh [OUT_DIR]     (BENCH_ARGS="--gpu-sizes 16M --gemv-only" for a shorter run)
 set -uo pipefail
