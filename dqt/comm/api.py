@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dqt.comm.config import SCHEME_CONFIGS, SchemeConfig
+from dqt.comm.fsdp import FSDPCompression, FSDPModule, fsdp_supported
 from dqt.comm.scheme import SCHEMES, Scheme, build_scheme
 
 _ATTACHED = "_dqt_scheme"  # the attribute that marks a DDP model as compressed
@@ -41,15 +42,19 @@ def preset(name: str) -> SchemeConfig:
     return cls()
 
 
-def compress(model: DistributedDataParallel, config: SchemeConfig | str, *,
+def compress(model: Any, config: SchemeConfig | str | None, *,
              process_group: dist.ProcessGroup | None = None) -> Scheme:
-    """Compress the gradient all-reduce of a ``DistributedDataParallel`` model.
+    """Compress the gradient all-reduce of a ``DistributedDataParallel`` model, or the gradient
+    reduce-scatter of an FSDP2 (``fully_shard``) model.
 
     Args:
-        model: the DDP-wrapped model, before its first backward.
+        model: the DDP-wrapped model, or the root of a ``fully_shard`` model (every
+            ``fully_shard`` module in it gets the compressed reduce-scatter:
+            :mod:`dqt.comm.fsdp`), before its first backward.
         config: a scheme config (``OneBit()``, ``TernaryGrad(format="base3")``, ``QSGD(bits=4)``,
             ``EFSignSGD()``, ``SignSGD()``, ``PowerSGD()``, ``BF16()``, ``FP16()``) or a preset
-            name (:func:`presets`).
+            name (:func:`presets`). Under FSDP also None (FSDP's own reduce-scatter, counted);
+            PowerSGD cannot run there.
         process_group: the ranks to average over; by default a new group of all ranks (the
             scheme's traffic stays separate from the model's own collectives).
 
@@ -63,8 +68,9 @@ def compress(model: DistributedDataParallel, config: SchemeConfig | str, *,
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised, or ``model`` already has a dqt
             scheme.
-        TypeError: ``model`` is not a ``DistributedDataParallel``, or ``config`` is not a scheme
-            config or a preset name.
+        TypeError: ``model`` is neither a ``DistributedDataParallel`` nor a ``fully_shard``
+            model, ``config`` is not a scheme config or a preset name, or the scheme cannot run
+            in FSDP's reduce-scatter (PowerSGD).
         ValueError: an unknown preset name.
 
     Under Adam(W), use :class:`dqt.optim.FrozenVarianceAdamW` with the codecs (and
@@ -73,14 +79,17 @@ def compress(model: DistributedDataParallel, config: SchemeConfig | str, *,
     """
     if isinstance(config, str):
         config = preset(config)
-    if not isinstance(config, SchemeConfig) or type(config) not in SCHEMES:
+    fsdp = FSDPModule is not None and isinstance(model, FSDPModule)
+    if not (config is None and fsdp) and (
+            not isinstance(config, SchemeConfig) or type(config) not in SCHEMES):
         raise TypeError(f"dqt.comm.compress: config must be a scheme config "
                         f"({', '.join(c.__name__ for c in SCHEME_CONFIGS.values())}) or a preset "
                         f"name ({', '.join(presets())}); got {config!r}")
-    if not isinstance(model, DistributedDataParallel):
+    if not isinstance(model, DistributedDataParallel) and not fsdp:
         raise TypeError(f"dqt.comm.compress: model must be wrapped in "
                         f"torch.nn.parallel.DistributedDataParallel (the scheme is its "
-                        f"communication hook); got {type(model).__name__}")
+                        f"communication hook) or be the root of a fully_shard (FSDP2) model; "
+                        f"got {type(model).__name__}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("dqt.comm.compress: call torch.distributed.init_process_group first "
                            "(the scheme makes a process group of its own)")
@@ -88,6 +97,15 @@ def compress(model: DistributedDataParallel, config: SchemeConfig | str, *,
         raise RuntimeError(f"dqt.comm.compress: this model already has a dqt scheme "
                            f"({getattr(model, _ATTACHED).name}); DDP takes one communication "
                            "hook, so wrap the module in a new DistributedDataParallel")
+    if fsdp:
+        if not fsdp_supported(config):
+            raise TypeError(f"dqt.comm.compress: {config.name} cannot run in FSDP's "
+                            "reduce-scatter (it needs the whole gradient on every rank); use "
+                            "onebit, ef_signsgd, signsgd, ternary_grad, qsgd, bf16 or fp16")
+        scheme: Scheme = FSDPCompression(config)
+        scheme.attach(model)
+        setattr(model, _ATTACHED, scheme)
+        return scheme
     scheme = build_scheme(config, process_group)
     scheme.attach(model)
     setattr(model, _ATTACHED, scheme)

@@ -14,6 +14,9 @@ per phase):
    the same code into the bucket, so the averaged gradient is bitwise identical on all ranks
    (``docs/design.md``, invariant 1).
 
+Steps 1-3 alone are a compressed reduce-scatter (:func:`compressed_reduce_scatter`), what
+FSDP's sharded gradients need (:mod:`dqt.comm.fsdp`).
+
 Bytes per rank: (N−1)/N·N·M + (N−1)·M = 2(N−1)·M ≈ 2(N−1)/N × the packed bucket size.
 
 **allgather** (for comparison; what PyTorch's quantization hooks and GRACE do): every rank
@@ -160,15 +163,14 @@ def _output(out: torch.Tensor | None, layout: BucketLayout) -> torch.Tensor:
     return out
 
 
-def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
-                        ctx: BucketContext, worker: torch.Tensor | None,
-                        server: torch.Tensor | None, grad_scale: float = 1.0,
-                        vote: bool = False, out: torch.Tensor | None = None) -> BucketWork:
-    """Average (or majority vote) of the fp32 bucket ``x`` over ranks, as a generator of the
-    two collectives it needs (a runner carries them: :func:`run_sync`, or Horovod's). ``worker``
-    / ``server`` are flat parameter-order residuals (updated in place) or None for no error
-    feedback. ``out`` (may be ``x`` itself: it is read before it is written) receives the
-    result, which the generator returns."""
+def compressed_reduce_scatter(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
+                              ctx: BucketContext, worker: torch.Tensor | None,
+                              grad_scale: float = 1.0, vote: bool = False,
+                              out: torch.Tensor | None = None) -> BucketWork:
+    """Phase 1 of :func:`two_phase_allreduce` alone (steps 1-3): rank r ends with the average
+    (or majority vote) of chunk r of ``x`` over ranks, written into ``out`` (``layout.own_len``
+    values; a buffer of the layout's if None), which the generator returns. What FSDP's
+    gradient reduce-scatter needs (:mod:`dqt.comm.fsdp`)."""
     N, M, dev = ctx.world, layout.msg_nbytes, x.device
     t0 = time.perf_counter()
     b = _buffers(layout, dev, N)
@@ -182,13 +184,29 @@ def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
     ctx.meter.record("all_to_all", send, N)
     recv = yield Request("all_to_all", send, b["recv"])
     t2 = time.perf_counter()
-    owned = b["owned"]
+    owned = b["owned"] if out is None else out
     # vote: the peers' sum ("copy"), then its sign with ties broken by the owner's coin
     blockq.decode(spec, recv, layout.own_blocks, owned, npeers=N, peer_stride=M,
                   flag_off=layout.flag_off, mode="copy" if vote else "mean", impl=ctx.impl)
     if vote:
         majority_vote(owned, ctx.key(TIES))
+    ctx.meter.add_time("decompress", time.perf_counter() - t2)
+    return owned
+
+
+def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
+                        ctx: BucketContext, worker: torch.Tensor | None,
+                        server: torch.Tensor | None, grad_scale: float = 1.0,
+                        vote: bool = False, out: torch.Tensor | None = None) -> BucketWork:
+    """Average (or majority vote) of the fp32 bucket ``x`` over ranks, as a generator of the
+    two collectives it needs (a runner carries them: :func:`run_sync`, or Horovod's). ``worker``
+    / ``server`` are flat parameter-order residuals (updated in place) or None for no error
+    feedback. ``out`` (may be ``x`` itself: it is read before it is written) receives the
+    result, which the generator returns."""
+    N, dev = ctx.world, x.device
+    owned = yield from compressed_reduce_scatter(spec, x, layout, ctx, worker, grad_scale, vote)
     t3 = time.perf_counter()
+    b = _buffers(layout, dev, N)
     msg = b["msg"]
     own_bad = b["own_bad"] if vote else None
     blockq.encode(spec, owned, layout.own_blocks, msg, server, grad_scale, ctx.key(SERVER),
@@ -203,7 +221,7 @@ def two_phase_allreduce(spec: BlockSpec, x: torch.Tensor, layout: BucketLayout,
     blockq.decode(spec, gathered, layout.all_blocks, out, flag_off=layout.flag_off,
                   impl=ctx.impl)
     ctx.meter.add_time("compress", t4 - t3)
-    ctx.meter.add_time("decompress", (t3 - t2) + (time.perf_counter() - t5))
+    ctx.meter.add_time("decompress", time.perf_counter() - t5)
     return out
 
 

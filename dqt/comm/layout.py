@@ -89,6 +89,38 @@ def build_layout(slots: list[ParamSlot], chunks: int, rank: int, spec: BlockSpec
                 per_chunk[r].append((s.bucket + b0, s.flat + b0, ln, pos + b0 - r * c))
             start = piece_end
         pos += s.numel
+    chunk_len = [max(0, min(c, n - r * c)) for r in range(chunks)]
+    return _finish(per_chunk, chunk_len, rank, spec, flag, device, n,
+                   first_param=slots[0].flat if slots else 0)
+
+
+def shard_layout(shards: list[tuple[int, list[int]]], chunks: int, rank: int, spec: BlockSpec,
+                 flag: bool = False, device: torch.device | str = "cpu") -> BucketLayout:
+    """The layout of FSDP2's reduce-scatter input (:mod:`dqt.comm.fsdp`): ``chunks`` equal chunks
+    (chunk r is rank r's shard), each the concatenation of every parameter's padded shard.
+    ``shards[i] = (L, real)``: parameter i's padded shard is L values long in every chunk, of
+    which ``real[r]`` (≤ L) are values of the parameter in chunk r; the rest is FSDP's zero
+    padding, which no block covers (it is neither sent nor decoded). Blocks never cross a
+    parameter. The residual lives in the same layout as the input (RES = DATA)."""
+    S = sum(L for L, _ in shards)
+    B = spec.block
+    per_chunk: list[list[tuple[int, int, int, int]]] = [[] for _ in range(chunks)]
+    for r in range(chunks):
+        off = 0
+        for L, real in shards:
+            for b0 in range(0, real[r], B):
+                pos = r * S + off + b0
+                per_chunk[r].append((pos, pos, min(B, real[r] - b0), off + b0))
+            off += L
+    return _finish(per_chunk, [S] * chunks, rank, spec, flag, device, chunks * S, first_param=0)
+
+
+def _finish(per_chunk: list[list[tuple[int, int, int, int]]], chunk_len: list[int], rank: int,
+            spec: BlockSpec, flag: bool, device: torch.device | str, n: int,
+            first_param: int) -> BucketLayout:
+    """The tables and message size of blocks given per chunk as (DATA, RES, LEN, position in
+    the chunk)."""
+    chunks = len(per_chunk)
     sizes = [spec.message_nbytes([b[2] for b in blocks]) for blocks in per_chunk]
     # M: whole 32-bit words, so every peer's message starts word-aligned (the word decode)
     M = -(-(max(sizes) + (1 if flag else 0)) // 4) * 4 if sizes else 0
@@ -104,10 +136,9 @@ def build_layout(slots: list[ParamSlot], chunks: int, rank: int, spec: BlockSpec
                 own_rows.append((local, res, ln, 0, scale, code, ctr))
             code += spec.code_nbytes(ln)
             ctr += 1
-    chunk_len = [max(0, min(c, n - r * c)) for r in range(chunks)]
     return BucketLayout(n=n, chunks=chunks, rank=rank, msg_nbytes=M,
                         flag_off=M - 1 if flag else -1, chunk_len=chunk_len,
                         own_len=chunk_len[rank], all_blocks=table_from_rows(all_rows, device),
                         own_blocks=table_from_rows(own_rows, device),
                         block_chunk=torch.tensor(chunk_of, dtype=torch.int64, device=device),
-                        first_param=slots[0].flat if slots else 0)
+                        first_param=first_param)
