@@ -136,9 +136,15 @@ class BackendConfig:
     """Gradient bucket size in MiB (DDP's ``bucket_cap_mb``; the Horovod backend builds the
     same buckets). None: DDP's default, 25 MiB with a first bucket of 1 MiB; a value sets
     every bucket's cap, the first included (as DDP does)."""
+    parallel: str = "ddp"
+    """``ddp``: every rank holds the whole model, gradients all-reduced (DDP, or Horovod);
+    ``fsdp``: FSDP2's ``fully_shard`` — parameters, gradients and optimizer state sharded over
+    the ranks, gradients reduce-scattered (through the scheme's codec: :mod:`dqt.comm.fsdp`),
+    checkpoints through ``torch.distributed.checkpoint``."""
 
     def __post_init__(self) -> None:
         _choice(self.name, ("auto", "gloo", "nccl", "horovod"), "backend.name")
+        _choice(self.parallel, ("ddp", "fsdp"), "backend.parallel")
         check(self.timeout_s > 0, "backend.timeout_s", f"must be > 0; got {self.timeout_s}")
         check(self.bucket_cap_mb is None or self.bucket_cap_mb > 0, "backend.bucket_cap_mb",
               f"must be > 0 (MiB) or null; got {self.bucket_cap_mb}")
@@ -158,6 +164,11 @@ class CheckpointConfig:
     allow_world_size_change: bool = False  # resume model+optimizer only, reset per-rank state
     allow_scheme_change: bool = False  # resume with another scheme; its state starts fresh
     init_from: Optional[str] = None  # weights of another run to start from (fine-tuning)
+    reshard_residuals: bool = True
+    """backend.parallel=fsdp, resumed on another number of ranks (with
+    ``allow_world_size_change``): start every rank's error-feedback residuals from the mean of
+    the saved ranks' (true: the not-yet-applied part of the average gradient is kept) or from
+    zero (false: it is dropped)."""
 
     def __post_init__(self) -> None:
         check(self.every >= 0, "checkpoint.every", f"must be >= 0 (0 = end only); got {self.every}")
@@ -193,6 +204,8 @@ class TrainConfig:
             self._check_horovod()
         if getattr(self.optim, "name", None) == "onebit_adam":
             self._check_onebit_adam()
+        if getattr(self.backend, "parallel", "ddp") == "fsdp":
+            self._check_fsdp()
 
     @property
     def frozen_variance(self) -> bool:
@@ -229,6 +242,28 @@ class TrainConfig:
               "not available with optim=onebit_adam (the optimizer communicates every step)")
         check(getattr(self.backend, "name", None) != "horovod", "backend.name",
               "optim=onebit_adam runs over torch.distributed (backend=gloo/nccl/auto)")
+
+    def _check_fsdp(self) -> None:
+        """What FSDP's sharded reduce-scatter cannot run (:mod:`dqt.comm.fsdp`)."""
+        from dqt.comm.fsdp import fsdp_supported
+
+        key = "backend.parallel"
+        check(fsdp_supported(self.scheme), "scheme.name",
+              f"'{getattr(self.scheme, 'name', self.scheme)}' cannot run with backend.parallel="
+              "fsdp (it needs the whole gradient on every rank); FSDP takes onebit, "
+              "ef_signsgd, signsgd, ternary_grad, qsgd, bf16, fp16 or no scheme")
+        check(getattr(self.backend, "name", None) != "horovod", key,
+              "fsdp runs over torch.distributed (backend.name=gloo or nccl), not horovod")
+        check(getattr(self.optim, "name", None) != "onebit_adam", key,
+              "optim=onebit_adam communicates momentum under DDP only; use backend.parallel=ddp")
+        check(getattr(self.qat, "name", "none") == "none", key,
+              f"qat={getattr(self.qat, 'name', '')} (parametrized weights) is not supported "
+              "under fsdp; use backend.parallel=ddp")
+        check(not getattr(self.scheme, "auto", False), "scheme.auto",
+              "not supported with backend.parallel=fsdp")
+        check(not (self.frozen_variance and getattr(self.optim, "precondition", False)),
+              "optim.precondition", "the frozen-variance preconditioner of the codec is not "
+              "supported with backend.parallel=fsdp; set optim.precondition=false")
 
     def _check_horovod(self) -> None:
         """What backend=horovod cannot run, refused before any work starts."""

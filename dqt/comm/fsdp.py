@@ -17,6 +17,9 @@ custom reduce-scatter (``FSDPModule.set_custom_reduce_scatter``, torch ≥ 2.9):
   PyTorch's 16-bit DDP hooks do, here for FSDP;
 * no scheme: FSDP's own reduce-scatter, counted.
 
+As under DDP, a compressed scheme's warm-up steps (``scheme.warmup_steps``) and modules of fewer
+than ``scheme.min_bucket_numel`` gradient values go through the plain fp32 reduce-scatter.
+
 **Error feedback** of a compressed scheme lives per rank over the whole unsharded gradient of
 the module, in the reduce-scatter's own layout (one flat buffer per module, read and written in
 the encoding pass). :meth:`FSDPCompression.state_dict` gives it per parameter in parameter order
@@ -143,7 +146,8 @@ class _ModuleComm(ReduceScatter if ReduceScatter is not None else object):  # ty
             raise ValueError(f"dqt FSDP reduce-scatter: reduce op {op} is not supported (FSDP "
                              "passes AVG, or SUM with its own division)")
         cfg = owner.cfg
-        if isinstance(cfg, CompressedConfig) and self.step >= cfg.warmup_steps:
+        if isinstance(cfg, CompressedConfig) and self.step >= cfg.warmup_steps and \
+                input_tensor.numel() >= cfg.min_bucket_numel:  # as the DDP hook's buckets
             self._compressed(output_tensor, input_tensor, group, world, mean)
         elif type(cfg) in _HALF:
             half = input_tensor.div(world).to(_HALF[type(cfg)])
@@ -326,10 +330,11 @@ class FSDPCompression(Scheme):
                                for c in self.comms for n, fp in zip(c.names, c.params)}
         return out
 
-    def load_resharded(self, state: dict[str, Any]) -> None:
+    def load_resharded(self, state: dict[str, Any], mean: bool = True) -> None:
         """A state saved by another number of ranks (:meth:`resharded_template`, loaded): every
-        rank's residual ← the mean of the saved ranks' (the mean residual is kept exactly)."""
+        rank's residual ← the mean of the saved ranks' (which keeps the mean residual), or
+        zero with ``mean=False``; the steps are kept either way."""
         res = state.get("residual")
         self.load_state_dict({"steps": state["steps"].tolist(),
-                              "residual": None if res is None else
+                              "residual": None if res is None or not mean else
                               {k: v.mean(0) for k, v in res.items()}})

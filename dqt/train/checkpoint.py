@@ -28,7 +28,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from dqt.config import CheckpointConfig
 from dqt.errors import ConfigError, NoSpace, no_space
+from dqt.train.sharded import DCP_DIR
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 log = logging.getLogger("dqt")
@@ -175,7 +176,12 @@ class Checkpointer:
         return False
 
     # ------------------------------------------------------------------ save / load
-    def save(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any]) -> str:
+    def save(self, step: int, shared: dict[str, Any], per_rank: dict[str, Any],
+             sharded: Callable[[str], None] | None = None) -> str:
+        """Write checkpoint ``step``: ``shared`` (rank 0's ``train.pt``), each rank's
+        ``per_rank`` (``rank{r}.pt``) and, with ``sharded``, what that collective writes into
+        the checkpoint's directory (FSDP's DCP shards, :mod:`dqt.train.sharded`); every file's
+        sha256 goes into ``meta.json``, written last."""
         name = f"step_{step:07d}"
         tmp, final = os.path.join(self.root, f".tmp-{name}"), os.path.join(self.root, name)
         if self.rank == 0:
@@ -190,6 +196,7 @@ class Checkpointer:
             mine: Any = (f"rank{self.rank}.pt", file_sha256(own))
         except NoSpace as e:
             mine = e
+
         digests: list[Any] = [None] * self.world_size  # every rank's file, for meta.json
         dist.all_gather_object(digests, mine)
         failed = [(r, d) for r, d in enumerate(digests) if isinstance(d, NoSpace)]
@@ -205,8 +212,20 @@ class Checkpointer:
             free = shutil.disk_usage(self.root).free
             raise NoSpace(f"rank {r}: {err.args[0].split(' (need')[0]} (checkpoint step {step} "
                           f"needs ~{need / 1e6:.2f} MB, {free / 1e6:.2f} MB free); {kept}")
+        if sharded is not None:  # a collective: every rank got here
+            try:
+                sharded(tmp)
+            except Exception as e:  # noqa: BLE001 - DCP re-raises every rank's error
+                if not no_space(e) and "No space left" not in str(e):
+                    raise
+                raise NoSpace(f"no space left on device writing {tmp}/{DCP_DIR} (checkpoint "
+                              f"step {step}); the newest complete checkpoint is intact") from None
         if self.rank == 0:
             sha = {"train.pt": file_sha256(os.path.join(tmp, "train.pt")), **dict(digests)}
+            sub = os.path.join(tmp, DCP_DIR)
+            if os.path.isdir(sub):  # the sharded state's files
+                sha.update({f"{DCP_DIR}/{n}": file_sha256(os.path.join(sub, n))
+                            for n in sorted(os.listdir(sub))})
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump({"step": step, "world_size": self.world_size, "time": time.time(),
                            "sha256": sha}, f)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -34,7 +34,8 @@ from dqt.errors import (ConfigError, NoSpace, PeerLost, TrainingDiverged, first_
 from dqt.optim import FrozenVarianceAdamW
 from dqt.quant.config import QATConfig
 from dqt.quant import QAT, quantize_
-from dqt.train import distributed, preempt
+from dqt.train import distributed, preempt, sharded
+from dqt.train.console import fmt_bytes, progress, report
 from dqt.train.checkpoint import (Checkpointer, load_weights, remove_stale, rng_state,
                                   set_rng_state)
 from dqt.train.data import ShardedLoader, build_dataset, eval_shard
@@ -114,7 +115,7 @@ def lr_factor(cfg: OptimConfig, step: int, total: int) -> float:
 
 def params_digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(sharded.full_state_dict(model).items()):  # (FSDP: gathered)
         h.update(name.encode())
         h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
@@ -162,7 +163,8 @@ class Trainer:
         scheme = MomentumComm(cfg.scheme or OneBitConfig()) \
             if cfg.optim.name == "onebit_adam" else _scheme_warm_up(cfg)
         self.model, self.scheme = data_parallel(model, scheme, self.backend, self.device,
-                                                cfg.backend.bucket_cap_mb)
+                                                cfg.backend.bucket_cap_mb, cfg.backend.parallel)
+        self.sharded = cfg.backend.parallel == "fsdp"  # checkpoints through DCP
         self.optimizer = build_optimizer(cfg.optim, model, cfg.qat, comm=self.scheme,
                                          freeze=cfg.frozen_variance)
         if cfg.frozen_variance and cfg.optim.precondition:  # the codec works in Adam's units
@@ -199,6 +201,35 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoint
     def _restore(self, ckpt: Any, with_rank_state: bool) -> None:
         shared, per_rank = self.checkpointer.load(ckpt, with_rank_state)
+        same_scheme = self._check_scheme(ckpt, shared.get("scheme"))
+        if self.sharded:  # model, optimizer and residuals: DCP, resharded on a new world size
+            sharded.load(ckpt.path, self.model.module, self.optimizer,
+                         self.scheme if same_scheme else None, ckpt.world_size,
+                         self.env.world_size, self.cfg.checkpoint.reshard_residuals)
+        self._load_replicated(ckpt, shared)
+        self.scheduler.load_state_dict(shared["scheduler"])
+        self.scaler.load_state_dict(shared["scaler"])
+        self.step = shared["step"]
+        self.wall_before = float(shared.get("wall_s", 0.0))  # earlier attempts' training time
+        if per_rank is not None:
+            set_rng_state(per_rank["rng"])
+            if same_scheme and per_rank["scheme"] is not None:
+                self.scheme.load_state_dict(per_rank["scheme"])
+            # running totals continue across resumes (what a loss-vs-bytes plot reads)
+            totals = per_rank.get("comm_totals", {})
+            self.scheme.meter.total_sent = int(totals.get("bytes_sent", 0))
+            self.scheme.meter.total_raw = int(totals.get("bytes_raw", 0))
+        else:
+            log.warning("world size changed (%d → %d): restored model and optimizer%s only",
+                        ckpt.world_size, self.env.world_size,
+                        " (resharded) and the error-feedback residuals' " +
+                        ("mean" if self.cfg.checkpoint.reshard_residuals else "steps (zeroed)")
+                        if self.sharded else "")
+
+    def _load_replicated(self, ckpt: Any, shared: dict[str, Any]) -> None:
+        """Model and optimizer from ``train.pt`` (DDP runs; FSDP runs keep them in DCP)."""
+        if self.sharded:
+            return
         try:
             self.model.module.load_state_dict(shared["model"])
         except RuntimeError as e:  # torch lists every mismatch, one per line
@@ -213,22 +244,6 @@ class Trainer:
                               f"or parameter grouping ({type(e).__name__}: {first_lines(e)}); "
                               "resume with the optimizer it was trained with, or set "
                               "checkpoint.resume=false (or a new hydra.run.dir)") from None
-        self.scheduler.load_state_dict(shared["scheduler"])
-        self.scaler.load_state_dict(shared["scaler"])
-        self.step = shared["step"]
-        self.wall_before = float(shared.get("wall_s", 0.0))  # earlier attempts' training time
-        same_scheme = self._check_scheme(ckpt, shared.get("scheme"))
-        if per_rank is not None:
-            set_rng_state(per_rank["rng"])
-            if same_scheme:
-                self.scheme.load_state_dict(per_rank["scheme"])
-            # running totals continue across resumes (what a loss-vs-bytes plot reads)
-            totals = per_rank.get("comm_totals", {})
-            self.scheme.meter.total_sent = int(totals.get("bytes_sent", 0))
-            self.scheme.meter.total_raw = int(totals.get("bytes_raw", 0))
-        else:
-            log.warning("world size changed (%d → %d): restored model and optimizer only",
-                        ckpt.world_size, self.env.world_size)
 
     def _check_scheme(self, ckpt: Any, saved: str | None) -> bool:
         """Resuming with the checkpoint's scheme? Another one is refused (its per-rank state,
@@ -251,19 +266,24 @@ class Trainer:
 
     def save(self) -> str:
         # the parameters are identical on every rank, so every rank decides alike
-        if not all(torch.isfinite(p).all() for p in self.model.module.parameters()):
+        if not sharded.params_finite(self.model.module):
             raise TrainingDiverged(f"step {self.step}: the parameters are not finite; no "
                                    f"checkpoint written. {self._checkpoint_note()} Lower "
                                    f"optim.lr (now {self.cfg.optim.lr:g}) or set optim.grad_clip")
-        shared = {"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        replicated = {} if self.sharded else {"model": self.model.module.state_dict(),
+                                              "optimizer": self.optimizer.state_dict()}
+        shared = {**replicated,
                   "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                   "step": self.step, "data_meta": dataclasses.asdict(self.data.meta),
                   "wall_s": self._wall_s(), "scheme": self.scheme.name}
         meter = self.scheme.meter
-        per_rank = {"rng": rng_state(), "scheme": self.scheme.state_dict(),
+        per_rank = {"rng": rng_state(),
+                    "scheme": None if self.sharded else self.scheme.state_dict(),
                     "params_sha256": params_digest(self.model.module),  # this rank's own copy
                     "comm_totals": {"bytes_sent": meter.total_sent, "bytes_raw": meter.total_raw}}
-        path = self.checkpointer.save(self.step, shared, per_rank)
+        path = self.checkpointer.save(self.step, shared, per_rank, functools.partial(
+            sharded.save, model=self.model.module, optimizer=self.optimizer,
+            scheme=self.scheme) if self.sharded else None)
         log.info("checkpoint step %d → %s", self.step, path)
         return path
 
@@ -345,7 +365,8 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.model.eval()
         sums = eval_sums(self.model, self.data.test, self.cfg.data.eval_batch_size, self.device,
-                         self.autocast_dtype, self.env.rank, self.env.world_size)
+                         self.autocast_dtype, self.env.rank, self.env.world_size,
+                         lockstep=self.sharded)
         return eval_metrics(self._all_sum(sums))
 
     def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -357,7 +378,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.cfg
         batches = iter(self.loader)
-        bar = _progress(self.env.is_main, self.step, cfg.steps)
+        bar = progress(self.env.is_main, self.step, cfg.steps)
         step_ms: list[float] = []
         start = self._fit_start = time.perf_counter()
         first_step, preempted = self.step, False
@@ -381,8 +402,8 @@ class Trainer:
                      "hydra.run.dir=%s to resume",
                      preempt.received_name() or "a stop signal on another rank", self.step,
                      self.run_dir)
-        return TrainResult(self.step, summary, {k: v.detach().cpu().clone() for k, v in
-                                                self.model.module.state_dict().items()}, preempted)
+        return TrainResult(self.step, summary, sharded.full_state_dict(self.model.module),
+                           preempted)
 
     def _loop(self, batches: Iterator, bar: Any, step_ms: list[float]
               ) -> tuple[bool, dict[str, float]]:
@@ -405,7 +426,7 @@ class Trainer:
                 if self.scaler.is_enabled():
                     m["precision/loss_scale"] = self.scaler.get_scale()
                 self.logger.log(self.step, "train", {**m, **comm})
-                _report(bar, self.step, cfg.steps, m, comm)
+                report(bar, self.step, cfg.steps, m, comm)
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or is_last:
                 last_eval = self.evaluate()
                 self.logger.log(self.step, "eval", last_eval)
@@ -466,8 +487,9 @@ class Trainer:
             log.error("parameters differ across ranks at the end of the run: %s", digests)
         sent, raw = meter.total_sent, meter.total_raw
         metric = ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items())
-        wire = (f"sent {_fmt_bytes(sent)}/rank (fp32 all-reduce: {_fmt_bytes(raw)}, saved "
-                f"{_fmt_bytes(raw - sent)}, {raw / sent:.1f}x)" if sent else
+        base = "fp32 reduce-scatter" if self.sharded else "fp32 all-reduce"
+        wire = (f"sent {fmt_bytes(sent)}/rank ({base}: {fmt_bytes(raw)}, saved "
+                f"{fmt_bytes(raw - sent)}, {raw / sent:.1f}x)" if sent else
                 "nothing crossed a wire (one rank)")
         log.info("done: %d steps in %.1f s | %s | %s | params identical on all ranks: %s",
                  self.step, summary["wall_s"], metric, wire, summary["params_in_sync"])
@@ -501,12 +523,20 @@ def loss_and_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def eval_sums(model: torch.nn.Module, split: Any, batch_size: int, device: torch.device,
-              autocast_dtype: Optional[torch.dtype] = None, rank: int = 0, world_size: int = 1
-              ) -> torch.Tensor:
+              autocast_dtype: Optional[torch.dtype] = None, rank: int = 0, world_size: int = 1,
+              lockstep: bool = False) -> torch.Tensor:
     """(loss·n, correct, n) over this rank's shard of ``split`` (fp64; sum over ranks, then
-    :func:`eval_metrics`). The caller puts the model in eval mode."""
+    :func:`eval_metrics`). The caller puts the model in eval mode. ``lockstep``: every rank
+    runs as many forwards as the largest shard needs (FSDP's forward is a collective); the
+    extra ones are not counted."""
     idx = eval_shard(len(split), rank, world_size)
     sums = torch.zeros(3, dtype=torch.float64)
+    if lockstep and len(split):
+        most = max(-(-len(eval_shard(len(split), r, world_size)) // batch_size)
+                   for r in range(world_size))
+        for _ in range(most - len(idx.split(batch_size))):
+            x, y = (b.to(device) for b in split.batch(torch.arange(1)))
+            loss_and_correct(model, x, y, autocast_dtype)
     for chunk in idx.split(batch_size):
         x, y = (b.to(device) for b in split.batch(chunk))
         loss, correct = loss_and_correct(model, x, y, autocast_dtype)
@@ -532,40 +562,6 @@ def _write_atomic(path: str, text: str) -> None:
         raise NoSpace(f"no space left on device writing {path} (need ~{len(text) / 1e6:.2f} "
                       "MB)") from None
     os.replace(path + ".partial", path)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-class _NoBar:
-    def update(self, n: int) -> None: ...
-    def close(self) -> None: ...
-    def set_postfix_str(self, s: str) -> None: ...
-
-
-def _progress(is_main: bool, start: int, total: int) -> Any:
-    """A tqdm bar on rank 0 when attached to a terminal; plain log lines otherwise."""
-    if is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
-    return _NoBar()
-
-
-def _report(bar: Any, step: int, total: int, m: dict[str, float], comm: dict[str, float]) -> None:
-    line = (f"loss {m['train/loss']:.4f} acc {m['train/acc']:.3f} | step {m['time/step_ms']:.1f} ms"
-            f" (data {m['time/data_ms']:.1f}, fwd {m['time/forward_ms']:.1f}, bwd+comm "
-            f"{m['time/backward_ms']:.1f}, opt {m['time/optim_ms']:.1f}) | sent "
-            f"{_fmt_bytes(comm['comm/bytes_sent'])}/rank")
-    if isinstance(bar, _NoBar):
-        log.info("step %d/%d %s", step, total, line)
-    else:
-        bar.set_postfix_str(line)
 
 
 def train(cfg: TrainConfig, run_dir: str) -> TrainResult:
