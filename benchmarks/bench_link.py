@@ -11,7 +11,9 @@ reports the median step time after ``--warmup`` steps (the trainer's ``time/step
 data, forward, backward with the hook's communication, optimizer), the bytes each rank sends
 per step as counted by the hook, cross-checked against rank 0's interface tx byte counter
 (whole run, minus DDP's one initial broadcast of the model: the ratio is then the protocol
-overhead plus the few small collectives outside the hook), and the final accuracy. The compute-only floor is one
+overhead plus the few small collectives outside the hook), and the final accuracy. The ``fsdp``
+rows run FSDP2 (``backend.parallel=fsdp``) and are compared with the ``fsdp fp32`` / ``fsdp bf16``
+rows; their interface bytes also carry the parameters' all-gathers. The compute-only floor is one
 process with the same per-rank batch and no communication. Not a test: the numbers depend on
 the machine; compare ratios within one run.
 """
@@ -60,7 +62,22 @@ SCHEMES = {  # label -> overrides
     "onebit inline": ["+scheme=onebit", "scheme.overlap=false"],
     "ternary_grad inline": ["+scheme=ternary_grad", "scheme.overlap=false"],
     "qsgd bits=4 inline": ["+scheme=qsgd", "scheme.bits=4", "scheme.overlap=false"],
+    # FSDP2 (fully_shard): the codecs in the gradient reduce-scatter; the parameters'
+    # all-gathers (forward and backward) stay fp32. Compared with the FSDP rows' own baselines.
+    "fsdp fp32": ["backend.parallel=fsdp"],
+    "fsdp bf16": ["backend.parallel=fsdp", "+scheme=bf16"],
+    "fsdp onebit": ["backend.parallel=fsdp", "+scheme=onebit"],
+    "fsdp ternary_grad": ["backend.parallel=fsdp", "+scheme=ternary_grad"],
+    "fsdp qsgd bits=4": ["backend.parallel=fsdp", "+scheme=qsgd", "scheme.bits=4"],
 }
+FSDP = "fsdp "  # the label prefix of the FSDP rows
+
+
+def _baselines(label: str) -> tuple[str, str]:
+    """The (fp32, 16-bit) rows a row's speed-ups are measured against: DDP's or FSDP's."""
+    if label.startswith(FSDP):
+        return "fsdp fp32", "fsdp bf16"
+    return "fp32 all-reduce", "bf16 (torch hook)"
 
 
 def _env() -> dict[str, str]:
@@ -162,13 +179,14 @@ def table(rows: list[dict], floors: dict[str, float]) -> str:
         for rate in dict.fromkeys(r["rate"] for r in rows if r["model"] == model):
             rs = [r for r in rows if r["model"] == model and r["rate"] == rate]
             base = {r["scheme"]: r["step_ms"] for r in rs}
-            fp32, bf16 = base.get("fp32 all-reduce"), base.get("bf16 (torch hook)")
             out += [f"\n### {model}, {rate}, compute-only floor {floors[model]:.0f} ms/step\n",
                     "| scheme | step ms | vs fp32 | vs bf16 | vs floor | bytes/rank/step | "
                     "(iface − model)/hook bytes | final acc | params in sync |",
                     "|---|---|---|---|---|---|---|---|---|"]
             for r in rs:
-                # rank 0's interface also carried DDP's initial broadcast of the model (once)
+                fp32, bf16 = (base.get(b) for b in _baselines(r["scheme"]))
+                # rank 0's interface also carried DDP's initial broadcast of the model (once);
+                # under FSDP it carries the parameters' all-gathers too (not the hook's)
                 iface = (f"{(r['iface_total'] - r['model_bytes']) / r['hook_total']:.3f}"
                          if r["iface_total"] and r["hook_total"] else "—")
                 out.append(

@@ -261,9 +261,10 @@ class TrainConfig:
               "under fsdp; use backend.parallel=ddp")
         check(not getattr(self.scheme, "auto", False), "scheme.auto",
               "not supported with backend.parallel=fsdp")
-        check(not (self.frozen_variance and getattr(self.optim, "precondition", False)),
-              "optim.precondition", "the frozen-variance preconditioner of the codec is not "
-              "supported with backend.parallel=fsdp; set optim.precondition=false")
+        check(not self.frozen_variance, "optim.freeze_variance",
+              "the frozen-variance Adam keeps its state in flat buffers over whole parameters, "
+              "which FSDP shards; with backend.parallel=fsdp set optim.freeze_variance=false "
+              "(torch's AdamW: the codec's noise then enters Adam's variance) or use SGD")
 
     def _check_horovod(self) -> None:
         """What backend=horovod cannot run, refused before any work starts."""

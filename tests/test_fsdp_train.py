@@ -102,6 +102,7 @@ def test_damaged_shard_falls_back_and_world_size_change_reshards(tmp_path):
     (["optim=onebit_adam"], "backend.parallel"),
     (["+scheme=onebit", "scheme.auto=true"], "scheme.auto"),
     (["backend.parallel=zero3"], "backend.parallel"),
+    (["optim=adamw", "+scheme=onebit"], "optim.freeze_variance"),
 ])
 def test_what_fsdp_cannot_run_is_refused_first(args, key, tmp_path):
     p = run_train("backend.parallel=fsdp", *args, f"hydra.run.dir={tmp_path / 'r'}")

@@ -253,8 +253,8 @@ class FSDPCompression(Scheme):
         self.grad_scale = float(scale)
 
     def set_preconditioner(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError("optim.precondition: a frozen-variance preconditioner is not "
-                         "supported under FSDP; set optim.precondition=false")
+        raise ValueError("optim.freeze_variance: the frozen-variance preconditioner is not "
+                         "supported under FSDP")
 
     def attach(self, model: nn.Module) -> None:
         """Give every ``fully_shard`` module of ``model`` (the root included) its reduce-scatter."""
