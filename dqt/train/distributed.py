@@ -18,6 +18,7 @@ import os
 import re
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +224,9 @@ def _agent_store(timeout: datetime.timedelta) -> dist.Store:
     return dist.PrefixStore(f"/worker/attempt_{attempt}/dqt/group{_GROUPS}/", store)
 
 
+_DRAIN_S = 0.2  # seconds without the GIL before the process groups go (see teardown)
+
+
 def teardown(barrier: bool = False) -> None:
     """Destroy the default process group. ``barrier=True`` (normal exit) first waits for every
     rank, so no peer closes its gloo connections while another rank's last collective or hook
@@ -231,6 +235,12 @@ def teardown(barrier: bool = False) -> None:
     if dist.is_initialized():
         if barrier and dist.get_world_size() > 1:
             dist.barrier()
+            # Let gloo's worker threads finish releasing the last collectives' work (which
+            # holds Python tensors: freeing them takes the GIL) before the process groups are
+            # destroyed: ~ProcessGroupGloo joins those threads while this thread holds the GIL,
+            # and a thread still waiting for it deadlocks the exit (seen on a loaded 2-core VM,
+            # rank 0 idle in ~ProcessGroupGloo after "done").
+            time.sleep(_DRAIN_S)
         dist.destroy_process_group()
     # Horovod (backend=horovod) stays initialized: the next job of a sweep in this process
     # reuses it, and Horovod shuts itself down at exit (a shutdown and re-init between sweep
