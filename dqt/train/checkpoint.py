@@ -275,17 +275,18 @@ def _damage(path: str, meta: dict[str, Any]) -> str | None:
 
 # ---------------------------------------------------------------------- weights of another run
 _QUANT_STATE = re.compile(r"(^|\.)(parametrizations|input_quantizer|grad_quantizer)\.")
-_ORIGINAL = ".parametrizations.weight.original"
+_ORIGINAL = re.compile(r"\.parametrizations\.([^.]+)\.original$")
 
 
 def plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A model state dict as the model *without* quantizers names it: a parametrized weight's
-    ``X.parametrizations.weight.original`` (the real, unquantized weight) becomes ``X.weight``;
-    quantizer state (EMA ranges, LSQ steps, ...) is dropped."""
+    """A model state dict as the model *without* quantizers names it: a parametrized tensor's
+    ``X.parametrizations.NAME.original`` (the real, unquantized weight: ``weight``, an
+    attention's ``in_proj_weight``, ...) becomes ``X.NAME``; quantizer state (EMA ranges, LSQ
+    steps, ...) is dropped."""
     out = {}
     for k, v in state.items():
-        if k.endswith(_ORIGINAL):
-            out[k[: -len(_ORIGINAL)] + ".weight"] = v
+        if m := _ORIGINAL.search(k):
+            out[k[:m.start()] + "." + m.group(1)] = v
         elif not _QUANT_STATE.search(k):
             out[k] = v
     return out
