@@ -118,19 +118,21 @@ def test_prepare_logs_the_plan(caplog):
 
 # ------------------------------------------------------------------ presets × models
 META = {"mlp": DataMeta("classify", (1, 8, 8), 10), "cnn": DataMeta("classify", (1, 8, 8), 10),
-        "resnet20": DataMeta("classify", (3, 8, 8), 10), "gpt": DataMeta("lm", (16,), 20)}
+        "resnet20": DataMeta("classify", (3, 8, 8), 10), "gpt": DataMeta("lm", (16,), 20),
+        "transformer": DataMeta("tokens", (16,), 20)}
+DATA = {"gpt": ["data=text"], "transformer": ["data=sort", "model.n_layer=1", "model.n_embd=32"]}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_trains_a_step_on_every_model(compose, preset):
-    for model in ("mlp", "cnn", "resnet20", "gpt"):
-        extra = ["data=text"] if model == "gpt" else []
-        cfg = to_typed(compose(f"qat={preset}", f"model={model}", *extra))
+    for model in ("mlp", "cnn", "resnet20", "gpt", "transformer"):
+        cfg = to_typed(compose(f"qat={preset}", f"model={model}", *DATA.get(model, [])))
         assert cfg.qat.name == preset
         torch.manual_seed(0)
         net = apply_qat(cfg.qat, build_model(cfg.model, META[model]))
         meta = META[model]
-        x = torch.randint(0, 20, (4, 16)) if model == "gpt" else torch.randn(4, *meta.input_shape)
+        x = torch.randint(0, 20, (4, 16)) if meta.task != "classify" else \
+            torch.randn(4, *meta.input_shape)
         opt = torch.optim.SGD(net.parameters(), lr=0.01)
         for _ in range(2):
             out = net(x)
@@ -238,7 +240,8 @@ BAD = [
     (["qat=qnn", "qat.default.act.max_val=3.8"], "qat.default.act.max_val: must be a multiple of step=0.25; got 3.8"),
     (["qat=bnn", "qat.replace_relu=gelu"], "qat.replace_relu: must be one of hardtanh, identity (or null); got 'gelu'"),
     (["qat=bwn", "qat.types=[Linear,LSTM]"],
-     "qat.types[1]: must be one of Linear, Conv1d, Conv2d, Conv3d, Embedding; got 'LSTM'"),
+     "qat.types[1]: must be one of Linear, Conv1d, Conv2d, Conv3d, Embedding, "
+     "MultiheadAttention; got 'LSTM'"),
     (["qat=bwn", "+qat.rules=[{weight: {name: twn}}]"],
      "qat.rules[0]: needs match (name, glob or re:regex) or type (module class name)"),
     (["qat=bwn", "+qat.rules=[{match: 're:(', weight: {name: twn}}]"],

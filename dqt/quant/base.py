@@ -33,6 +33,7 @@ state is identical on every rank.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -40,6 +41,8 @@ import torch
 from torch import Tensor, nn
 
 from dqt.registry import Registry
+
+log = logging.getLogger("dqt")
 
 QUANTIZERS: Registry[type["Quantizer"]] = Registry("quantizer name")
 KINDS = ("weight", "act", "grad")
@@ -112,9 +115,32 @@ class Quantizer(nn.Module):
             return _QuantizeGrad.apply(x, self)
         if not x.is_floating_point():
             return x
+        if self.kind == "act" and not self.__dict__.get("_sign_checked", False):
+            self._check_sign(x)
         with torch.autocast(x.device.type, enabled=False):
             y = self.quantize(x.float())
         return y.to(x.dtype)
+
+    def unsigned_range(self) -> Optional[str]:
+        """Activation quantizers whose levels are all ≥ 0 (DoReFa's [0, 1], PACT's [0, α],
+        HWGQ, LSQ's activations) return that range, e.g. "[0, 1]"; signed ones None."""
+        return None
+
+    def _check_sign(self, x: Tensor) -> None:
+        """Once, on the first input: warn when an unsigned activation quantizer gets negative
+        values (after a LayerNorm, a GELU, a residual stream), which it clips to 0."""
+        self.__dict__["_sign_checked"] = True
+        rng = self.unsigned_range()
+        if rng is None:
+            return
+        lo = float(x.detach().amin()) if x.numel() else 0.0
+        if lo < 0:
+            where = self.__dict__.get("layer_name") or type(self.layer).__name__
+            log.warning("qat: %s on %s quantizes its input to %s, but the input has negative "
+                        "values (min %.3g; after a LayerNorm, a GELU or a residual, inputs are "
+                        "signed): they are clipped to 0. A signed activation quantizer (int, "
+                        "uint, ...) or a rule without act for this layer keeps them",
+                        self.describe(), where, rng, lo)
 
     # ---------------------------------------------------------------- export / summary
     def storage_bits(self) -> Optional[float]:

@@ -111,7 +111,8 @@ class QATConfig:
     rules: list[QATRuleConfig] = field(default_factory=list)
     keep_first_last: bool = True
     strict: bool = False
-    types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Embedding"])
+    types: list[str] = field(default_factory=lambda: ["Linear", "Conv1d", "Conv2d", "Embedding",
+                                                      "MultiheadAttention"])
     fold_bn: bool = False
     replace_relu: Optional[str] = None
     quantizer_lr_mult: float = 1.0

@@ -1,12 +1,15 @@
 """Attach quantizers to a model in place — no tracing, so any model whose layers are (subclasses
-of) ``nn.Linear`` / ``nn.Conv{1,2,3}d`` / ``nn.Embedding`` works:
+of) ``nn.Linear`` / ``nn.Conv{1,2,3}d`` / ``nn.Embedding`` / ``nn.MultiheadAttention`` works:
 
 * weight: ``torch.nn.utils.parametrize.register_parametrization(layer, "weight", quantizer)``
-  (with BN folding, ``FoldScale`` first, then the quantizer);
+  (with BN folding, ``FoldScale`` first, then the quantizer); on an attention, one on each of
+  its q/k/v projection tensors (``dqt.quant.attention``);
 * input activation: a forward pre-hook through ``layer.input_quantizer`` (not on Embedding,
-  whose input is integer ids);
+  whose input is integer ids; on an attention, of query, key and value);
 * gradient: a forward hook wrapping the output in ``layer.grad_quantizer`` (identity forward,
-  quantized backward).
+  quantized backward; an attention's ``out_proj``: on the attention's output).
+
+Slots whose quantizer would never run are refused or left out by ``dqt.quant.rules``.
 
 Quantizers are submodules of their layer, so their parameters (LSQ s, PACT α, TTQ W_p/W_n) and
 buffers (EMA ranges, Autoflex state) are in ``state_dict`` and in checkpoints. ``qat_penalty``
@@ -27,6 +30,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
+from dqt.quant.attention import (out_projections, quantize_attention_inputs,
+                                 quantize_out_proj_grad, weight_names)
 from dqt.quant.base import Quantizer
 from dqt.quant.bn_fold import FoldScale, find_layer_bn, unfold_output
 from dqt.quant.config import method_config
@@ -74,31 +79,42 @@ def prepare(model: nn.Module, cfg: Any) -> nn.Module:
     """Attach the quantizers that ``cfg`` (a ``QATConfig``) assigns; log the plan."""
     plan = resolve(cfg, model)
     folds = find_layer_bn(model) if cfg.fold_bn else {}
+    owners = out_projections(model)
     folded: list[str] = []
     for lp in plan:
         m = lp.module
         if lp.specs["weight"] is not None:
-            q = build_quantizer(lp.specs["weight"], "weight")
-            q.bind(m)
-            if m in folds:
-                parametrize.register_parametrization(m, "weight", FoldScale(folds[m][1]))
-                m.register_forward_hook(unfold_output)
-                folded.append(f"{lp.name}+{folds[m][0]}")
-            with torch.no_grad():
-                q.init_from(m.weight)
-            parametrize.register_parametrization(m, "weight", q)
-        if lp.specs["act"] is not None and not isinstance(m, nn.Embedding):
+            for wname in weight_names(m):  # weight; an attention's q/k/v projection
+                q = build_quantizer(lp.specs["weight"], "weight")
+                q.bind(m)
+                q.__dict__["layer_name"] = lp.name
+                if m in folds and wname == "weight":
+                    parametrize.register_parametrization(m, "weight", FoldScale(folds[m][1]))
+                    m.register_forward_hook(unfold_output)
+                    folded.append(f"{lp.name}+{folds[m][0]}")
+                with torch.no_grad():
+                    q.init_from(getattr(m, wname))
+                parametrize.register_parametrization(m, wname, q)
+        if lp.specs["act"] is not None:
             q = build_quantizer(lp.specs["act"], "act")
             q.bind(m)
+            q.__dict__["layer_name"] = lp.name
             m.add_module("input_quantizer", q)
-            m.register_forward_pre_hook(_quantize_input)
-            if hasattr(q, "output_scale"):
-                m.register_forward_hook(_scale_output)
+            if isinstance(m, nn.MultiheadAttention):
+                m.register_forward_pre_hook(quantize_attention_inputs, with_kwargs=True)
+            else:
+                m.register_forward_pre_hook(_quantize_input)
+                if hasattr(q, "output_scale"):
+                    m.register_forward_hook(_scale_output)
         if lp.specs["grad"] is not None:
             q = build_quantizer(lp.specs["grad"], "grad")
             q.bind(m)
+            q.__dict__["layer_name"] = lp.name
             m.add_module("grad_quantizer", q)
-            m.register_forward_hook(_quantize_output_grad)
+            if m in owners:  # out_proj's forward never runs: its output is the attention's
+                owners[m][1].register_forward_hook(quantize_out_proj_grad)
+            else:
+                m.register_forward_hook(_quantize_output_grad)
     _warn_missing_batch_norm(model, plan)
     relus = replace_relu(model, cfg.replace_relu) if cfg.replace_relu else []
     model.__dict__["_dqt_plan"] = plan
@@ -114,7 +130,7 @@ def _warn_missing_batch_norm(model: nn.Module, plan: list[LayerPlan]) -> None:
     accuracy otherwise."""
     followed = find_layer_bn(model)
     for lp in plan:
-        q = weight_quantizer(lp.module)
+        q = layer_quantizers(lp.module)["weight"]
         why = q.assumes_batch_norm() if q is not None else None
         if why and lp.module not in followed:
             log.warning("qat: %s on %s assumes a BatchNorm after the layer as in its paper (%s); "
@@ -123,15 +139,28 @@ def _warn_missing_batch_norm(model: nn.Module, plan: list[LayerPlan]) -> None:
                         q.describe(), lp.name, why)
 
 
-def weight_quantizer(module: nn.Module) -> Optional[Quantizer]:
-    if not parametrize.is_parametrized(module, "weight"):
+def weight_quantizer(module: nn.Module, name: str = "weight") -> Optional[Quantizer]:
+    """The quantizer of ``module``'s weight tensor ``name`` (None: not quantized)."""
+    if not parametrize.is_parametrized(module, name):
         return None
-    qs = [p for p in module.parametrizations.weight if isinstance(p, Quantizer)]
+    qs = [p for p in module.parametrizations[name] if isinstance(p, Quantizer)]
     return qs[-1] if qs else None
 
 
+def weight_quantizers(module: nn.Module) -> dict[str, Quantizer]:
+    """Weight tensor name → its quantizer, for every quantized weight tensor of ``module``
+    (``weight``; an attention's ``in_proj_weight`` or ``q/k/v_proj_weight``)."""
+    out = {}
+    for name in weight_names(module):
+        q = weight_quantizer(module, name)
+        if q is not None:
+            out[name] = q
+    return out
+
+
 def layer_quantizers(module: nn.Module) -> dict[str, Optional[Quantizer]]:
-    return {"weight": weight_quantizer(module),
+    """slot → the layer's quantizer (weight: the first of its weight tensors')."""
+    return {"weight": next(iter(weight_quantizers(module).values()), None),
             "act": getattr(module, "input_quantizer", None),
             "grad": getattr(module, "grad_quantizer", None)}
 
@@ -141,8 +170,14 @@ def format_plan(plan: list[LayerPlan]) -> str:
     for lp in plan:
         qs = layer_quantizers(lp.module)
         desc = [qs[s].describe() if qs[s] is not None else "fp32" for s in SLOTS]
-        if lp.specs["act"] is not None and qs["act"] is None:
-            desc[1] = "— (integer ids)"
+        tensors = list(weight_quantizers(lp.module))
+        if tensors and tensors != ["weight"]:
+            desc[0] += " on " + ("in_proj_weight" if len(tensors) == 1 else "q/k/v_proj_weight")
+        if qs["act"] is not None and isinstance(lp.module, nn.MultiheadAttention):
+            desc[1] += " on query/key/value"
+        for i, s in enumerate(SLOTS):
+            if s in lp.notes:
+                desc[i] = f"— ({lp.notes[s]})"
         cls = type(lp.module)
         if parametrize.is_parametrized(lp.module):
             cls = cls.__bases__[0]  # ParametrizedLinear -> Linear
@@ -156,9 +191,8 @@ def qat_penalty(model: nn.Module) -> None:
     """Before an optimizer step (gradients all-reduced and unscaled): add the weight quantizers'
     penalty gradients (``Quantizer.add_penalty_grad``: ADMM's augmented term)."""
     for m in model.modules():
-        q = weight_quantizer(m)
-        if q is not None:
-            q.add_penalty_grad(m.parametrizations.weight.original)
+        for name, q in weight_quantizers(m).items():
+            q.add_penalty_grad(m.parametrizations[name].original)
 
 
 @torch.no_grad()
@@ -166,9 +200,8 @@ def qat_step(model: nn.Module) -> None:
     """After an optimizer step: sync + commit quantizer statistics, apply weight constraints."""
     commit_stats(model)
     for m in model.modules():
-        q = weight_quantizer(m)
-        if q is not None:
-            q.after_step(m.parametrizations.weight.original)
+        for name, q in weight_quantizers(m).items():
+            q.after_step(m.parametrizations[name].original)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Which quantizers go on which layer: ordered rules, first match wins.
 
 A layer is any module that is an instance of a supported type (``Linear``, ``Conv1d``,
-``Conv2d``, ``Conv3d``, ``Embedding`` or a subclass — users' own models work, no tracing).
+``Conv2d``, ``Conv3d``, ``Embedding``, ``MultiheadAttention`` or a subclass — users' own models
+work, no tracing).
 For each layer, in ``model.named_modules()`` order:
 
 1. the first rule of ``qat.rules`` that matches it gives its whole plan (a slot the rule leaves
@@ -13,23 +14,28 @@ For each layer, in ``model.named_modules()`` order:
    ``qat.types`` stay full precision (DoReFa, XNOR, TTQ all do this);
 3. otherwise a layer whose type is in ``qat.types`` gets ``qat.default``.
 
-With ``strict``, a rule that matches no layer is an error naming ``qat.rules[i]``.
+With ``strict``, a rule that matches no layer is an error naming ``qat.rules[i]``. A slot
+whose quantizer would never run (``dqt.quant.attention.unreachable``: an input quantizer on the
+``out_proj`` of an ``nn.MultiheadAttention``, ...) is an error when a rule puts it there, and
+left empty, with the reason in the plan, when it comes from ``qat.default``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from torch import nn
 
 from dqt.errors import ConfigError
+from dqt.quant.attention import out_projections, unreachable
+from dqt.quant.base import QUANTIZERS
 
 SUPPORTED: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d,
-    "Embedding": nn.Embedding,
+    "Embedding": nn.Embedding, "MultiheadAttention": nn.MultiheadAttention,
 }
 SLOTS = ("weight", "act", "grad")
 
@@ -40,6 +46,9 @@ class LayerPlan:
     module: nn.Module
     specs: dict[str, Any]  # slot -> QuantizerConfig (or None)
     source: str  # "rules[1]", "default", "first layer", "last layer", "not in qat.types"
+    #: slot → why nothing is attached there although the rule or default names a quantizer
+    #: (an Embedding's input is integer ids; out_proj of an nn.MultiheadAttention is never called)
+    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:
@@ -99,6 +108,7 @@ def resolve(cfg: Any, model: nn.Module) -> list[LayerPlan]:
             plan.append(LayerPlan(name, module, _slots(cfg.default), "default"))
         else:
             plan.append(LayerPlan(name, module, _slots(None), "not in qat.types"))
+    _drop_unreachable(plan, model)
     if cfg.strict:
         for i, ok in enumerate(used):
             if not ok:
@@ -109,3 +119,25 @@ def resolve(cfg: Any, model: nn.Module) -> list[LayerPlan]:
                 raise ConfigError(f"qat.rules[{i}]", f"{what} matches no layer (qat.strict=true); "
                                   f"the layers are: {names}")
     return plan
+
+
+def _drop_unreachable(plan: list[LayerPlan], model: nn.Module) -> None:
+    """Slots whose quantizer would never run (``dqt.quant.attention.unreachable``; an
+    Embedding's input quantizer): a rule that puts one there is an error naming the rule's slot
+    and the layer; from ``qat.default`` the slot is left empty and the plan says why."""
+    owners = out_projections(model)
+    for lp in plan:
+        for slot, spec in lp.specs.items():
+            if spec is None:
+                continue
+            if slot == "act" and isinstance(lp.module, nn.Embedding):
+                lp.specs[slot], lp.notes[slot] = None, "integer ids"
+                continue
+            cls = QUANTIZERS.get(spec.name) if spec.name in QUANTIZERS else None
+            why = unreachable(lp.module, slot, cls, lp.module in owners)
+            if why is None:
+                continue
+            if lp.source.startswith("rules["):
+                raise ConfigError(f"qat.{lp.source}.{slot}", f"{spec.name} on {lp.name}: {why[0]}; "
+                                  f"give {lp.name} a rule without {slot} before this one")
+            lp.specs[slot], lp.notes[slot] = None, why[1]

@@ -24,20 +24,24 @@ from torch import Tensor, nn
 
 from dqt.quant.bn_fold import FoldScale, folded_bias
 from dqt.quant.export.codes import FORMATS
-from dqt.quant.prepare import weight_quantizer
-
-ORIGINAL = "parametrizations.weight.original"
+from dqt.quant.prepare import weight_quantizer, weight_quantizers
 
 
-def _quantizer_input(m: nn.Module) -> tuple[Tensor, int]:
+def _quantizer_input(m: nn.Module, wname: str = "weight") -> tuple[Tensor, int]:
     """The tensor the weight quantizer sees (after FoldScale) and its index in the chain."""
-    plist = m.parametrizations.weight
+    plist = m.parametrizations[wname]
     x = plist.original
     for i, p in enumerate(plist):
-        if p is weight_quantizer(m):
+        if p is weight_quantizer(m, wname):
             return x, i
         x = p(x)
     raise AssertionError("weight quantizer not found")
+
+
+def _entry(name: str, wname: str) -> str:
+    """The export's name of a quantized tensor: the layer's (``weight``), else layer.tensor
+    (an attention's ``in_proj_weight``); its codes are ``<layer>.<tensor>.<key>``."""
+    return name if wname == "weight" else f"{name}.{wname}"
 
 
 @torch.no_grad()
@@ -47,29 +51,29 @@ def convert(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Any]]:
     layers: dict[str, Any] = {}
     skip: set[str] = set()
     for name, m in model.named_modules():
-        q = weight_quantizer(m)
-        if q is None:
-            continue
-        w, idx = _quantizer_input(m)
-        was = q.training
-        q.eval()
-        codes = q.encode(w.detach().float())
-        q.train(was)
-        for key, t in codes.tensors().items():
-            tensors[f"{name}.weight.{key}"] = t
-        meta = {"quantizer": q.name, "describe": q.describe(), "format": codes.format,
-                "shape": list(w.shape), "n": int(w.shape[0]), "k": int(w[0].numel()),
-                **codes.meta()}
-        fold = m.parametrizations.weight[0]
-        if isinstance(fold, FoldScale):
-            bn_name = next(n for n, mod in model.named_modules() if mod is fold.bn)
-            meta["bn_folded"] = bn_name
-            tensors[f"{name}.bias_folded"] = folded_bias(m, fold.bn).float()
-        layers[name] = meta
-        skip.add(f"{name}.{ORIGINAL}")
-        # the quantizer's own state (LSQ s, ADMM λ and G): the codes replace it
-        own = f"{name}.parametrizations.weight.{idx}."
-        skip |= {k for k in model.state_dict() if k.startswith(own)}
+        for wname, q in weight_quantizers(m).items():
+            w, idx = _quantizer_input(m, wname)
+            was = q.training
+            q.eval()
+            codes = q.encode(w.detach().float())
+            q.train(was)
+            for key, t in codes.tensors().items():
+                tensors[f"{name}.{wname}.{key}"] = t
+            meta = {"quantizer": q.name, "describe": q.describe(), "format": codes.format,
+                    "shape": list(w.shape), "n": int(w.shape[0]), "k": int(w[0].numel()),
+                    **codes.meta()}
+            if wname != "weight":
+                meta["module"], meta["tensor"] = name, wname
+            fold = m.parametrizations[wname][0]
+            if isinstance(fold, FoldScale):
+                bn_name = next(n for n, mod in model.named_modules() if mod is fold.bn)
+                meta["bn_folded"] = bn_name
+                tensors[f"{name}.bias_folded"] = folded_bias(m, fold.bn).float()
+            layers[_entry(name, wname)] = meta
+            skip.add(f"{name}.parametrizations.{wname}.original")
+            # the quantizer's own state (LSQ s, ADMM λ and G): the codes replace it
+            own = f"{name}.parametrizations.{wname}.{idx}."
+            skip |= {k for k in model.state_dict() if k.startswith(own)}
     for key, t in model.state_dict().items():
         if key not in skip and key not in tensors:
             tensors[key] = t
@@ -97,21 +101,22 @@ class PackedWeight(nn.Module):
 def load_packed(model: nn.Module, tensors: dict[str, Tensor], doc: dict[str, Any]) -> nn.Module:
     """Install the export into ``model`` (prepared with the same qat config), in place."""
     own: set[str] = set()
-    for name, meta in doc["layers"].items():
+    for entry, meta in doc["layers"].items():
+        name, wname = meta.get("module", entry), meta.get("tensor", "weight")
         m = model.get_submodule(name)
-        q = weight_quantizer(m)
+        q = weight_quantizer(m, wname)
         if q is None:
-            raise ValueError(f"layer {name} has no weight quantizer; prepare the model with the "
+            raise ValueError(f"layer {entry} has no weight quantizer; prepare the model with the "
                              "export's qat config first")
-        _, idx = _quantizer_input(m)
-        prefix = f"{name}.weight."
+        _, idx = _quantizer_input(m, wname)
+        prefix = f"{name}.{wname}."
         mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        m.parametrizations.weight[idx] = PackedWeight(meta["format"], mine, meta)
-        own |= {prefix + k for k in mine} | {f"{name}.{ORIGINAL}"}
+        m.parametrizations[wname][idx] = PackedWeight(meta["format"], mine, meta)
+        own |= {prefix + k for k in mine} | {f"{name}.parametrizations.{wname}.original"}
     state = model.state_dict()
     rest = {k: v for k, v in tensors.items() if k in state and k not in own}
     missing = [k for k in state if k not in rest and k not in own
-               and ".parametrizations.weight." not in k]
+               and ".parametrizations." not in k]
     if missing:
         raise ValueError(f"export lacks {len(missing)} entries of this model, e.g. {missing[:3]}")
     model.load_state_dict(rest, strict=False)

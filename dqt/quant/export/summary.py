@@ -29,7 +29,8 @@ def summarize(model: nn.Module, converted: Optional[tuple[dict[str, Tensor], dic
     packed = fp32 = 0
     claimed: set[str] = set()
     for name, meta in layers.items():
-        keys = [k for k in tensors if k.startswith(f"{name}.weight.")]
+        prefix = f"{meta.get('module', name)}.{meta.get('tensor', 'weight')}."
+        keys = [k for k in tensors if k.startswith(prefix)]
         claimed |= set(keys)
         nbytes = sum(tensors[k].numel() * tensors[k].element_size() for k in keys)
         params = meta["n"] * meta["k"]

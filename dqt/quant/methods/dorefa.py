@@ -124,6 +124,9 @@ class DoReFaAct(Quantizer):
     def quantize(self, x: Tensor) -> Tensor:
         return quantize_k(torch.clamp(x, 0.0, 1.0), self.bits)
 
+    def unsigned_range(self) -> Optional[str]:
+        return "[0, 1]"
+
 
 @register
 class DoReFaGrad(Quantizer):

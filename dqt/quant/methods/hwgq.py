@@ -117,3 +117,6 @@ class HWGQ(Quantizer):
         mask = ((x > 0) & (x <= lv[-1])).to(x.dtype).detach()
         f = x * mask  # gradient exactly the clipped-ReLU mask
         return q - (f.detach() - f)
+
+    def unsigned_range(self) -> Optional[str]:
+        return "[0, q_m] (half-wave)"

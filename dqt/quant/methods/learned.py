@@ -102,6 +102,9 @@ class LSQ(Quantizer):
         s = self.step(v)
         return round_ste(torch.clamp(v / s, -self.qn, self.qp)) * s
 
+    def unsigned_range(self) -> Optional[str]:
+        return "[0, Q_P·s]" if self.qn == 0 else None
+
     def encode(self, w: Tensor) -> Affine:
         s = self.s.detach()
         q = torch.round(torch.clamp(w / s, -self.qn, self.qp)) + self.qn
@@ -161,3 +164,6 @@ class PACT(Quantizer):
 
     def quantize(self, x: Tensor) -> Tensor:
         return _PACTFn.apply(x, self.alpha.clamp(min=1e-4), self.bits)
+
+    def unsigned_range(self) -> Optional[str]:
+        return "[0, α]"
