@@ -294,3 +294,23 @@ def test_attention_weights_export_and_reload_bitwise(name):
         assert torch.equal(fresh(x), model(x))
     rows = {r["layer"] for r in quantize_(model, QATConfig()).summary()["layers"]}
     assert f"{ATTN}.in_proj_weight" in rows and f"{ATTN}.out_proj" in rows
+
+
+def test_the_weights_of_a_quantized_encoder_load_into_a_plain_one():
+    """``checkpoint.init_from`` reads a QAT run's weights through ``plain_state_dict``: every
+    parametrized tensor's real weight comes back under its own name."""
+    from dqt.train.checkpoint import plain_state_dict
+
+    qat = encoder()
+    quantize_(qat, preset("w8a8"))
+    with torch.no_grad():  # the QAT run trained: its real weights differ from a fresh model's
+        for p in qat.parameters():
+            p.add_(0.01)
+    state = plain_state_dict(qat.state_dict())
+    plain = encoder()
+    plain.load_state_dict(state)  # strict: nothing missing, nothing left over
+    attn = "encoder.layers.0.self_attn."
+    assert torch.equal(state[attn + "in_proj_weight"],
+                       qat.encoder.layers[0].self_attn.parametrizations.in_proj_weight.original)
+    assert not torch.equal(plain.encoder.layers[0].self_attn.in_proj_weight,
+                           encoder().encoder.layers[0].self_attn.in_proj_weight)
