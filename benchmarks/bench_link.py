@@ -69,6 +69,10 @@ SCHEMES = {  # label -> overrides
     "fsdp onebit": ["backend.parallel=fsdp", "+scheme=onebit"],
     "fsdp ternary_grad": ["backend.parallel=fsdp", "+scheme=ternary_grad"],
     "fsdp qsgd bits=4": ["backend.parallel=fsdp", "+scheme=qsgd", "scheme.bits=4"],
+    # the parameters' all-gathers in bf16 too (backend.fsdp_gather)
+    "fsdp bf16 + bf16 gather": ["backend.parallel=fsdp", "+scheme=bf16", "backend.fsdp_gather=bf16"],
+    "fsdp onebit + bf16 gather": ["backend.parallel=fsdp", "+scheme=onebit",
+                                  "backend.fsdp_gather=bf16"],
 }
 FSDP = "fsdp "  # the label prefix of the FSDP rows
 

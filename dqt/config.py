@@ -141,10 +141,18 @@ class BackendConfig:
     ``fsdp``: FSDP2's ``fully_shard`` — parameters, gradients and optimizer state sharded over
     the ranks, gradients reduce-scattered (through the scheme's codec: :mod:`dqt.comm.fsdp`),
     checkpoints through ``torch.distributed.checkpoint``."""
+    fsdp_gather: str = "fp32"
+    """``parallel=fsdp``: the dtype in which FSDP all-gathers the parameters for forward and
+    backward. ``bf16`` halves that traffic (ZeRO++'s quantized weights at 16 bits): the model
+    computes with bf16-rounded copies of its fp32 parameters, which the optimizer updates
+    exactly."""
 
     def __post_init__(self) -> None:
         _choice(self.name, ("auto", "gloo", "nccl", "horovod"), "backend.name")
         _choice(self.parallel, ("ddp", "fsdp"), "backend.parallel")
+        _choice(self.fsdp_gather, ("fp32", "bf16"), "backend.fsdp_gather")
+        check(self.fsdp_gather == "fp32" or self.parallel == "fsdp", "backend.fsdp_gather",
+              "applies to backend.parallel=fsdp only")
         check(self.timeout_s > 0, "backend.timeout_s", f"must be > 0; got {self.timeout_s}")
         check(self.bucket_cap_mb is None or self.bucket_cap_mb > 0, "backend.bucket_cap_mb",
               f"must be > 0 (MiB) or null; got {self.bucket_cap_mb}")

@@ -253,6 +253,16 @@ def _plain_worker(rank: int, world: int, store: str, out: str) -> None:
         scheme = compress(model, cfg)
         result[name] = _run(model, rank, range(2))
         result[name + "_stats"] = scheme.stats()
+    # the parameters all-gathered in bf16: forward computes with their rounded copies
+    model = _model()
+    scheme = compress(model, "onebit", gather="bf16")
+    seen = []
+    model[2].register_forward_pre_hook(  # after FSDP's own pre-forward (the unshard)
+        lambda m, i: seen.append(m.weight.detach().clone()))
+    result["bf16_gather"] = _run(model, rank, range(1))
+    result["gathered_weight"] = seen[0]
+    result["full_weight"] = model[2].weight.full_tensor()
+    result["gather_stats"] = scheme.stats()
     errors = {}
     model = _model()
     for what, call in (("powersgd", lambda: compress(model, PowerSGD())),
@@ -283,6 +293,12 @@ def test_plain_and_bf16_reduce_scatter_and_misuse(tmp_path):
     assert res["plain_stats"]["comm/bytes_sent"] == res["plain_stats"]["comm/bytes_raw"]
     assert res["bf16_stats"]["comm/ratio"] == pytest.approx(2.0, rel=0.01)
     assert res["plain_stats"]["comm/bytes_raw"] >= 2 * numel * 4 // 2  # two steps, N = 2
+    w, full = res["gathered_weight"], res["full_weight"]
+    assert full.dtype == torch.float32 and not torch.equal(w, full)
+    assert torch.equal(w, full.to(torch.bfloat16).float())  # the sharded fp32 stays exact
+    g = res["gather_stats"]  # forward and backward gather every module: half the fp32 bytes
+    assert g["comm/gather_bytes_raw"] == 2 * g["comm/gather_bytes_sent"] > 0
+    assert torch.isfinite(res["bf16_gather"][0]).all()
     e = res["errors"]
     assert "powersgd cannot run in FSDP's reduce-scatter" in e["powersgd"]
     assert "DistributedDataParallel" in e["module"] and "fully_shard" in e["module"]

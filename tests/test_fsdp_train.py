@@ -103,9 +103,12 @@ def test_damaged_shard_falls_back_and_world_size_change_reshards(tmp_path):
     (["+scheme=onebit", "scheme.auto=true"], "scheme.auto"),
     (["backend.parallel=zero3"], "backend.parallel"),
     (["optim=adamw", "+scheme=onebit"], "optim.freeze_variance"),
+    (["backend.parallel=ddp", "backend.fsdp_gather=bf16"], "backend.fsdp_gather"),
 ])
 def test_what_fsdp_cannot_run_is_refused_first(args, key, tmp_path):
-    p = run_train("backend.parallel=fsdp", *args, f"hydra.run.dir={tmp_path / 'r'}")
+    parallel = [] if any(a.startswith("backend.parallel=") for a in args) else \
+        ["backend.parallel=fsdp"]
+    p = run_train(*parallel, *args, f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"dqt: config error: {key}:" in p.stderr
     assert not (tmp_path / "r").exists()

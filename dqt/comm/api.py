@@ -43,7 +43,7 @@ def preset(name: str) -> SchemeConfig:
 
 
 def compress(model: Any, config: SchemeConfig | str | None, *,
-             process_group: dist.ProcessGroup | None = None) -> Scheme:
+             process_group: dist.ProcessGroup | None = None, gather: str = "fp32") -> Scheme:
     """Compress the gradient all-reduce of a ``DistributedDataParallel`` model, or the gradient
     reduce-scatter of an FSDP2 (``fully_shard``) model.
 
@@ -57,6 +57,8 @@ def compress(model: Any, config: SchemeConfig | str | None, *,
             PowerSGD cannot run there.
         process_group: the ranks to average over; by default a new group of all ranks (the
             scheme's traffic stays separate from the model's own collectives).
+        gather: FSDP only: ``"bf16"`` all-gathers the parameters for forward and backward in
+            bf16 (half the bytes; the sharded fp32 parameters stay exact), ``"fp32"`` as FSDP.
 
     Returns:
         The scheme, registered as ``model``'s communication hook: ``state_dict()`` /
@@ -97,12 +99,14 @@ def compress(model: Any, config: SchemeConfig | str | None, *,
         raise RuntimeError(f"dqt.comm.compress: this model already has a dqt scheme "
                            f"({getattr(model, _ATTACHED).name}); DDP takes one communication "
                            "hook, so wrap the module in a new DistributedDataParallel")
+    if gather != "fp32" and not fsdp:
+        raise TypeError("dqt.comm.compress: gather applies to fully_shard (FSDP2) models only")
     if fsdp:
         if not fsdp_supported(config):
             raise TypeError(f"dqt.comm.compress: {config.name} cannot run in FSDP's "
                             "reduce-scatter (it needs the whole gradient on every rank); use "
                             "onebit, ef_signsgd, signsgd, ternary_grad, qsgd, bf16 or fp16")
-        scheme: Scheme = FSDPCompression(config)
+        scheme: Scheme = FSDPCompression(config, gather)
         scheme.attach(model)
         setattr(model, _ATTACHED, scheme)
         return scheme

@@ -55,12 +55,15 @@ log = logging.getLogger("dqt")
 
 try:  # torch >= 2.9
     from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+    from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 except ImportError:  # pragma: no cover - older torch
-    FSDPModule = ReduceScatter = None  # type: ignore[assignment,misc]
+    FSDPModule = AllGather = ReduceScatter = None  # type: ignore[assignment,misc]
 
-# torch 2.13 renamed reduce_scatter_tensor (now deprecated) to reduce_scatter_single
+# torch 2.13 renamed reduce_scatter_tensor (now deprecated) to reduce_scatter_single, and
+# all_gather_into_tensor to all_gather_single
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+GATHERS = ("fp32", "bf16")
 _HALF = {BF16Config: torch.bfloat16, FP16Config: torch.float16}
 
 
@@ -211,6 +214,32 @@ class _ModuleComm(ReduceScatter if ReduceScatter is not None else object):  # ty
             self._write_params(self.residual, world, values)
 
 
+class _HalfAllGather(AllGather if AllGather is not None else object):  # type: ignore[misc]
+    """FSDP's parameter all-gather in bf16 (ZeRO++'s quantized weights, at 16 bits): each rank
+    sends its fp32 shard rounded to bf16 (nearest even) and every rank, its own shard included,
+    gets the same bf16-valued parameters — half the bytes. The sharded fp32 parameters the
+    optimizer updates stay exact; forward and backward compute with their rounded copies.
+    Parameter groups FSDP gathers in another dtype pass through unchanged."""
+
+    def __init__(self, meter: Any) -> None:
+        self.meter = meter
+
+    def allocate(self, size, *, dtype, device):  # noqa: D102 - FSDP's Comm interface
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
+                 group: dist.ProcessGroup, async_op: bool = False) -> None:
+        world = group.size()
+        if output_tensor.dtype != torch.float32:
+            _all_gather(output_tensor, input_tensor, group=group)
+            return
+        half = input_tensor.to(torch.bfloat16)  # (a view into output_tensor: read it first)
+        gathered = torch.empty(world * half.numel(), dtype=torch.bfloat16, device=half.device)
+        self.meter.add_gather((world - 1) * half.numel() * 2, (world - 1) * half.numel() * 4)
+        _all_gather(gathered, half, group=group)
+        output_tensor.copy_(gathered)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
@@ -230,7 +259,11 @@ class FSDPCompression(Scheme):
     rank) and :meth:`sharded_state_dict` / :meth:`load_sharded_state_dict` /
     :meth:`load_resharded` (the same through ``torch.distributed.checkpoint``)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, gather: str = "fp32") -> None:
+        if gather not in GATHERS:
+            raise ValueError(f"gather (backend.fsdp_gather): must be one of "
+                             f"{', '.join(GATHERS)}; got {gather!r}")
+        self.gather = gather
         if not fsdp_supported(cfg):
             name = getattr(cfg, "name", type(cfg).__name__)
             raise ValueError(f"scheme.name: '{name}' cannot run in FSDP's reduce-scatter (it "
@@ -271,6 +304,8 @@ class FSDPCompression(Scheme):
                                    [names[id(fp.sharded_param)] for fp in params])
                 self.comms.append(comm)
                 module.set_custom_reduce_scatter(comm)
+                if self.gather == "bf16":
+                    module.set_custom_all_gather(_HalfAllGather(self.meter))
         if not self.comms:
             raise TypeError("dqt.comm.compress: the model has no fully_shard module")
 

@@ -56,6 +56,8 @@ class CommMeter:
     hook_s: float = 0.0
     total_sent: int = 0
     total_raw: int = 0
+    gather_sent: int = 0
+    gather_raw: int = 0
     extra: dict[str, float] = field(default_factory=dict)
     # a bucket is encoded on the autograd thread and finished on the scheme's communication
     # thread (dqt.comm.overlap): both count
@@ -71,6 +73,14 @@ class CommMeter:
     def record_raw(self, numel: int, world: int, element_size: int = 4) -> None:
         with self._lock:
             self.bytes_raw += wire_bytes("all_reduce", numel * element_size, world)
+
+    def add_gather(self, sent: int, raw: int) -> None:
+        """A parameter all-gather in a narrower dtype (FSDP, :mod:`dqt.comm.fsdp`): the bytes
+        this rank sent and what the fp32 all-gather would have sent (``comm/gather_*``, apart
+        from the gradients' figures)."""
+        with self._lock:
+            self.gather_sent += sent
+            self.gather_raw += raw
 
     def add_time(self, key: str, seconds: float) -> None:
         with self._lock:
@@ -94,6 +104,10 @@ class CommMeter:
         }
         if self.bytes_sent:
             out["comm/ratio"] = self.bytes_raw / self.bytes_sent
+        if self.gather_raw:
+            out["comm/gather_bytes_sent"] = self.gather_sent
+            out["comm/gather_bytes_raw"] = self.gather_raw
+            self.gather_sent = self.gather_raw = 0
         out.update({f"time/{k}_ms": 1e3 * v for k, v in self.extra.items()})
         self.bytes_sent = self.bytes_raw = self.payload_bytes = self.collectives = 0
         self.hook_s = 0.0

@@ -84,9 +84,9 @@ class FSDPDataParallel(nn.Module):
 
 
 def _fsdp(model: nn.Module, scheme_cfg: Any, device: torch.device,
-          bucket_cap_mb: float | None) -> tuple[nn.Module, Scheme]:
+          bucket_cap_mb: float | None, gather: str = "fp32") -> tuple[nn.Module, Scheme]:
     wrapped = FSDPDataParallel(model)
-    scheme = FSDPCompression(scheme_cfg)
+    scheme = FSDPCompression(scheme_cfg, gather)
     scheme.attach(wrapped.module)
     return wrapped, scheme
 
@@ -96,8 +96,8 @@ WRAPPERS: dict[str, Wrapper] = {"gloo": _ddp, "nccl": _ddp, "horovod": _horovod}
 
 
 def data_parallel(model: nn.Module, scheme_cfg: Any, backend: str, device: torch.device,
-                  bucket_cap_mb: float | None = None, parallel: str = "ddp"
-                  ) -> tuple[nn.Module, Scheme]:
+                  bucket_cap_mb: float | None = None, parallel: str = "ddp",
+                  fsdp_gather: str = "fp32") -> tuple[nn.Module, Scheme]:
     """Wrap ``model`` (already on ``device``) for data-parallel training over ``backend``
     (``gloo``, ``nccl`` or ``horovod``; the process group is initialised) and attach the scheme
     of ``scheme_cfg`` (a config of :mod:`dqt.comm.config`, None for plain all-reduce, or a
@@ -109,7 +109,7 @@ def data_parallel(model: nn.Module, scheme_cfg: Any, backend: str, device: torch
         if backend == "horovod":
             raise ValueError("backend.parallel: fsdp runs over torch.distributed (gloo or "
                              "nccl), not horovod")
-        return _fsdp(model, scheme_cfg, device, bucket_cap_mb)
+        return _fsdp(model, scheme_cfg, device, bucket_cap_mb, fsdp_gather)
     if backend not in WRAPPERS:
         raise ValueError(f"backend.name: no data-parallel wrapper for '{backend}'; "
                          f"available: {', '.join(WRAPPERS)}")

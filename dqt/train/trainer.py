@@ -163,7 +163,8 @@ class Trainer:
         scheme = MomentumComm(cfg.scheme or OneBitConfig()) \
             if cfg.optim.name == "onebit_adam" else _scheme_warm_up(cfg)
         self.model, self.scheme = data_parallel(model, scheme, self.backend, self.device,
-                                                cfg.backend.bucket_cap_mb, cfg.backend.parallel)
+                                                cfg.backend.bucket_cap_mb, cfg.backend.parallel,
+                                                cfg.backend.fsdp_gather)
         self.sharded = cfg.backend.parallel == "fsdp"  # checkpoints through DCP
         self.optimizer = build_optimizer(cfg.optim, model, cfg.qat, comm=self.scheme,
                                          freeze=cfg.frozen_variance)
