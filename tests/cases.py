@@ -72,6 +72,9 @@ SPECS: dict[str, BlockSpec] = {
     "onebit/e8m0": BlockSpec("sign_mean", 128, 1, "e8m0"),
     "qsgd/4/e8m0": BlockSpec("qsgd", 64, 4, "e8m0", levels=7),
     "sign_mean/fp32": BlockSpec("sign_mean", 128, 1, "fp32"),
+    "sign_two/fp32": BlockSpec("sign_two", 128, 1, "fp32"),  # onebit reconstruction=two_means
+    "sign_two/bf16": BlockSpec("sign_two", 64, 1, "bf16"),
+    "sign_two/e8m0": BlockSpec("sign_two", 128, 1, "e8m0"),
     "sign": BlockSpec("sign", 64, 1, "none"),
     "ternary/2bit": BlockSpec("ternary", 64, 2, "fp32"),
     "ternary/base3": BlockSpec("ternary", 64, 0, "fp32"),
