@@ -42,6 +42,7 @@ from tests.seed_c_refs import np_pq, np_sdd, np_tnn, np_wage_a, np_wage_w  # sec
 CODECS: dict[str, tuple[str, dict[str, Any]]] = {
     "onebit": ("onebit", {}),
     "onebit/bf16": ("onebit", {"scale_dtype": "bf16"}),
+    "onebit/two_means": ("onebit", {"reconstruction": "two_means"}),
     "ef_signsgd": ("ef_signsgd", {}),
     "signsgd": ("signsgd", {}),
     "ternary_grad": ("ternary_grad", {}),
@@ -64,8 +65,8 @@ BENCH: dict[str, str] = {
     "qsgd bits=8": "qsgd/8",
 }
 
-HOOK = ["onebit", "signsgd", "ef_signsgd", "ternary_grad", "ternary_grad/base3", "qsgd/4",
-        "qsgd/3"]
+HOOK = ["onebit", "onebit/two_means", "signsgd", "ef_signsgd", "ternary_grad",
+        "ternary_grad/base3", "qsgd/4", "qsgd/3"]
 
 SPECS: dict[str, BlockSpec] = {
     "onebit/bf16": BlockSpec("sign_mean", 64, 1, "bf16"),
