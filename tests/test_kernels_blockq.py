@@ -359,7 +359,7 @@ def test_sign_two_scales_are_rounded_magnitudes(impl):
             sent = torch.tensor([4.0, 4.0, 0.0, 1.0, 2.0, 0.0])  # 1.5 ≥ √2: rounds up to 2
         out = torch.empty(24)
         blockq.decode(spec, msg, table, out, impl=impl)
-        m0, m1 = sent.view(3, 2)[:, 0].repeat_interleave(8), sent.view(3, 2)[:, 1].repeat_interleave(8)
+        m0, m1 = (sent.view(3, 2)[:, c].repeat_interleave(8) for c in (0, 1))
         assert torch.equal(out, torch.where(x >= 0, m1, -m0)), scale
 
 

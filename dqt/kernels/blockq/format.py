@@ -61,8 +61,9 @@ used for coding and for the local decode is the *transmitted* (rounded) one, so 
 error feedback e' = (v − decode)·fp32(1/S) matches what every receiver decodes.
 
 **Non-finite blocks.** A block holding inf/NaN (or whose rounded scale is not finite) is sent
-as scale NaN (``sign_two``: both scales) and all-zero codes, decodes to NaN everywhere, and leaves its residual untouched;
-``bad[k]`` reports it (``sign`` has no scale, so callers carry a flag byte).
+as scale NaN (``sign_two``: both scales) and all-zero codes, decodes to NaN everywhere, and
+leaves its residual untouched; ``bad[k]`` reports it (``sign`` has no scale, so callers carry a
+flag byte).
 
 **Decode** reads, for each block, ``npeers`` messages ``peer_stride`` bytes apart, sums their
 decodes in peer order (d₀ + d₁ + …, fp32), then ``mode``: ``copy``, ``mean`` (× fp32(1/npeers):

@@ -247,5 +247,6 @@ def _decode_bytes(spec, msg, table, out, npeers, peer_stride, flag_off, mode) ->
         msg, table, out, nblocks, int(peer_stride), int(flag_off), f32_recip(npeers),
         NPEERS=int(npeers), KIND=CODES["kind"][spec.kind], CODE_BITS=spec.code_bits,
         SCALE_FMT=CODES["scale"][spec.scale], SCALE_BYTES=SCALES[spec.scale],
-        LEVELS=spec.levels, LANES=lanes, NB3=nb3, BPP=bpp, MODE=CODES["mode"][mode], HAS_FLAG=flag_off >= 0,
+        LEVELS=spec.levels, LANES=lanes, NB3=nb3, BPP=bpp, MODE=CODES["mode"][mode],
+        HAS_FLAG=flag_off >= 0,
         num_warps=max(1, min(DECODE_WARPS, bpp * per_block // 128)), **_launch_options())
