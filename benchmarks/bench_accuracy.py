@@ -31,6 +31,7 @@ SCHEMES = {
     "bf16 hook": ["+scheme=bf16"],
     "powersgd": ["+scheme=powersgd"],
     "onebit": ["+scheme=onebit"],
+    "onebit two_means": ["+scheme=onebit", "scheme.reconstruction=two_means"],
     "ef_signsgd": ["+scheme=ef_signsgd"],
     "signsgd": ["+scheme=signsgd"],
     "ternary_grad": ["+scheme=ternary_grad"],

@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from dqt.comm.compressors import build_compressor
 from dqt.kernels.blockq import triton_decode as td
 from dqt.kernels.blockq import triton_impl as bt
-from dqt.kernels.blockq.format import CODES
+from dqt.kernels.blockq.format import CODES, SCALES
 
 from benchmarks.bench_kernels import VARIANTS
 
@@ -74,7 +74,8 @@ def main() -> None:
         spec = build_compressor(name, **opts).spec
         lanes = bt._lanes(spec)
         const = dict(NPEERS=4, KIND=CODES["kind"][spec.kind], CODE_BITS=spec.code_bits,
-                     SCALE_FMT=CODES["scale"][spec.scale], LEVELS=spec.levels, LANES=lanes,
+                     SCALE_FMT=CODES["scale"][spec.scale], SCALE_BYTES=SCALES[spec.scale],
+                     LEVELS=spec.levels, LANES=lanes,
                      MODE=CODES["mode"]["mean"], HAS_FLAG=False)
         nblocks = n // spec.block
         nb3 = triton.next_power_of_2(-(-spec.block // 5))

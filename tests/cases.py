@@ -42,6 +42,7 @@ from tests.seed_c_refs import np_pq, np_sdd, np_tnn, np_wage_a, np_wage_w  # sec
 CODECS: dict[str, tuple[str, dict[str, Any]]] = {
     "onebit": ("onebit", {}),
     "onebit/bf16": ("onebit", {"scale_dtype": "bf16"}),
+    "onebit/two_means": ("onebit", {"reconstruction": "two_means"}),
     "ef_signsgd": ("ef_signsgd", {}),
     "signsgd": ("signsgd", {}),
     "ternary_grad": ("ternary_grad", {}),
@@ -64,14 +65,17 @@ BENCH: dict[str, str] = {
     "qsgd bits=8": "qsgd/8",
 }
 
-HOOK = ["onebit", "signsgd", "ef_signsgd", "ternary_grad", "ternary_grad/base3", "qsgd/4",
-        "qsgd/3"]
+HOOK = ["onebit", "onebit/two_means", "signsgd", "ef_signsgd", "ternary_grad",
+        "ternary_grad/base3", "qsgd/4", "qsgd/3"]
 
 SPECS: dict[str, BlockSpec] = {
     "onebit/bf16": BlockSpec("sign_mean", 64, 1, "bf16"),
     "onebit/e8m0": BlockSpec("sign_mean", 128, 1, "e8m0"),
     "qsgd/4/e8m0": BlockSpec("qsgd", 64, 4, "e8m0", levels=7),
     "sign_mean/fp32": BlockSpec("sign_mean", 128, 1, "fp32"),
+    "sign_two/fp32": BlockSpec("sign_two", 128, 1, "fp32"),  # onebit reconstruction=two_means
+    "sign_two/bf16": BlockSpec("sign_two", 64, 1, "bf16"),
+    "sign_two/e8m0": BlockSpec("sign_two", 128, 1, "e8m0"),
     "sign": BlockSpec("sign", 64, 1, "none"),
     "ternary/2bit": BlockSpec("ternary", 64, 2, "fp32"),
     "ternary/base3": BlockSpec("ternary", 64, 0, "fp32"),

@@ -59,6 +59,11 @@ GOLDEN_SIGN: dict[str, tuple[list[int], list[float]]] = {
                [s * a for s, a in zip(SIGN, [2.0] * 8 + [1.0] * 12)]),
     "onebit/bf16": ([0x00, 0x40, 0xB0, 0x3F, 0x90, 0x3F] + SIGN_BITS,  # bf16 0x4000 0x3FB0 0x3F90
                     [s * a for s, a in zip(SIGN, [2.0] * 8 + [1.375] * 8 + [1.125] * 4)]),
+    # two means per block, (m₀, m₁) = mean|x| of x < 0 and of x >= 0: (7/3, 9/5), (1.375,
+    # 1.375), (1.5, 1); e8m0: 2.33 -> 2, 1.8 -> 2 (1.8 >= √2), 1.375 -> 1, 1.5 -> 2, 1 -> 1
+    "onebit/two_means": ([0x80, 0x80, 0x7F, 0x7F, 0x80, 0x7F] + SIGN_BITS,
+                         [s * 2.0 for s in SIGN[:8]] + [float(s) for s in SIGN[8:16]]
+                         + [-2.0, 1.0, 1.0, 1.0]),
     "ef_signsgd": ([0, 0, 0, 0x40, 0, 0, 0xB0, 0x3F, 0, 0, 0x90, 0x3F] + SIGN_BITS,
                    [s * a for s, a in zip(SIGN, [2.0] * 8 + [1.375] * 8 + [1.125] * 4)]),
     "signsgd": (SIGN_BITS, [float(s) for s in SIGN]),
@@ -168,6 +173,9 @@ def test_wire_nbytes_formulas():
     assert build_compressor("onebit", block_size=64).wire_nbytes(n) == 16 + 15 * 8 + 5
     assert build_compressor("onebit", block_size=64, scale_dtype="bf16").wire_nbytes(n) == 2 * 16 + 125
     assert build_compressor("onebit", block_size=64, scale_dtype="fp32").wire_nbytes(n) == 4 * 16 + 125
+    # two_means: two scales per block
+    assert build_compressor("onebit", block_size=64, reconstruction="two_means").wire_nbytes(n) \
+        == 2 * 16 + 125
     assert build_compressor("ef_signsgd").wire_nbytes(n) == 4 + 125
     assert build_compressor("signsgd").wire_nbytes(n) == 125
     assert build_compressor("ternary_grad", block_size=64).wire_nbytes(n) == 64 + 250
@@ -181,7 +189,16 @@ def test_wire_nbytes_formulas():
         assert make(vid).wire_nbytes(0) == 0
 
 
-@pytest.mark.parametrize("vid", ["onebit", "ef_signsgd", "signsgd"])
+def _as_sent(comp, scale: torch.Tensor) -> torch.Tensor:
+    """An fp32 statistic as the codec's scale format sends it."""
+    if comp.spec.scale == "bf16":
+        return scale.to(torch.bfloat16).float()  # round to nearest even
+    if comp.spec.scale == "e8m0" and float(scale) > 0:  # the nearest power of two in log2
+        return torch.tensor(2.0 ** math.floor(math.log2(float(scale)) + 0.5))
+    return scale
+
+
+@pytest.mark.parametrize("vid", ["onebit", "onebit/two_means", "ef_signsgd", "signsgd"])
 @pytest.mark.parametrize("block_size", [None, 64, 104])
 def test_sign_schemes_decode_is_the_formula(vid, block_size):
     comp = make(vid) if block_size is None else make(vid, block_size=block_size)
@@ -197,12 +214,14 @@ def test_sign_schemes_decode_is_the_formula(vid, block_size):
     expected = torch.empty(n)
     for start in range(0, n, bs):  # the formula, one block at a time
         blk = x[start:start + bs]
+        if comp.cfg.reconstruction == "two_means":  # Seide et al.: the mean of each sign group
+            neg, pos = blk[blk < 0], blk[blk >= 0]
+            a0 = _as_sent(comp, (neg.abs().sum(dtype=torch.float64) / neg.numel()).float())
+            a1 = _as_sent(comp, (pos.sum(dtype=torch.float64) / pos.numel()).float())
+            expected[start:start + bs] = torch.where(blk >= 0, a1, -a0)
+            continue
         scale = (blk.abs().sum(dtype=torch.float64) / blk.numel()).float()  # fp64 accumulation
-        if comp.spec.scale == "bf16":
-            scale = scale.to(torch.bfloat16).float()  # as sent (round to nearest even)
-        elif comp.spec.scale == "e8m0":  # as sent: the nearest power of two in log2
-            scale = torch.tensor(2.0 ** math.floor(math.log2(float(scale)) + 0.5))
-        expected[start:start + bs] = scale * sign[start:start + bs]
+        expected[start:start + bs] = _as_sent(comp, scale) * sign[start:start + bs]
     assert torch.equal(out, expected)
 
 
@@ -273,6 +292,8 @@ def test_ternary_clipping():
 def test_compression_ratio():
     n, fp32 = 2**20, 4 * 2**20
     assert fp32 / build_compressor("onebit").wire_nbytes(n) >= 30  # 1 + 8/128 bits
+    two = build_compressor("onebit", reconstruction="two_means").wire_nbytes(n)
+    assert fp32 / two >= 28.4  # 1 + 16/128 bits: 28.44x
     assert build_compressor("signsgd").wire_nbytes(n) == fp32 // 32
     # 2 bits + 32/2048 bits of scale per value: 32/2.015625 = 15.88x (16x is the scale-free bound)
     two = build_compressor("ternary_grad").wire_nbytes(n)
@@ -321,9 +342,9 @@ def test_non_finite_block_decodes_to_nan(vid, bad):
         assert torch.equal(out[:8], -torch.ones(8))  # collective adds a flag byte for this
         return
     assert torch.isnan(out[:8]).all() and torch.isnan(out[16:]).all()
-    sb = comp.spec.scale_nbytes
-    nan_scale = {1: [0xFF], 2: [0xC0, 0x7F], 4: [0, 0, 0xC0, 0x7F]}[sb]
-    assert buf[:sb].tolist() == nan_scale  # the NaN scale of the format
+    sb = comp.spec.scale_nbytes  # every scale of the block (two_means: two)
+    nan_scale = {"e8m0": [0xFF], "bf16": [0xC0, 0x7F], "fp32": [0, 0, 0xC0, 0x7F]}[comp.spec.scale]
+    assert buf[:sb].tolist() == nan_scale * comp.spec.scales_per_block  # the format's NaN
 
 
 def test_non_finite_with_clipping():
@@ -354,6 +375,9 @@ def test_options_validated():
         build_compressor("ternary_grad", clip_sigma=-1.0)
     with pytest.raises(ValueError, match="scheme.scale_dtype: must be 'fp32', 'bf16' or 'e8m0'"):
         build_compressor("onebit", scale_dtype="fp16")
+    with pytest.raises(ValueError, match="scheme.reconstruction: must be one of symmetric, "
+                       "two_means; got 'median'"):
+        build_compressor("onebit", reconstruction="median")
     with pytest.raises(ValueError, match="scheme.bits: not an option of compressor 'onebit'"):
         build_compressor("onebit", bits=4)
     with pytest.raises(KeyError, match="scheme.name"):
@@ -363,6 +387,9 @@ def test_options_validated():
 def test_defaults():
     assert build_compressor("onebit").block_size == 128
     assert build_compressor("onebit").spec.scale == "e8m0"
+    assert build_compressor("onebit").spec.kind == "sign_mean"  # reconstruction=symmetric
+    assert build_compressor("onebit", reconstruction="two_means").spec.kind == "sign_two"
+    assert build_compressor("ef_signsgd", reconstruction="two_means").spec.kind == "sign_two"
     assert build_compressor("ef_signsgd").block_size == 2048
     assert build_compressor("ef_signsgd").spec.scale == "fp32"
     assert build_compressor("ternary_grad").block_size == 2048

@@ -119,6 +119,10 @@ BAD_VALUES = [
     (["+scheme=onebit", "scheme.kernel=cuda"], "scheme.kernel: must be one of auto, c, triton, reference"),
     (["+scheme=onebit", "scheme.auto_trials=0"], "scheme.auto_trials: must be >= 1; got 0"),
     (["+scheme=onebit", "scheme.auto_margin=0"], "scheme.auto_margin: must be > 0; got 0.0"),
+    (["+scheme=onebit", "scheme.reconstruction=median"],
+     "scheme.reconstruction: must be one of symmetric, two_means; got 'median'"),
+    (["+scheme=ef_signsgd", "scheme.reconstruction=two"],
+     "scheme.reconstruction: must be one of symmetric, two_means; got 'two'"),
     (["backend.bucket_cap_mb=0"], "backend.bucket_cap_mb: must be > 0 (MiB) or null; got 0"),
 ]
 
@@ -128,6 +132,19 @@ def test_bad_values_name_the_key(compose, overrides, message):
     with pytest.raises(ConfigError) as e:
         to_typed(compose(*overrides))
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("scheme", ["onebit", "ef_signsgd"])
+def test_onebit_reconstruction_picks_the_block_kind(compose, scheme):
+    """``scheme.reconstruction``: symmetric (the default) is one mean|x| per block, two_means
+    Seide et al.'s two (kind sign_two, two scales per block)."""
+    cfg = to_typed(compose(f"+scheme={scheme}"))
+    assert cfg.scheme.reconstruction == "symmetric"
+    assert cfg.scheme.block_spec().kind == "sign_mean"
+    cfg = to_typed(compose(f"+scheme={scheme}", "scheme.reconstruction=two_means"))
+    spec = cfg.scheme.block_spec()
+    assert (spec.kind, spec.scales_per_block) == ("sign_two", 2)
+    assert spec.scale == ("e8m0" if scheme == "onebit" else "fp32")
 
 
 def test_typo_key_is_rejected_by_hydra_naming_the_key(compose):

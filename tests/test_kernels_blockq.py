@@ -300,6 +300,79 @@ def test_decode_sums_in_peer_order_then_averages():
         assert torch.equal(out, torch.full((16,), float(expected))), impl
 
 
+# sign_two: blocks of 8 — known group means; all ≥ 0 (−0.0 among them: it codes 1); all < 0;
+# a non-finite block
+TWO = [1.0, -2.0, 3.0, -4.0, 0.0, 5.0, -6.0, 7.0,  # m₀ = 12/3 = 4, m₁ = 16/5 = fp32(3.2)
+       0.5, 1.5, -0.0, 2.0, 0.25, 0.75, 1.0, 2.0,  # no value < 0: m₀ = 0, m₁ = 8/8 = 1
+       -1.0, -3.0, -0.5, -0.5, -2.0, -1.0, -3.0, -1.0,  # no value ≥ 0: m₀ = 12/8 = 1.5, m₁ = 0
+       1.0, float("nan"), -1.0, 2.0, -2.0, 3.0, -3.0, 4.0]  # non-finite
+TWO_MEANS = [(4.0, 3.2), (0.0, 1.0), (1.5, 0.0)]
+
+
+@pytest.mark.parametrize("impl", available_impls("cpu"))
+def test_sign_two_decodes_to_the_two_group_means(impl):
+    """sign_two with fp32 scales: the scale field is (m₀, m₁), the mean magnitudes of the
+    values < 0 and ≥ 0 (0 for an empty group); code [v ≥ 0]; decode +m₁ / −m₀; the residual
+    becomes v − decode; a non-finite block sends NaN scales and zero codes, keeps its residual."""
+    spec = BlockSpec("sign_two", 8, 1, "fp32")
+    assert (spec.scales_per_block, spec.scale_nbytes) == (2, 8)
+    x = torch.tensor(TWO)
+    table, nbytes = blockq.linear_table(spec, x.numel())
+    assert nbytes == spec.message_nbytes([8] * 4) == 4 * 8 + 4
+    msg = torch.zeros(nbytes, dtype=torch.uint8)
+    e0 = torch.full((32,), 0.25)
+    res, bad = e0.clone(), torch.zeros(4, dtype=torch.int32)
+    blockq.encode(spec, x - e0, table, msg, res, bad=bad, impl=impl)  # v = x − e0 + e0 = x
+    scales = msg[:32].view(torch.float32).view(4, 2)
+    f32 = lambda a: float(torch.tensor(a, dtype=torch.float32))  # noqa: E731
+    assert scales[:3].tolist() == [[f32(a0), f32(a1)] for a0, a1 in TWO_MEANS]
+    assert torch.isnan(scales[3]).all() and bad.tolist() == [0, 0, 0, 1]
+    assert msg[32:].tolist() == [0b10110101, 0xFF, 0x00, 0x00]  # [v ≥ 0], bit j = value j
+    out = torch.empty(32)
+    blockq.decode(spec, msg, table, out, impl=impl)
+    want = [(f32(m1) if v >= 0 else -f32(m0)) for k, (m0, m1) in enumerate(TWO_MEANS)
+            for v in TWO[8 * k:8 * k + 8]]
+    assert out[:24].tolist() == want and torch.isnan(out[24:]).all()
+    # error feedback: v − decode with the transmitted scales; the non-finite block keeps e0
+    assert torch.equal(res[:24], (x - e0 + e0)[:24] - out[:24])
+    assert torch.equal(res[24:], e0[24:])
+
+
+@pytest.mark.parametrize("impl", available_impls("cpu"))
+def test_sign_two_scales_are_rounded_magnitudes(impl):
+    """bf16 and e8m0 carry m₀ and m₁ as magnitudes rounded like any scale; e8m0 (unsigned)
+    decodes code 0 to −m₀. Block 0: m₀ = 4 → e8m0 2² (129), m₁ = 3.2 = 1.6·2¹ → 2² (129)."""
+    from dqt.kernels.blockq import _e8m0_code
+
+    x = torch.tensor(TWO[:24])
+    for scale, nb in (("bf16", 2), ("e8m0", 1)):
+        spec = BlockSpec("sign_two", 8, 1, scale)
+        table, nbytes = blockq.linear_table(spec, 24)
+        msg = torch.zeros(nbytes, dtype=torch.uint8)
+        blockq.encode(spec, x, table, msg, impl=impl)
+        means = torch.tensor(TWO_MEANS).view(-1)
+        if scale == "bf16":
+            sent = means.to(torch.bfloat16).float()
+            assert torch.equal(msg[:12].view(torch.bfloat16).float(), sent)
+        else:
+            assert msg[:6].tolist() == _e8m0_code(means).tolist() == [129, 129, 0, 127, 128, 0]
+            sent = torch.tensor([4.0, 4.0, 0.0, 1.0, 2.0, 0.0])  # 1.5 ≥ √2: rounds up to 2
+        out = torch.empty(24)
+        blockq.decode(spec, msg, table, out, impl=impl)
+        m0, m1 = (sent.view(3, 2)[:, c].repeat_interleave(8) for c in (0, 1))
+        assert torch.equal(out, torch.where(x >= 0, m1, -m0)), scale
+
+
+def test_sign_two_spec():
+    assert BlockSpec("sign_two", 64, 1, "bf16").scale_nbytes == 4
+    assert BlockSpec("sign_two", 64, 1, "e8m0").message_nbytes([64, 10]) == 2 * 2 + 8 + 2
+    assert BlockSpec("sign_mean", 64, 1, "e8m0").scale_nbytes == 1
+    with pytest.raises(ValueError, match="only it has scale 'none'"):
+        BlockSpec("sign_two", 64, 1, "none")
+    with pytest.raises(ValueError, match="sign_two"):
+        BlockSpec("sign_two", 64, 0, "fp32")
+
+
 def test_stochastic_rounding_depends_on_key_and_counter():
     spec = SPECS["ternary/2bit"]
     x = torch.randn(64, generator=torch.Generator().manual_seed(1))

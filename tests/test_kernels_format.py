@@ -72,7 +72,8 @@ def test_c_flags_follow_the_table(monkeypatch):
 
 def test_c_spec_codes_come_from_the_table():
     for kind, scale, bits, levels in [("sign_mean", "fp32", 1, 0), ("sign", "none", 1, 0),
-                                      ("ternary", "bf16", 2, 0), ("qsgd", "e8m0", 4, 3)]:
+                                      ("ternary", "bf16", 2, 0), ("qsgd", "e8m0", 4, 3),
+                                      ("sign_two", "e8m0", 1, 0)]:
         s = cpu._spec(BlockSpec(kind, 64, bits, scale, levels=levels))
         assert (s.kind, s.scale_fmt) == (CODES["kind"][kind], CODES["scale"][scale])
 

@@ -13,7 +13,8 @@ from dqt.comm.layout import ParamSlot, build_layout
 from dqt.kernels.blockq import CODE, CTR, DATA, LEN, MSG, RES, SCALE, BlockSpec
 
 SPECS = [BlockSpec("sign_mean", 8, 1, "bf16"), BlockSpec("ternary", 16, 0, "fp32"),
-         BlockSpec("qsgd", 24, 3, "fp32", levels=3), BlockSpec("sign", 8, 1, "none")]
+         BlockSpec("qsgd", 24, 3, "fp32", levels=3), BlockSpec("sign", 8, 1, "none"),
+         BlockSpec("sign_two", 16, 1, "e8m0")]  # two scales per block
 
 
 def _bucket(sizes: list[int], perm: list[int], gap: int = 5) -> list[ParamSlot]:

@@ -4,7 +4,9 @@
 ``scheme.name`` method (the config: :mod:`dqt.comm.config`)  per value on the wire
 =============== ============================================ ============================
 ``onebit``      1-bit SGD: sign × mean|x| per block, error    1 bit + a 1-byte power-of-two
-                feedback on worker and server                 (e8m0) scale per block of 128
+                feedback on worker and server;                (e8m0) scale per block of 128
+                ``reconstruction=two_means``: the mean of     (``two_means``: two scales)
+                the negative and of the non-negative values
 ``ef_signsgd``  EF-SignSGD: ‖x‖₁/d · sign(x) per block        1 bit + an fp32 scale per 2048
 ``signsgd``     signSGD with majority vote                    1 bit (+1 flag byte per msg)
 ``ternary_grad`` TernGrad: stochastic {−1,0,1}·max|x|         2 bits (``base3``: 1.6) + fp32

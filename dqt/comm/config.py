@@ -26,6 +26,7 @@ from dqt.kernels.blockq import BlockSpec
 COLLECTIVES = ("two_phase", "allgather")
 KERNELS = ("auto", "c", "triton", "reference")
 SCALE_DTYPES = ("fp32", "bf16", "e8m0")
+RECONSTRUCTIONS = ("symmetric", "two_means")
 TERNARY_FORMATS = ("2bit", "base3")
 
 
@@ -165,7 +166,8 @@ class OneBitConfig(CompressedConfig):
     feedback on worker and server. Blocks of 128 with a 1-byte power-of-two (e8m0) scale:
     1.0625 bits per value, 30.1× fewer bytes than fp32. The block size decides accuracy (digits,
     4 ranks: blocks of 64 +0.55 pt vs all-reduce, 256 −1.30 pt, 1024 −8.2 pt); a coarser scale
-    costs little because error feedback absorbs its rounding."""
+    costs little because error feedback absorbs its rounding. ``reconstruction=two_means`` is
+    the paper's own decoder: the mean of the negative and of the non-negative values."""
 
     name: str = "onebit"
     NAME: ClassVar[str] = "onebit"
@@ -173,20 +175,28 @@ class OneBitConfig(CompressedConfig):
     error_feedback: bool = True
     scale_dtype: str = "e8m0"
     """The per-block scale on the wire: ``fp32``, ``bf16`` or ``e8m0`` (1 byte, a power of 2)."""
+    reconstruction: str = "symmetric"
+    """The values a block decodes to. ``symmetric``: ±a with a = mean|x| of the block, one
+    scale (block kind ``sign_mean``). ``two_means``: Seide et al.'s two reconstruction values,
+    the mean of the block's negative values and the mean of its non-negative ones, two scales
+    per block (kind ``sign_two``; with e8m0, 1.125 instead of 1.0625 bits per value at 128)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check(self.scale_dtype in SCALE_DTYPES, "scheme.scale_dtype",
               f"must be 'fp32', 'bf16' or 'e8m0'; got {self.scale_dtype!r}")
+        check_choice(self.reconstruction, RECONSTRUCTIONS, "scheme.reconstruction")
 
     def block_spec(self) -> BlockSpec:
-        return BlockSpec("sign_mean", self.block_size, 1, self.scale_dtype)
+        kind = "sign_two" if self.reconstruction == "two_means" else "sign_mean"
+        return BlockSpec(kind, self.block_size, 1, self.scale_dtype)
 
 
 @dataclass
 class EFSignSGDConfig(OneBitConfig):
     """EF-SignSGD (Karimireddy, Rebjock, Stich, Jaggi, ICML 2019): ‖x‖₁/d · sign(x) per block
-    of 2048 values of one tensor, fp32 scales, error feedback on worker and server."""
+    of 2048 values of one tensor, fp32 scales, error feedback on worker and server
+    (``reconstruction`` as for ``onebit``)."""
 
     name: str = "ef_signsgd"
     NAME: ClassVar[str] = "ef_signsgd"

@@ -20,7 +20,7 @@ enum {
 };
 enum {
     KIND_SIGN_MEAN = DQT_KIND_SIGN_MEAN, KIND_SIGN = DQT_KIND_SIGN,
-    KIND_TERNARY = DQT_KIND_TERNARY, KIND_QSGD = DQT_KIND_QSGD
+    KIND_TERNARY = DQT_KIND_TERNARY, KIND_QSGD = DQT_KIND_QSGD, KIND_SIGN_TWO = DQT_KIND_SIGN_TWO
 };
 enum {
     SCALE_NONE = DQT_SCALE_NONE, SCALE_FP32 = DQT_SCALE_FP32, SCALE_BF16 = DQT_SCALE_BF16,
@@ -60,6 +60,42 @@ static inline uint32_t bf16_bits(float s) {
     if (isnan(s)) return (uint32_t)BF16_NAN;
     uint32_t b = f2u(s);
     return ((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16) & 0xFFFFu;
+}
+
+/* bytes of one scale of the block's scale format */
+static inline int scale_bytes(const spec_t* sp) {
+    return sp->scale_fmt == SCALE_FP32 ? 4 : (sp->scale_fmt == SCALE_BF16 ? 2 :
+                                              (sp->scale_fmt == SCALE_E8M0 ? 1 : 0));
+}
+
+/* a statistic as transmitted: rounded to the scale format */
+static inline float sent_scale(const spec_t* sp, float raw) {
+    if (sp->scale_fmt == SCALE_BF16) return u2f(bf16_bits(raw) << 16);
+    if (sp->scale_fmt == SCALE_E8M0) return e8m0_value(e8m0_code(raw));
+    return raw;
+}
+
+/* the little-endian bytes of one scale at p (NaN for a non-finite block) */
+static void put_scale(const spec_t* sp, uint8_t* p, float raw, int bad) {
+    uint32_t bits;
+    switch (sp->scale_fmt) {
+    case SCALE_BF16: bits = bad ? (uint32_t)BF16_NAN : bf16_bits(raw); break;
+    case SCALE_E8M0: bits = bad ? (uint32_t)E8M0_NAN : e8m0_code(raw); break;
+    default: bits = bad ? (uint32_t)FP32_NAN : f2u(raw);
+    }
+    for (int t = 0; t < scale_bytes(sp); t++) p[t] = (uint8_t)(bits >> (8 * t));
+}
+
+/* one scale from its little-endian bytes at p (none: 1) */
+static float get_scale(const spec_t* sp, const uint8_t* p) {
+    if (sp->scale_fmt == SCALE_FP32) {
+        uint32_t b = 0;
+        for (int t = 0; t < 4; t++) b |= (uint32_t)p[t] << (8 * t);
+        return u2f(b);
+    }
+    if (sp->scale_fmt == SCALE_BF16) return u2f(((uint32_t)p[0] | ((uint32_t)p[1] << 8)) << 16);
+    if (sp->scale_fmt == SCALE_E8M0) return e8m0_value(p[0]);
+    return 1.0f;
 }
 
 /* The high word of a 32x32-bit product from 16-bit halves: only 32-bit multiplies, which the
@@ -157,8 +193,30 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
      * same fp32 statistic in any order except with probability ~2^-29) */
     float nz[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    double lane0[8] = {0, 0, 0, 0, 0, 0, 0, 0};  /* sign_two: Σ|v| of the values < 0 */
+    int64_t cnt0 = 0, cnt1 = 0;  /* sign_two: how many values are < 0, >= 0 (NaN: neither) */
     const int64_t n8 = n & ~(int64_t)7;
-    if (sp->kind == KIND_SIGN_MEAN) {
+    if (sp->kind == KIND_SIGN_TWO) {  /* lane: the values >= 0, lane0: those < 0 */
+        for (int64_t i = 0; i < n8; i += 8)
+            for (int l = 0; l < 8; l++) {
+                const float vi = v[i + l];
+                const double a = fabs((double)vi);
+                nz[l] += vi * 0.0f;
+                lane[l] += vi >= 0.0f ? a : 0.0;
+                lane0[l] += vi < 0.0f ? a : 0.0;
+                cnt0 += vi < 0.0f;
+                cnt1 += vi >= 0.0f;
+            }
+        for (int64_t i = n8; i < n; i++) {
+            const float vi = v[i];
+            const double a = fabs((double)vi);
+            nz[0] += vi * 0.0f;
+            lane[0] += vi >= 0.0f ? a : 0.0;
+            lane0[0] += vi < 0.0f ? a : 0.0;
+            cnt0 += vi < 0.0f;
+            cnt1 += vi >= 0.0f;
+        }
+    } else if (sp->kind == KIND_SIGN_MEAN) {
         for (int64_t i = 0; i < n8; i += 8)
             for (int l = 0; l < 8; l++) {
                 nz[l] += v[i + l] * 0.0f;
@@ -186,10 +244,15 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
         (((nz[0] + nz[1]) + (nz[2] + nz[3])) + ((nz[4] + nz[5]) + (nz[6] + nz[7]))) == 0.0f;
     const double acc = ((lane[0] + lane[1]) + (lane[2] + lane[3])) +
                        ((lane[4] + lane[5]) + (lane[6] + lane[7]));
-    float raw = 1.0f;
+    float raw = 1.0f, raw0 = 0.0f;  /* raw0: sign_two's m0 (raw is its m1) */
     const float* wv = v;
     if (sp->kind == KIND_SIGN_MEAN) {
         raw = (float)(acc / (double)n);
+    } else if (sp->kind == KIND_SIGN_TWO) {
+        const double acc0 = ((lane0[0] + lane0[1]) + (lane0[2] + lane0[3])) +
+                            ((lane0[4] + lane0[5]) + (lane0[6] + lane0[7]));
+        raw = cnt1 > 0 ? (float)(acc / (double)cnt1) : 0.0f;
+        raw0 = cnt0 > 0 ? (float)(acc0 / (double)cnt0) : 0.0f;
     } else if (sp->kind == KIND_QSGD) {
         raw = (float)sqrt(acc);
     } else if (sp->kind == KIND_TERNARY) {
@@ -219,22 +282,17 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
         raw = 0.0f;
         for (int l = 0; l < 8; l++) raw = mx[l] > raw ? mx[l] : raw;
     }
-    float s = raw;
-    if (sp->scale_fmt == SCALE_BF16) s = u2f(bf16_bits(raw) << 16);
-    else if (sp->scale_fmt == SCALE_E8M0) s = e8m0_value(e8m0_code(raw));
-    const int bad = !finite || !isfinite(s);
+    const float s = sent_scale(sp, raw);
+    const float s0 = sent_scale(sp, raw0);  /* sign_two: m0 as sent */
+    const int bad = !finite || !isfinite(s) || (sp->kind == KIND_SIGN_TWO && !isfinite(s0));
     if (bad_out) *bad_out = bad;
     uint8_t* mp = msg + row[MSG];
     const int64_t nb = code_nbytes(sp, n);
-    if (sp->scale_fmt != SCALE_NONE) {
-        uint32_t bits;
-        int nbytes;
-        switch (sp->scale_fmt) {
-        case SCALE_BF16: bits = bad ? (uint32_t)BF16_NAN : bf16_bits(raw); nbytes = 2; break;
-        case SCALE_E8M0: bits = bad ? (uint32_t)E8M0_NAN : e8m0_code(raw); nbytes = 1; break;
-        default: bits = bad ? (uint32_t)FP32_NAN : f2u(s); nbytes = 4;
-        }
-        for (int t = 0; t < nbytes; t++) mp[row[SCALE] + t] = (uint8_t)(bits >> (8 * t));
+    if (sp->kind == KIND_SIGN_TWO) {  /* the scale field: m0, then m1 */
+        put_scale(sp, mp + row[SCALE], raw0, bad);
+        put_scale(sp, mp + row[SCALE] + scale_bytes(sp), raw, bad);
+    } else if (sp->scale_fmt != SCALE_NONE) {
+        put_scale(sp, mp + row[SCALE], raw, bad);
     }
     if (bad) {  /* NaN scale, zero codes, residual untouched */
         memset(mp + row[CODE], 0, (size_t)nb);
@@ -248,6 +306,12 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
         for (int64_t i = 0; i < n; i++) {
             code[i] = v[i] >= 0.0f;
             d[i] = v[i] >= 0.0f ? s : -s;
+        }
+        break;
+    case KIND_SIGN_TWO:
+        for (int64_t i = 0; i < n; i++) {
+            code[i] = v[i] >= 0.0f;
+            d[i] = v[i] >= 0.0f ? s : -s0;
         }
         break;
     case KIND_SIGN:
@@ -317,22 +381,17 @@ static void decode_block(const spec_t* sp, const uint8_t* msg, const int64_t* ro
     for (int64_t p = 0; p < npeers; p++) {
         const uint8_t* mp = msg + row[MSG] + p * stride;
         const int flagged = flag_off >= 0 && mp[flag_off] != 0;
-        float s = 1.0f;
-        if (sp->scale_fmt == SCALE_FP32) {
-            uint32_t b = 0;
-            for (int t = 0; t < 4; t++) b |= (uint32_t)mp[row[SCALE] + t] << (8 * t);
-            s = u2f(b);
-        } else if (sp->scale_fmt == SCALE_BF16) {
-            const uint32_t b = (uint32_t)mp[row[SCALE]] | ((uint32_t)mp[row[SCALE] + 1] << 8);
-            s = u2f(b << 16);
-        } else if (sp->scale_fmt == SCALE_E8M0) {
-            s = e8m0_value(mp[row[SCALE]]);
-        }
+        const float s = get_scale(sp, mp + row[SCALE]);  /* sign_two: m0 */
+        const float s1 = sp->kind == KIND_SIGN_TWO ?
+                         get_scale(sp, mp + row[SCALE] + scale_bytes(sp)) : s;
         unpack_codes(sp, mp + row[CODE], n, code);
         float* dst = p == 0 ? acc : a;
         switch (sp->kind) {
         case KIND_SIGN_MEAN: case KIND_SIGN:
             for (int64_t i = 0; i < n; i++) dst[i] = code[i] == 1 ? s : -s;
+            break;
+        case KIND_SIGN_TWO:
+            for (int64_t i = 0; i < n; i++) dst[i] = code[i] == 1 ? s1 : -s;
             break;
         case KIND_TERNARY:
             for (int64_t i = 0; i < n; i++) dst[i] = code[i] == 2 ? s : (code[i] == 0 ? -s : 0.0f);

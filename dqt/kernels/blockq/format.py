@@ -12,12 +12,13 @@ an int64 tensor (nblocks, 8), one row per block::
     RES   first value in the residual buffer (error feedback; ignored without one)
     LEN   number of values, 1 ≤ LEN ≤ block
     MSG   byte offset of the message the block belongs to
-    SCALE byte offset of the block's scale, relative to MSG
+    SCALE byte offset of the block's scale (sign_two: its two scales), relative to MSG
     CODE  byte offset of the block's codes, relative to MSG
     CTR   the block's Philox counter (its index in the bucket)
 
 **The message of a block** is its scale (``scale`` = fp32: 4 bytes little-endian; bf16: 2
-bytes, rounded to nearest even; e8m0: 1 byte, a power of two — see below; none) and its codes
+bytes, rounded to nearest even; e8m0: 1 byte, a power of two — see below; none; ``sign_two``
+carries two scales, :attr:`BlockSpec.scale_nbytes` counts both) and its codes
 packed on their own, starting at a byte:
 ``code_bits`` = k ∈ 1..8 is a little-endian bit stream (value j at bits [jk, jk+k), bit b in
 byte b//8 at b%8), ceil(LEN·k/8) bytes; ``code_bits = 0`` is base-3, byte b = Σ_{m<5} 3^m·code[5b+m],
@@ -25,9 +26,18 @@ ceil(LEN/5) bytes. Padding bits and trits are 0.
 
 **Per block**, with v the block's values (x, plus S·e with error feedback, S the loss scale):
 
-* ``sign_mean`` (1-bit SGD, Seide et al. 2014; EF-SignSGD, Karimireddy et al. 2019):
-  a = fp32(Σ|vᵢ| / LEN) (sum in fp64), the L2-optimal scale of a·sign(v); code = [vᵢ ≥ 0];
-  decode ±a.
+* ``sign_mean`` (1-bit SGD, Seide et al. 2014, with one symmetric scale; EF-SignSGD,
+  Karimireddy et al. 2019): a = fp32(Σ|vᵢ| / LEN) (sum in fp64), the L2-optimal scale of
+  a·sign(v); code = [vᵢ ≥ 0]; decode ±a.
+* ``sign_two`` (1-bit SGD with the paper's two reconstruction values, Seide et al. 2014):
+  code = [vᵢ ≥ 0]; n_c values have code c; the block carries *two* scales, the mean
+  magnitudes of the two groups, m₀ = fp32(Σ_{vᵢ<0} |vᵢ| / n₀) and m₁ = fp32(Σ_{vᵢ≥0} |vᵢ| / n₁)
+  (sums in fp64; m_c = 0 when n_c = 0), each rounded to the scale format; decode code 1 → +m₁,
+  code 0 → −m₀. So a₁ = m₁ is the mean of the non-negative values and a₀ = −m₀ the mean of
+  the negative ones, the L2-optimal value of each group. Both are sent as magnitudes (e8m0 is
+  unsigned; −m₀ rounds like m₀ in every format, all of which round symmetrically): the
+  block's scale field is m₀ then m₁, each in the scale format (twice the bytes of one scale:
+  fp32 8, bf16 4, e8m0 2), m₁ at SCALE + the bytes of one scale.
 * ``sign`` (signSGD, Bernstein et al. 2018): no scale; code = [vᵢ ≥ 0]; decode ±1.
 * ``ternary`` (TernGrad, Wen et al. 2017): optional clipping to ±c·σ (μ = fp32(Σv/LEN),
   σ² = Σ(vᵢ − μ)²/LEN in fp64, bound = fp32(c·σ)); s = max|vᵢ|; keep = (uᵢ·s < |vᵢ|), i.e.
@@ -51,8 +61,9 @@ used for coding and for the local decode is the *transmitted* (rounded) one, so 
 error feedback e' = (v − decode)·fp32(1/S) matches what every receiver decodes.
 
 **Non-finite blocks.** A block holding inf/NaN (or whose rounded scale is not finite) is sent
-as scale NaN and all-zero codes, decodes to NaN everywhere, and leaves its residual untouched;
-``bad[k]`` reports it (``sign`` has no scale, so callers carry a flag byte).
+as scale NaN (``sign_two``: both scales) and all-zero codes, decodes to NaN everywhere, and
+leaves its residual untouched; ``bad[k]`` reports it (``sign`` has no scale, so callers carry a
+flag byte).
 
 **Decode** reads, for each block, ``npeers`` messages ``peer_stride`` bytes apart, sums their
 decodes in peer order (d₀ + d₁ + …, fp32), then ``mode``: ``copy``, ``mean`` (× fp32(1/npeers):
@@ -94,7 +105,7 @@ COLUMNS = 8  # the 8th column is reserved (0)
 # kind, a scale format and a decode mode. The constant of (group, name) is
 # f"{group}_{name}".upper(): KIND_SIGN_MEAN, SCALE_FP32, MODE_VOTE, ...
 CODES: dict[str, dict[str, int]] = {
-    "kind": {"sign_mean": 0, "sign": 1, "ternary": 2, "qsgd": 3},
+    "kind": {"sign_mean": 0, "sign": 1, "ternary": 2, "qsgd": 3, "sign_two": 4},
     "scale": {"none": 0, "fp32": 1, "bf16": 2, "e8m0": 3},
     "mode": {"copy": 0, "mean": 1, "vote": 2},
 }
@@ -102,7 +113,7 @@ KINDS = tuple(CODES["kind"])
 MODES = tuple(CODES["mode"])
 
 # ---------------------------------------------------------------- scales
-SCALES = {"none": 0, "fp32": 4, "bf16": 2, "e8m0": 1}  # scale format -> bytes per block
+SCALES = {"none": 0, "fp32": 4, "bf16": 2, "e8m0": 1}  # scale format -> bytes per scale
 E8M0_ROUND_UP = 3474676  # fp32 mantissa bits of √2 (rounded up): m >= √2 rounds 2^E up
 E8M0_MAX = 254  # the largest finite e8m0 byte, 2^127
 E8M0_NAN = 255  # the e8m0 byte of NaN
@@ -150,6 +161,8 @@ class BlockSpec:
             raise ValueError(f"scale must be one of {', '.join(SCALES)}; got {self.scale!r}")
         if (self.kind == "sign") != (self.scale == "none"):
             raise ValueError("kind 'sign' and only it has scale 'none'")
+        if self.kind == "sign_two" and self.code_bits == 0:
+            raise ValueError("kind 'sign_two' needs code_bits >= 1 (base-3 is for ternary codes)")
         if self.kind == "qsgd" and not (1 <= self.levels and 2 * self.levels < 1 << self.code_bits):
             raise ValueError(f"qsgd needs 1 <= levels and 2*levels < 2^code_bits; got "
                              f"levels={self.levels}, code_bits={self.code_bits}")
@@ -159,8 +172,14 @@ class BlockSpec:
         return self.kind in ("ternary", "qsgd")
 
     @property
+    def scales_per_block(self) -> int:
+        """Scales a block carries: 2 for ``sign_two`` (m₀, m₁), 0 for ``sign``, else 1."""
+        return 0 if self.scale == "none" else (2 if self.kind == "sign_two" else 1)
+
+    @property
     def scale_nbytes(self) -> int:
-        return SCALES[self.scale]
+        """Bytes of a block's scale field: every scale it carries, one after the other."""
+        return SCALES[self.scale] * self.scales_per_block
 
     def code_nbytes(self, n: int) -> int:
         return (n + 4) // 5 if self.code_bits == 0 else (n * self.code_bits + 7) // 8

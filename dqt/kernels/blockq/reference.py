@@ -9,7 +9,7 @@ from torch import Tensor
 
 from dqt.kernels import bitpack
 from dqt.kernels.blockq.format import (BF16_NAN, CODE, CTR, DATA, E8M0_MAX, E8M0_NAN,
-                                        E8M0_ROUND_UP, LEN, MSG, RES, SCALE, BlockSpec,
+                                        E8M0_ROUND_UP, LEN, MSG, RES, SCALE, SCALES, BlockSpec,
                                         f32_recip)
 from dqt.kernels.philox import uniforms
 
@@ -48,7 +48,7 @@ def _e8m0_value(e: Tensor) -> Tensor:
 
 
 def _scale_to_bytes(spec: BlockSpec, s: Tensor) -> tuple[Tensor, Tensor]:
-    """(transmitted scale as fp32, its little-endian bytes (K, scale_nbytes))."""
+    """(transmitted scales as fp32, their little-endian bytes (K, bytes of one scale))."""
     if spec.scale == "bf16":
         bits = _bf16_bits(s)
         sent = (bits << 16).to(torch.int32).view(torch.float32)
@@ -58,13 +58,13 @@ def _scale_to_bytes(spec: BlockSpec, s: Tensor) -> tuple[Tensor, Tensor]:
     else:
         bits = s.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         sent = s
-    shifts = torch.arange(spec.scale_nbytes, dtype=torch.int64, device=s.device) * 8
+    shifts = torch.arange(SCALES[spec.scale], dtype=torch.int64, device=s.device) * 8
     return sent, ((bits[:, None] >> shifts) & 0xFF).to(torch.uint8)
 
 
 def _scale_from_bytes(spec: BlockSpec, b: Tensor) -> Tensor:
-    """(K, scale_nbytes) uint8 → fp32 scales."""
-    shifts = torch.arange(spec.scale_nbytes, dtype=torch.int64, device=b.device) * 8
+    """(K, bytes of one scale) uint8 → fp32 scales."""
+    shifts = torch.arange(SCALES[spec.scale], dtype=torch.int64, device=b.device) * 8
     bits = (b.to(torch.int64) << shifts).sum(1)
     if spec.scale == "e8m0":
         return _e8m0_value(bits)
@@ -82,14 +82,26 @@ def _block_view(t: Tensor, start: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]
     return torch.where(mask, vals.to(torch.float32), 0.0), idx
 
 
+def _group_mean_abs(v: Tensor, group: Tensor) -> Tensor:
+    """fp32(Σ_group |v| / n_group) per row (fp64 sum), 0 for an empty group."""
+    cnt = group.sum(1)
+    total = torch.where(group, v.abs(), 0.0).to(torch.float64).sum(1)
+    mean = (total / cnt.clamp(min=1).to(torch.float64)).to(torch.float32)
+    return torch.where(cnt > 0, mean, 0.0)
+
+
 def _stats(spec: BlockSpec, v: Tensor, mask: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
     """Block values (K, W) → (untransmitted scale (K,), the values to code (K, W)): mean|v|,
-    1, max|clip(v)| or ‖v‖₂ (fp64 sums rounded once to fp32)."""
+    1, max|clip(v)| or ‖v‖₂ (fp64 sums rounded once to fp32); ``sign_two``: (K, 2), the mean
+    magnitudes m₀ of the values < 0 and m₁ of those ≥ 0."""
     nf = n.to(torch.float64)
     if spec.kind == "sign":
         return torch.ones(v.shape[0], dtype=torch.float32, device=v.device), v
     if spec.kind == "sign_mean":
         return (v.abs().to(torch.float64).sum(1) / nf).to(torch.float32), v
+    if spec.kind == "sign_two":
+        return torch.stack([_group_mean_abs(v, mask & (v < 0)),
+                            _group_mean_abs(v, mask & (v >= 0))], 1), v
     if spec.kind == "ternary":
         if spec.clip > 0:
             mean = (v.to(torch.float64).sum(1) / nf).to(torch.float32)
@@ -120,12 +132,16 @@ def encode_ref(spec: BlockSpec, x: Tensor, table: Tensor, msg: Tensor,
     raw, work = _stats(spec, v, mask, n)
     if spec.kind == "sign":
         sent, sbytes = raw, None
-    else:
-        sent, sbytes = _scale_to_bytes(spec, raw)
-    is_bad = ~finite_vals | ~torch.isfinite(sent)
+    else:  # sign_two: (K, 2) scales (m₀, m₁) → the scale field m₀ then m₁
+        sent, sbytes = _scale_to_bytes(spec, raw.reshape(-1))
+        sent, sbytes = sent.view(raw.shape), sbytes.view(K, -1)
+    is_bad = ~finite_vals | ~torch.isfinite(sent.view(K, -1)).all(1)
     u = uniforms(key, table[:, CTR], W) if spec.stochastic else None
-    s = sent[:, None]
-    if spec.kind == "sign_mean":
+    s = sent.view(K, -1)[:, :1]  # sign_two: m₀
+    if spec.kind == "sign_two":
+        code = (v >= 0).to(torch.int64)
+        dec = torch.where(code == 1, sent[:, 1:2], -s)
+    elif spec.kind == "sign_mean":
         code = (v >= 0).to(torch.int64)
         dec = torch.where(code == 1, s, -s)
     elif spec.kind == "sign":
@@ -157,6 +173,7 @@ def encode_ref(spec: BlockSpec, x: Tensor, table: Tensor, msg: Tensor,
     base = table[:, MSG]
     if sbytes is not None:
         nan_bytes = _scale_to_bytes(spec, torch.full((K,), float("nan"), device=x.device))[1]
+        nan_bytes = nan_bytes.repeat(1, spec.scales_per_block)
         sbytes = torch.where(is_bad[:, None], nan_bytes, sbytes)
         pos = (base + table[:, SCALE])[:, None] + torch.arange(sbytes.shape[1], device=x.device)
         msg[pos.reshape(-1)] = sbytes.reshape(-1)
@@ -189,8 +206,10 @@ def decode_ref(spec: BlockSpec, msg: Tensor, table: Tensor, out: Tensor, npeers:
         if spec.kind == "sign":
             s = torch.ones(K, 1, device=dev)
         else:
-            pos = (base + table[:, SCALE])[:, None] + torch.arange(spec.scale_nbytes, device=dev)
-            s = _scale_from_bytes(spec, msg[pos])[:, None]
+            pos = (base + table[:, SCALE])[:, None] + torch.arange(SCALES[spec.scale], device=dev)
+            s = _scale_from_bytes(spec, msg[pos])[:, None]  # sign_two: m₀
+            if spec.kind == "sign_two":
+                s1 = _scale_from_bytes(spec, msg[pos + SCALES[spec.scale]])[:, None]
         nb = W // 5 if spec.code_bits == 0 else W * spec.code_bits // 8
         cols = torch.arange(nb, device=dev)[None, :]
         nbytes = (n + 4) // 5 if spec.code_bits == 0 else (n * spec.code_bits + 7) // 8
@@ -203,6 +222,8 @@ def decode_ref(spec: BlockSpec, msg: Tensor, table: Tensor, out: Tensor, npeers:
             code = bitpack.unpack_kbit(raw, spec.code_bits, K * W).view(K, W).to(torch.int64)
         if spec.kind in ("sign_mean", "sign"):
             d = torch.where(code == 1, s, -s)
+        elif spec.kind == "sign_two":
+            d = torch.where(code == 1, s1, -s)
         elif spec.kind == "ternary":
             d = torch.where(code == 2, s, torch.where(code == 0, -s, 0.0))
         else:

@@ -30,6 +30,7 @@ KIND_SIGN_MEAN = tl.constexpr(_K["KIND_SIGN_MEAN"])
 KIND_SIGN = tl.constexpr(_K["KIND_SIGN"])
 KIND_TERNARY = tl.constexpr(_K["KIND_TERNARY"])
 KIND_QSGD = tl.constexpr(_K["KIND_QSGD"])
+KIND_SIGN_TWO = tl.constexpr(_K["KIND_SIGN_TWO"])
 # scale formats
 SCALE_NONE = tl.constexpr(_K["SCALE_NONE"])
 SCALE_FP32 = tl.constexpr(_K["SCALE_FP32"])

@@ -17,9 +17,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from dqt.kernels.blockq.triton_common import (CODE, COLUMNS, DATA, KIND_QSGD, KIND_TERNARY, LEN,
-                                              MODE_MEAN, MODE_VOTE, MSG, SCALE, SCALE_BF16,
-                                              SCALE_E8M0, SCALE_FP32, e8m0_value)
+from dqt.kernels.blockq.triton_common import (CODE, COLUMNS, DATA, KIND_QSGD, KIND_SIGN_TWO,
+                                              KIND_TERNARY, LEN, MODE_MEAN, MODE_VOTE, MSG,
+                                              SCALE, SCALE_BF16, SCALE_E8M0, SCALE_FP32,
+                                              e8m0_value)
 
 
 @triton.jit
@@ -32,9 +33,9 @@ def _pow3_magic(mm):
 @triton.jit
 def decode_kernel(msg_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv_n,
                   NPEERS: tl.constexpr, KIND: tl.constexpr, CODE_BITS: tl.constexpr,
-                  SCALE_FMT: tl.constexpr, LEVELS: tl.constexpr, LANES: tl.constexpr,
-                  NB3: tl.constexpr, BPP: tl.constexpr, MODE: tl.constexpr,
-                  HAS_FLAG: tl.constexpr):
+                  SCALE_FMT: tl.constexpr, SCALE_BYTES: tl.constexpr, LEVELS: tl.constexpr,
+                  LANES: tl.constexpr, NB3: tl.constexpr, BPP: tl.constexpr,
+                  MODE: tl.constexpr, HAS_FLAG: tl.constexpr):
     """BPP blocks per program, as a (BPP, groups, 8) tile: the table, the scales and the
     flags are loaded once per block, the codes once per group (a group of 8 values is
     CODE_BITS whole bytes; base-3: a byte of 5 trits in 8 lanes), every peer's loads are
@@ -61,7 +62,10 @@ def decode_kernel(msg_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv_n,
         acc = tl.zeros((BPP, G, 8), dtype=tl.float32)
     for p in tl.static_range(NPEERS):  # unrolled: every peer's loads in flight at once
         base = mbase + p * stride
-        s = _scale_bytes(msg_ptr + base + srel, bm, SCALE_FMT)
+        s = _scale_bytes(msg_ptr + base + srel, bm, SCALE_FMT)  # sign_two: m₀
+        s1 = s
+        if KIND == KIND_SIGN_TWO:
+            s1 = _scale_bytes(msg_ptr + base + srel + SCALE_BYTES, bm, SCALE_FMT)
         cp = msg_ptr + base + crel
         if CODE_BITS == 0:
             cb = tl.load(cp + gg, mask=gm, other=0).to(tl.int32)
@@ -74,7 +78,7 @@ def decode_kernel(msg_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv_n,
         else:  # 5..7 bits: 40..56-bit groups
             c = _group_codes(cp, gg, t, nbytes, CODE_BITS, tl.uint64)
         f = tl.load(msg_ptr + base + flag_off, mask=bm, other=0) if HAS_FLAG else 0
-        acc = _add_peer(acc, _decode_code(c, s, KIND, LEVELS), f, p == 0, HAS_FLAG)
+        acc = _add_peer(acc, _decode_code(c, s, s1, KIND, LEVELS), f, p == 0, HAS_FLAG)
     tl.store(out_ptr + data + e, _finish(acc, inv_n, MODE), mask=m)
 
 
@@ -131,9 +135,12 @@ def _scale_bytes(p, mask, SCALE_FMT: tl.constexpr):
 
 
 @triton.jit
-def _decode_code(c, s, KIND: tl.constexpr, LEVELS: tl.constexpr):
-    """The value of code c of a block with scale s (the reference's decode)."""
-    if KIND == KIND_TERNARY:
+def _decode_code(c, s, s1, KIND: tl.constexpr, LEVELS: tl.constexpr):
+    """The value of code c of a block with scale s (sign_two: m₀ = s, m₁ = s1; the
+    reference's decode)."""
+    if KIND == KIND_SIGN_TWO:
+        d = tl.where(c == 1, s1, -s)
+    elif KIND == KIND_TERNARY:
         d = tl.where(c == 2, s, tl.where(c == 0, -s, 0.0))
     elif KIND == KIND_QSGD:
         step = tl.math.div_rn(s, s * 0 + LEVELS)
@@ -157,6 +164,23 @@ def _finish(acc, inv_n, MODE: tl.constexpr):
 
 
 @triton.jit
+def _word_scale(mw_ptr, off, mask, SCALE_FMT: tl.constexpr):
+    """The scale at byte offset ``off`` of the messages, read through their 32-bit words
+    (fp32: a whole word; bf16: half of one; none: 1)."""
+    if SCALE_FMT == SCALE_FP32:
+        s = tl.load(mw_ptr + (off >> 2), mask=mask, other=0).to(tl.float32, bitcast=True)
+    elif SCALE_FMT == SCALE_BF16:
+        sw = tl.load(mw_ptr + (off >> 2), mask=mask, other=0).to(tl.uint32, bitcast=True)
+        s = (((sw >> (8 * (off & 3)).to(tl.uint32)) & 0xFFFF) << 16).to(tl.float32,
+                                                                       bitcast=True)
+    elif SCALE_FMT == SCALE_E8M0:
+        s = e8m0_value(_msg_byte(mw_ptr, off, mask))
+    else:
+        s = 1.0
+    return s
+
+
+@triton.jit
 def _msg_byte(mw_ptr, off, mask):
     """The byte at byte offset ``off`` of the messages, read through their 32-bit words."""
     w = tl.load(mw_ptr + (off >> 2), mask=mask, other=0).to(tl.uint32, bitcast=True)
@@ -166,8 +190,9 @@ def _msg_byte(mw_ptr, off, mask):
 @triton.jit
 def decode_words_kernel(mw_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv_n,
                         NPEERS: tl.constexpr, KIND: tl.constexpr, CODE_BITS: tl.constexpr,
-                        SCALE_FMT: tl.constexpr, LEVELS: tl.constexpr, LANES: tl.constexpr,
-                        BPP: tl.constexpr, MODE: tl.constexpr, HAS_FLAG: tl.constexpr):
+                        SCALE_FMT: tl.constexpr, SCALE_BYTES: tl.constexpr,
+                        LEVELS: tl.constexpr, LANES: tl.constexpr, BPP: tl.constexpr,
+                        MODE: tl.constexpr, HAS_FLAG: tl.constexpr):
     """The decode of blocks whose data, length and codes are 4-aligned
     (:func:`~dqt.kernels.blockq.triton_impl.word_rows`), for 1/2/4/8-bit codes: BPP blocks
     per program as a (BPP, words, 32/k) tile — lane j of word w is value (32/k)·w + j, so
@@ -190,18 +215,10 @@ def decode_words_kernel(mw_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv
     acc = tl.zeros((BPP, W, V), dtype=tl.float32)
     for p in tl.static_range(NPEERS):  # unrolled: every peer's loads in flight at once
         base = mbase + p * stride
-        if SCALE_FMT == SCALE_FP32:
-            s = tl.load(mw_ptr + ((base + srel) >> 2), mask=bm, other=0).to(
-                tl.float32, bitcast=True)
-        elif SCALE_FMT == SCALE_BF16:
-            sw = tl.load(mw_ptr + ((base + srel) >> 2), mask=bm, other=0).to(
-                tl.uint32, bitcast=True)
-            s = (((sw >> (8 * ((base + srel) & 3)).to(tl.uint32)) & 0xFFFF) << 16).to(
-                tl.float32, bitcast=True)
-        elif SCALE_FMT == SCALE_E8M0:
-            s = e8m0_value(_msg_byte(mw_ptr, base + srel, bm))
-        else:
-            s = 1.0
+        s = _word_scale(mw_ptr, base + srel, bm, SCALE_FMT)  # sign_two: m₀
+        s1 = s
+        if KIND == KIND_SIGN_TWO:
+            s1 = _word_scale(mw_ptr, base + srel + SCALE_BYTES, bm, SCALE_FMT)
         word = tl.load(mw_ptr + ((base + crel) >> 2) + tl.minimum(gw, nw - 1)).to(
             tl.uint32, bitcast=True)
         sh = (CODE_BITS * j).to(tl.uint32)
@@ -209,7 +226,9 @@ def decode_words_kernel(mw_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv
         if KIND == KIND_TERNARY:
             d = tl.where(cm == (2 << sh), s, tl.where(cm == 0, -s, 0.0))
         elif KIND == KIND_QSGD:
-            d = _decode_code((cm >> sh).to(tl.int32), s, KIND, LEVELS)
+            d = _decode_code((cm >> sh).to(tl.int32), s, s1, KIND, LEVELS)
+        elif KIND == KIND_SIGN_TWO:  # code 1 is +m₁, code 0 −m₀
+            d = tl.where(cm != 0, s1, -s)
         else:  # KIND_SIGN_MEAN, KIND_SIGN: code 1 is +s
             d = tl.where(cm != 0, s, -s)
         f = _msg_byte(mw_ptr, base + flag_off, bm) if HAS_FLAG else 0

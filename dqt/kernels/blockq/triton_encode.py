@@ -13,9 +13,9 @@ import triton.language as tl
 
 from dqt.kernels.blockq.triton_common import (BF16_NAN, CODE, COLUMNS, CTR, DATA, E8M0_MAX,
                                               E8M0_NAN, E8M0_ROUND_UP, FP32_NAN, KIND_QSGD,
-                                              KIND_SIGN, KIND_SIGN_MEAN, KIND_TERNARY, LEN, MSG,
-                                              RES, SCALE, SCALE_BF16, SCALE_E8M0, SCALE_FP32,
-                                              e8m0_value)
+                                              KIND_SIGN, KIND_SIGN_MEAN, KIND_SIGN_TWO,
+                                              KIND_TERNARY, LEN, MSG, RES, SCALE, SCALE_BF16,
+                                              SCALE_E8M0, SCALE_FP32, e8m0_value)
 
 
 @triton.jit
@@ -69,11 +69,54 @@ def _e8m0_code(x):
 
 
 @triton.jit
-def _code_and_decode(v, w, u, s, r, step, KIND: tl.constexpr, LEVELS: tl.constexpr):
-    """codes (int32) and the decoded values of a block's values v (w: clipped v)."""
+def _sent_scale(raw, SCALE_FMT: tl.constexpr):
+    """(the scale's bits on the wire, the scale as sent): raw rounded to the scale format."""
+    if SCALE_FMT == SCALE_BF16:
+        sbits = _bf16_bits(raw)
+        s = (sbits << 16).to(tl.float32, bitcast=True)
+    elif SCALE_FMT == SCALE_E8M0:
+        sbits = _e8m0_code(raw)
+        s = e8m0_value(sbits)
+    else:
+        sbits = raw.to(tl.uint32, bitcast=True)
+        s = raw
+    return sbits, s
+
+
+@triton.jit
+def _store_scale(p, sbits, bad, SCALE_FMT: tl.constexpr):
+    """One scale's little-endian bytes at p (the format's NaN for a non-finite block)."""
+    if SCALE_FMT == SCALE_FP32:
+        t4 = tl.arange(0, 4)
+        sb = tl.where(bad, FP32_NAN, sbits)
+        tl.store(p + t4, ((sb >> (8 * t4)) & 0xFF).to(tl.uint8))
+    elif SCALE_FMT == SCALE_BF16:
+        t2 = tl.arange(0, 2)
+        sb = tl.where(bad, BF16_NAN, sbits)
+        tl.store(p + t2, ((sb >> (8 * t2)) & 0xFF).to(tl.uint8))
+    elif SCALE_FMT == SCALE_E8M0:
+        tl.store(p, tl.where(bad, E8M0_NAN, sbits).to(tl.uint8))
+
+
+@triton.jit
+def _group_mean_abs(v, group):
+    """fp32(Σ_group |v| / n_group) (fp64 sum), 0 for an empty group."""
+    cnt = tl.sum(group.to(tl.int32))
+    total = tl.sum(tl.where(group, tl.abs(v), 0.0).to(tl.float64))
+    mean = (total / tl.maximum(cnt, 1).to(tl.float64)).to(tl.float32)
+    return tl.where(cnt > 0, mean, 0.0)
+
+
+@triton.jit
+def _code_and_decode(v, w, u, s, s0, r, step, KIND: tl.constexpr, LEVELS: tl.constexpr):
+    """codes (int32) and the decoded values of a block's values v (w: clipped v; s0:
+    sign_two's m₀, s its m₁)."""
     if KIND == KIND_SIGN_MEAN:
         c = (v >= 0).to(tl.int32)
         d = tl.where(c == 1, s, -s)
+    elif KIND == KIND_SIGN_TWO:
+        c = (v >= 0).to(tl.int32)
+        d = tl.where(c == 1, s, -s0)
     elif KIND == KIND_SIGN:
         c = (v >= 0).to(tl.int32)
         d = tl.where(c == 1, 1.0, -1.0)
@@ -97,11 +140,12 @@ def _code_and_decode(v, w, u, s, r, step, KIND: tl.constexpr, LEVELS: tl.constex
 @triton.jit
 def encode_kernel(x_ptr, tab_ptr, msg_ptr, res_ptr, bad_ptr, S, inv_s, key,
                   KIND: tl.constexpr, STOCHASTIC: tl.constexpr, CODE_BITS: tl.constexpr,
-                  SCALE_FMT: tl.constexpr, LEVELS: tl.constexpr, CLIP: tl.constexpr,
-                  LANES: tl.constexpr, NB3: tl.constexpr, KB: tl.constexpr,
+                  SCALE_FMT: tl.constexpr, SCALE_BYTES: tl.constexpr, LEVELS: tl.constexpr,
+                  CLIP: tl.constexpr, LANES: tl.constexpr, NB3: tl.constexpr, KB: tl.constexpr,
                   HAS_RES: tl.constexpr, HAS_BAD: tl.constexpr, UNIT: tl.constexpr):
     """One program per block, LANES (a power of two >= the block size) values wide; NB3: code
-    bytes of a base-3 block, rounded up to a power of two; KB: CODE_BITS rounded up to one."""
+    bytes of a base-3 block, rounded up to a power of two; KB: CODE_BITS rounded up to one;
+    SCALE_BYTES: the bytes of one scale (sign_two's m₁ follows its m₀)."""
     pid = tl.program_id(0).to(tl.int64)
     row = tab_ptr + pid * COLUMNS
     data = tl.load(row + DATA)
@@ -124,8 +168,12 @@ def encode_kernel(x_ptr, tab_ptr, msg_ptr, res_ptr, bad_ptr, S, inv_s, key,
     n64 = n.to(tl.float64)
     w = v
     bound = 0.0
+    raw0 = 0.0  # sign_two: m₀ (raw is its m₁)
     if KIND == KIND_SIGN_MEAN:
         raw = (tl.sum(tl.where(m, tl.abs(v), 0.0).to(tl.float64)) / n64).to(tl.float32)
+    elif KIND == KIND_SIGN_TWO:
+        raw0 = _group_mean_abs(v, m & (v < 0))
+        raw = _group_mean_abs(v, m & (v >= 0))
     elif KIND == KIND_SIGN:
         raw = tl.sum(v * 0) + 1.0
     elif KIND == KIND_TERNARY:
@@ -138,16 +186,12 @@ def encode_kernel(x_ptr, tab_ptr, msg_ptr, res_ptr, bad_ptr, S, inv_s, key,
     else:  # KIND_QSGD
         v64 = v.to(tl.float64)
         raw = tl.sqrt(tl.sum(v64 * v64)).to(tl.float32)
-    if SCALE_FMT == SCALE_BF16:
-        sbits = _bf16_bits(raw)
-        s = (sbits << 16).to(tl.float32, bitcast=True)
-    elif SCALE_FMT == SCALE_E8M0:
-        sbits = _e8m0_code(raw)
-        s = e8m0_value(sbits)
-    else:
-        sbits = raw.to(tl.uint32, bitcast=True)
-        s = raw
+    sbits, s = _sent_scale(raw, SCALE_FMT)
+    s0 = s
     bad = (finite == 0) | (tl.abs(s) >= float("inf")) | (s != s)
+    if KIND == KIND_SIGN_TWO:
+        sbits0, s0 = _sent_scale(raw0, SCALE_FMT)
+        bad = bad | (tl.abs(s0) >= float("inf")) | (s0 != s0)
     r = s * 0.0
     step = s * 0.0
     if KIND == KIND_QSGD:
@@ -155,16 +199,11 @@ def encode_kernel(x_ptr, tab_ptr, msg_ptr, res_ptr, bad_ptr, S, inv_s, key,
         r = tl.where(pos, tl.math.div_rn(s * 0 + 1.0, tl.where(pos, s, 1.0)), 0.0)
         r = tl.where(tl.abs(r) < float("inf"), r, 0.0)
         step = tl.math.div_rn(s, s * 0 + LEVELS)
-    if SCALE_FMT == SCALE_FP32:
-        t4 = tl.arange(0, 4)
-        sb = tl.where(bad, FP32_NAN, sbits)
-        tl.store(msg_ptr + soff + t4, ((sb >> (8 * t4)) & 0xFF).to(tl.uint8))
-    elif SCALE_FMT == SCALE_BF16:
-        t2 = tl.arange(0, 2)
-        sb = tl.where(bad, BF16_NAN, sbits)
-        tl.store(msg_ptr + soff + t2, ((sb >> (8 * t2)) & 0xFF).to(tl.uint8))
-    elif SCALE_FMT == SCALE_E8M0:
-        tl.store(msg_ptr + soff, tl.where(bad, E8M0_NAN, sbits).to(tl.uint8))
+    if KIND == KIND_SIGN_TWO:  # the scale field: m₀, then m₁
+        _store_scale(msg_ptr + soff, sbits0, bad, SCALE_FMT)
+        _store_scale(msg_ptr + soff + SCALE_BYTES, sbits, bad, SCALE_FMT)
+    else:
+        _store_scale(msg_ptr + soff, sbits, bad, SCALE_FMT)
     if HAS_BAD:
         tl.store(bad_ptr + pid, bad.to(tl.int32))
     good = e * 0 + (1 - bad.to(tl.int32)) > 0  # the block is finite
@@ -178,7 +217,7 @@ def encode_kernel(x_ptr, tab_ptr, msg_ptr, res_ptr, bad_ptr, S, inv_s, key,
         u = _to_uniform(tl.reshape(rr, (G, 2, 4)))
     else:
         u = v * 0
-    c, d = _code_and_decode(v, w, u, s, r, step, KIND, LEVELS)
+    c, d = _code_and_decode(v, w, u, s, s0, r, step, KIND, LEVELS)
     c = tl.where(m & good, c, 0)  # padding lanes and non-finite blocks code 0
     if HAS_RES:
         if UNIT:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from dqt.kernels.blockq.format import CODE, CODES, DATA, LEN, MSG, SCALE, f32_recip
+from dqt.kernels.blockq.format import CODE, CODES, DATA, LEN, MSG, SCALE, SCALES, f32_recip
 
 try:
     import triton
@@ -123,8 +123,9 @@ def encode(spec, x: Tensor, table: Tensor, msg: Tensor, residual: Tensor | None,
         x, table, msg, residual if residual is not None else dummy,
         bad if bad is not None else table, float(grad_scale), f32_recip(grad_scale), int(key),
         KIND=CODES["kind"][spec.kind], STOCHASTIC=spec.stochastic, CODE_BITS=spec.code_bits,
-        SCALE_FMT=CODES["scale"][spec.scale], LEVELS=spec.levels, CLIP=float(spec.clip),
-        LANES=lanes, NB3=nb3, KB=_kb(spec), HAS_RES=residual is not None,
+        SCALE_FMT=CODES["scale"][spec.scale], SCALE_BYTES=SCALES[spec.scale],
+        LEVELS=spec.levels, CLIP=float(spec.clip), LANES=lanes, NB3=nb3, KB=_kb(spec),
+        HAS_RES=residual is not None,
         HAS_BAD=bad is not None, UNIT=float(grad_scale) == 1.0, num_warps=_warps(lanes),
         **_launch_options())
 
@@ -196,8 +197,9 @@ def _decode_words(spec, msg, table, out, npeers, peer_stride, flag_off, mode) ->
     decode_words_kernel[(triton.cdiv(nblocks, bpp),)](
         msg.view(torch.int32), table, out, nblocks, int(peer_stride), int(flag_off),
         f32_recip(npeers), NPEERS=int(npeers), KIND=CODES["kind"][spec.kind],
-        CODE_BITS=spec.code_bits, SCALE_FMT=CODES["scale"][spec.scale], LEVELS=spec.levels,
-        LANES=lanes, BPP=bpp, MODE=CODES["mode"][mode], HAS_FLAG=flag_off >= 0,
+        CODE_BITS=spec.code_bits, SCALE_FMT=CODES["scale"][spec.scale],
+        SCALE_BYTES=SCALES[spec.scale], LEVELS=spec.levels, LANES=lanes, BPP=bpp,
+        MODE=CODES["mode"][mode], HAS_FLAG=flag_off >= 0,
         num_warps=max(1, min(WORDS_WARPS, bpp * lanes // 128)), **_launch_options())
 
 
@@ -244,6 +246,7 @@ def _decode_bytes(spec, msg, table, out, npeers, peer_stride, flag_off, mode) ->
     decode_kernel[(triton.cdiv(nblocks, bpp),)](
         msg, table, out, nblocks, int(peer_stride), int(flag_off), f32_recip(npeers),
         NPEERS=int(npeers), KIND=CODES["kind"][spec.kind], CODE_BITS=spec.code_bits,
-        SCALE_FMT=CODES["scale"][spec.scale], LEVELS=spec.levels, LANES=lanes, NB3=nb3,
-        BPP=bpp, MODE=CODES["mode"][mode], HAS_FLAG=flag_off >= 0,
+        SCALE_FMT=CODES["scale"][spec.scale], SCALE_BYTES=SCALES[spec.scale],
+        LEVELS=spec.levels, LANES=lanes, NB3=nb3, BPP=bpp, MODE=CODES["mode"][mode],
+        HAS_FLAG=flag_off >= 0,
         num_warps=max(1, min(DECODE_WARPS, bpp * per_block // 128)), **_launch_options())
