@@ -80,6 +80,11 @@ class Quantizer(nn.Module):
             """Raise :class:`ArgError` for an argument that ``kind`` ("weight", "act", "grad")
             cannot take (``per_channel`` activations, ...); the ranges are checked already."""
 
+        def check_weight(self, shape: tuple[int, ...]) -> None:
+            """Raise :class:`ArgError` for an argument that a weight of ``shape`` cannot take
+            (a ``group_size`` that does not divide its rows); ``prepare`` calls it for every
+            weight before attaching anything."""
+
     def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
         """``cfg``: the arguments, or None to build ``Config(**args)`` (which checks them)."""
         super().__init__()
