@@ -70,6 +70,8 @@ class Quantizer(nn.Module):
     kinds: ClassVar[tuple[str, ...]] = ("weight", "act")
     stateful: ClassVar[bool] = False  # True: implements stats() / commit()
     reduce: ClassVar[str] = "max"  # how qat_step combines the ranks' stats(): "max" or "sum"
+    #: arguments that describe() and repr() leave out while they have this value
+    quiet: ClassVar[dict[str, Any]] = {}
 
     @dataclass
     class Config:
@@ -103,12 +105,16 @@ class Quantizer(nn.Module):
         """The argument names, in the order of the ``Config`` fields."""
         return [f.name for f in dataclasses.fields(cls.Config)]
 
+    def _shown_args(self) -> list[str]:
+        return [k for k in self.arg_names() if hasattr(self, k)
+                and not (k in self.quiet and getattr(self, k) == self.quiet[k])]
+
     def extra_repr(self) -> str:
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.arg_names() if hasattr(self, k))
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._shown_args())
         return f"{self.kind}, {args}" if args else self.kind
 
     def describe(self) -> str:
-        args = ", ".join(f"{k}={getattr(self, k)}" for k in self.arg_names() if hasattr(self, k))
+        args = ", ".join(f"{k}={getattr(self, k)}" for k in self._shown_args())
         return f"{self.name}({args})"
 
     # ---------------------------------------------------------------- the maths

@@ -56,6 +56,7 @@ class IntSymmetric(Quantizer):
     name = "int"
     kinds = ("weight", "act")
     stateful = True
+    quiet = {"group_size": 0, "per_token": False}
 
     @dataclass
     class Config(Quantizer.Config):
@@ -81,7 +82,7 @@ class IntSymmetric(Quantizer):
 
         def check_kind(self, kind: str) -> None:
             need(not (kind == "act" and self.per_channel), "per_channel",
-                 "activations are quantized per tensor (per_token: per row of the last dim)")
+                 "activations are quantized per tensor")
             need(not (kind == "act" and self.group_size), "group_size",
                  "groups are for weights; activations take per_token")
             need(not (kind == "weight" and self.per_token), "per_token",
@@ -164,6 +165,7 @@ class UIntAffine(Quantizer):
     name = "uint"
     kinds = ("weight", "act")
     stateful = True
+    quiet = IntSymmetric.quiet
 
     Config = IntSymmetric.Config
 

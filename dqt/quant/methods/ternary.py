@@ -16,8 +16,8 @@
   threshold and scale differ: Δ = 0.5·γ here, α = γ). Identity STE, as BitNet's
   ``w + (w_q − w).detach()``.
 
-Export: TWN and absmean as 2-bit ``affine`` codes t + 1 (zero 1, scale α); TTQ as ``ternary2`` (codes t + 1,
-W_p and W_n).
+Export: TWN and absmean as 2-bit ``affine`` codes t + 1 (zero 1, scale α or γ); TTQ as
+``ternary2`` (codes t + 1, W_p and W_n).
 """
 
 from __future__ import annotations
