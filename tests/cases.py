@@ -31,12 +31,12 @@ import numpy as np
 import torch
 
 from dqt.kernels.blockq import BlockSpec
-from tests.quant_refs import (hwgq_step, np_admm_projection, np_ap2, np_aqn, np_balanced,
-                              np_bwn, np_dorefa_a, np_dorefa_w, np_dynamic_fixed, np_flex,
-                              np_horq, np_hwgq, np_inq, np_int, np_kmeans, np_linear,
-                              np_log2, np_log_linear, np_lsq, np_minifloat, np_pact, np_pow2,
-                              np_qnn_linear, np_shiftcnn, np_sign, np_tanh, np_ttq, np_twn,
-                              np_uint)
+from tests.quant_refs import (hwgq_step, np_absmean, np_admm_projection, np_ap2, np_aqn,
+                              np_balanced, np_bwn, np_dorefa_a, np_dorefa_w, np_dynamic_fixed,
+                              np_flex, np_horq, np_hwgq, np_inq, np_int, np_int_group,
+                              np_int_token, np_kmeans, np_linear, np_log2, np_log_linear, np_lsq,
+                              np_minifloat, np_pact, np_pow2, np_qnn_linear, np_shiftcnn, np_sign,
+                              np_tanh, np_ttq, np_twn, np_uint, np_uint_group, np_uint_token)
 from tests.seed_c_refs import np_pq, np_sdd, np_tnn, np_wage_a, np_wage_w  # second-tier survey
 
 CODECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -106,10 +106,20 @@ GOLDEN: dict[str, list[tuple[str, str, dict[str, Any], Any, Any]]] = {
     "int": [("w8_per_channel", "weight", {"bits": 8}, W, lambda x: np_int(x, 8, True)),
             ("w4_per_tensor", "weight", {"bits": 4, "per_channel": False}, W,
              lambda x: np_int(x, 4, False)),
-            ("a8", "act", {"bits": 8}, S, lambda x: np_int(x, 8, False))],
+            ("a8", "act", {"bits": 8}, S, lambda x: np_int(x, 8, False)),
+            ("w4_g24", "weight", {"bits": 4, "group_size": 24}, W,
+             lambda x: np_int_group(x, 4, 24)),
+            ("w4_g12", "weight", {"bits": 4, "group_size": 12}, W,
+             lambda x: np_int_group(x, 4, 12)),
+            ("a8_per_token", "act", {"bits": 8, "per_token": True}, S,
+             lambda x: np_int_token(x, 8))],
     "uint": [("w8_per_channel", "weight", {"bits": 8}, W, lambda x: np_uint(x, 8, True)),
              ("a4", "act", {"bits": 4}, A, lambda x: np_uint(x, 4, False)),
-             ("a8_signed", "act", {"bits": 8}, S, lambda x: np_uint(x, 8, False))],
+             ("a8_signed", "act", {"bits": 8}, S, lambda x: np_uint(x, 8, False)),
+             ("w4_g8", "weight", {"bits": 4, "group_size": 8}, W,
+              lambda x: np_uint_group(x, 4, 8)),
+             ("a8_per_token", "act", {"bits": 8, "per_token": True}, S,
+              lambda x: np_uint_token(x, 8))],
     "linear": [("w8_sf6", "weight", {"bits": 8, "frac_bits": 6}, W, lambda x: np_linear(x, 6, 8)),
                ("a4_sf1", "act", {"bits": 4, "frac_bits": 1}, S, lambda x: np_linear(x, 1, 4))],
     "dynamic_fixed": [("w8", "weight", {"bits": 8}, W, lambda x: np_dynamic_fixed(x, 8)),
@@ -144,6 +154,7 @@ GOLDEN: dict[str, list[tuple[str, str, dict[str, Any], Any, Any]]] = {
     "bwn": [("w", "weight", {}, W, np_bwn)],
     "horq": [("order2", "act", {"order": 2}, S, lambda x: np_horq(x, 2)),
              ("order3", "act", {"order": 3}, S, lambda x: np_horq(x, 3))],
+    "absmean": [("w", "weight", {}, W, np_absmean)],
     "twn": [("w", "weight", {}, W, np_twn), ("t05", "weight", {"threshold": 0.5}, W,
                                             lambda x: np_twn(x, 0.5))],
     "ttq": [("w", "weight", {"threshold": 0.05, "init": 0.25}, W,
@@ -199,7 +210,7 @@ EXPORT_ARGS: dict[str, dict[str, Any]] = {  # every weight quantizer, with the a
     "dynamic_fixed": {"bits": 8}, "qnn_linear": {"bits": 6}, "minifloat": {},
     "lsq": {"bits": 3}, "log_linear": {}, "ap2": {}, "log2": {"bits": 4}, "pow2": {},
     "tanh": {"bits": 3}, "dorefa_w": {"bits": 2}, "bnn_sign": {}, "binary_connect": {},
-    "bwn": {}, "twn": {}, "ttq": {}, "flex": {},
+    "bwn": {}, "twn": {}, "ttq": {}, "flex": {}, "absmean": {},
     "balanced": {"bits": 2}, "aqn": {"bits": 3}, "admm": {"bits": 3},
     "pq": {"bits": 2, "sub_dim": 2}, "bwnh": {}, "ffn": {}, "wage_w": {"grad_bits": 8},
     "kmeans": {"bits": 2}, "inq": {"schedule": [0.5, 1.0], "stage_steps": 2}, "shiftcnn": {},
@@ -216,6 +227,7 @@ IDENTITY_STE: dict[str, tuple[str, torch.Tensor, dict[str, Any]]] = {  # name ->
     "pow2": ("weight", STE_X, {}),
     "tanh": ("weight", STE_X, {}),
     "twn": ("weight", STE_X, {}),
+    "absmean": ("weight", STE_X, {}),
     "binary_connect": ("weight", STE_X, {}),
     "horq": ("act", STE_X, {}),
     "flex": ("weight", STE_X, {}),

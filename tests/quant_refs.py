@@ -39,6 +39,50 @@ def np_uint(x, bits, per_channel):
     return s * (q - z), far(pre)
 
 
+def np_int_group(w, bits, g):
+    """torchao's symmetric per-group INT-k: S = max|w_g| / ((2^k − 1)/2),
+    q ∈ [−2^(k−1), 2^(k−1) − 1]."""
+    wg = w.reshape(w.shape[0], -1, g)
+    s = np.maximum(np.abs(wg).max(axis=-1, keepdims=True) / ((2 ** bits - 1) / 2),
+                   np.finfo(np.float32).tiny)
+    pre = wg / s
+    q = np.clip(np.round(pre), -2 ** (bits - 1), 2 ** (bits - 1) - 1)
+    return (q * s).reshape(w.shape), far(pre).reshape(w.shape)
+
+
+def np_uint_group(w, bits, g):
+    wg = w.reshape(w.shape[0], -1, g)
+    y, ok = np_uint(wg.reshape(-1, g), bits, True)
+    return y.reshape(w.shape), ok.reshape(w.shape)
+
+
+def np_uint_token(x, bits):
+    """torchao's per-token asymmetric (on [0, 2^k − 1]; its int8 codes are these − 128)."""
+    n = 2 ** bits - 1
+    lo = np.minimum(x.min(axis=-1, keepdims=True), 0)
+    hi = np.maximum(x.max(axis=-1, keepdims=True), 0)
+    s = np.maximum((hi - lo) / n, np.finfo(np.float32).tiny)
+    z = np.clip(-np.round(lo / s), 0, n)
+    pre = x / s
+    q = np.clip(np.round(pre) + z, 0, n)
+    return (q - z) * s, far(pre)
+
+
+def np_int_token(x, bits):
+    """BitNet's absmax per token: s = (2^(k−1) − 1)/max|x|, x̂ = clamp(round(x·s))/s."""
+    qm = 2 ** (bits - 1) - 1
+    s = qm / np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-5)
+    pre = x * s
+    return np.clip(np.round(pre), -qm - 1, qm) / s, far(pre)
+
+
+def np_absmean(w):
+    """BitNet b1.58: γ = mean|W|, W_q = clamp(round(W/(γ + 1e−5)), −1, 1)·γ."""
+    g = np.abs(w).mean()
+    pre = w / (g + 1e-5)
+    return np.clip(np.round(pre), -1, 1) * g, far(pre)
+
+
 def np_linear(x, sf, bits):
     d = 2.0 ** -sf
     pre = x / d + 0.5

@@ -70,6 +70,8 @@ class Quantizer(nn.Module):
     kinds: ClassVar[tuple[str, ...]] = ("weight", "act")
     stateful: ClassVar[bool] = False  # True: implements stats() / commit()
     reduce: ClassVar[str] = "max"  # how qat_step combines the ranks' stats(): "max" or "sum"
+    #: arguments that describe() and repr() leave out while they have this value
+    quiet: ClassVar[dict[str, Any]] = {}
 
     @dataclass
     class Config:
@@ -79,6 +81,11 @@ class Quantizer(nn.Module):
         def check_kind(self, kind: str) -> None:
             """Raise :class:`ArgError` for an argument that ``kind`` ("weight", "act", "grad")
             cannot take (``per_channel`` activations, ...); the ranges are checked already."""
+
+        def check_weight(self, shape: tuple[int, ...]) -> None:
+            """Raise :class:`ArgError` for an argument that a weight of ``shape`` cannot take
+            (a ``group_size`` that does not divide its rows); ``prepare`` calls it for every
+            weight before attaching anything."""
 
     def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
         """``cfg``: the arguments, or None to build ``Config(**args)`` (which checks them)."""
@@ -98,12 +105,16 @@ class Quantizer(nn.Module):
         """The argument names, in the order of the ``Config`` fields."""
         return [f.name for f in dataclasses.fields(cls.Config)]
 
+    def _shown_args(self) -> list[str]:
+        return [k for k in self.arg_names() if hasattr(self, k)
+                and not (k in self.quiet and getattr(self, k) == self.quiet[k])]
+
     def extra_repr(self) -> str:
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.arg_names() if hasattr(self, k))
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._shown_args())
         return f"{self.kind}, {args}" if args else self.kind
 
     def describe(self) -> str:
-        args = ", ".join(f"{k}={getattr(self, k)}" for k in self.arg_names() if hasattr(self, k))
+        args = ", ".join(f"{k}={getattr(self, k)}" for k in self._shown_args())
         return f"{self.name}({args})"
 
     # ---------------------------------------------------------------- the maths

@@ -30,9 +30,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
+from dqt.errors import ConfigError
 from dqt.quant.attention import (out_projections, quantize_attention_inputs,
                                  quantize_out_proj_grad, weight_names)
-from dqt.quant.base import Quantizer
+from dqt.quant.base import ArgError, Quantizer
 from dqt.quant.bn_fold import FoldScale, find_layer_bn, unfold_output
 from dqt.quant.config import method_config
 from dqt.quant.rules import SLOTS, LayerPlan, resolve
@@ -75,9 +76,27 @@ def replace_relu(model: nn.Module, to: str) -> list[str]:
     return names
 
 
+def check_weights(plan: list[LayerPlan]) -> None:
+    """Every planned weight quantizer's ``Config.check_weight`` on the weights it will get,
+    before anything is attached; an error names the slot's key and the weight."""
+    for lp in plan:
+        spec = lp.specs["weight"]
+        if spec is None:
+            continue
+        key = f"qat.{lp.source.split(' ')[0]}.weight"
+        _, qcfg = method_config(spec, "weight", key)
+        for wname in weight_names(lp.module):
+            try:
+                qcfg.check_weight(tuple(getattr(lp.module, wname).shape))
+            except ArgError as e:
+                raise ConfigError(f"{key}.{e.field}" if e.field else key,
+                                  f"{spec.name} on {lp.name}.{wname}: {e.msg}") from None
+
+
 def prepare(model: nn.Module, cfg: Any) -> nn.Module:
     """Attach the quantizers that ``cfg`` (a ``QATConfig``) assigns; log the plan."""
     plan = resolve(cfg, model)
+    check_weights(plan)
     folds = find_layer_bn(model) if cfg.fold_bn else {}
     owners = out_projections(model)
     folded: list[str] = []

@@ -12,6 +12,8 @@ Formats
              int32 by ``dqt.kernels.lowbit_pack.pack_weight`` (the packed-GEMM layout) at
              ``storage_bits`` ∈ {1, 2, 4, 8} (bits rounded up: 3 → 4, 5..7 → 8).
              1-bit ±α: code = [w ≥ 0], zero = ½, scale = 2α. Ternary: code = t + 1, zero = 1.
+``affine_group`` as ``affine`` with one scale and zero per group of G consecutive codes of a row
+             (``group_size`` weights): W[n,k] = scale[n,k//G]·(code[n,k] − zero[n,k//G]).
 ``ternary2`` TTQ {−W_n, 0, +W_p}: 2-bit codes t + 1 packed as above, W = pos[n] if code = 2,
              −neg[n] if code = 0, else 0 (not affine in one code when W_p ≠ W_n).
 ``log``      one int8 (int16 if the range needs it) code per weight: 0 → 0, else
@@ -84,6 +86,37 @@ class Affine:
     @staticmethod
     def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
         return dequantize_weight(t["packed"], t["scale"], t["zero"], meta["storage_bits"], k)
+
+
+@dataclass
+class AffineGroup:
+    codes: Tensor  # uint8 (N, K)
+    scale: Tensor  # fp32 (N, K/G)
+    zero: Tensor  # fp32 (N, K/G)
+    bits: int
+    format = "affine_group"
+
+    def decode(self) -> Tensor:
+        return _affine_group(self.codes, self.scale, self.zero)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"packed": pack_weight(self.codes, storage_bits(self.bits)),
+                "scale": self.scale.float().contiguous(), "zero": self.zero.float().contiguous()}
+
+    def meta(self) -> dict[str, Any]:
+        return {"bits": self.bits, "storage_bits": storage_bits(self.bits),
+                "group_size": self.codes.shape[1] // self.scale.shape[1]}
+
+    @staticmethod
+    def load(t: dict[str, Tensor], meta: dict[str, Any], k: int) -> Tensor:
+        return _affine_group(unpack_weight(t["packed"], meta["storage_bits"], k), t["scale"],
+                             t["zero"])
+
+
+def _affine_group(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+    n, k = codes.shape
+    c = codes.float().reshape(n, scale.shape[1], -1)
+    return (scale.float()[..., None] * (c - zero.float()[..., None])).reshape(n, k)
 
 
 @dataclass
@@ -422,5 +455,5 @@ class Dense:
         return t["weight"].float()
 
 
-FORMATS = {c.format: c for c in (Affine, Ternary2, Log, Minifloat, Flex, Tanh, Codebook,
-                                 ProductCodes, Factored, SharedCodebook, Shift, Dense)}
+FORMATS = {c.format: c for c in (Affine, AffineGroup, Ternary2, Log, Minifloat, Flex, Tanh,
+                                 Codebook, ProductCodes, Factored, SharedCodebook, Shift, Dense)}

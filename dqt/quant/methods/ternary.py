@@ -11,9 +11,13 @@
   zero set, W_n·g on I_n. W_p, W_n start at ``init``; null (default) starts them at TWN's α of
   the initial weights (mean |W| above Δ) so a from-scratch layer keeps its scale — the
   references start at 1.0 from a pretrained, normalized model.
+* ``absmean`` — BitNet b1.58 (Ma et al. 2024, arXiv 2402.17764): γ = mean|W| per tensor,
+  W_q = clamp(round(W/(γ + ε)), −1, 1)·γ, ε = 1e−5, so every weight is −γ, 0 or γ (TWN's
+  threshold and scale differ: Δ = 0.5·γ here, α = γ). Identity STE, as BitNet's
+  ``w + (w_q − w).detach()``.
 
-Export: TWN as 2-bit ``affine`` codes t + 1 (zero 1, scale α); TTQ as ``ternary2`` (codes t + 1,
-W_p and W_n).
+Export: TWN and absmean as 2-bit ``affine`` codes t + 1 (zero 1, scale α or γ); TTQ as
+``ternary2`` (codes t + 1, W_p and W_n).
 """
 
 from __future__ import annotations
@@ -143,3 +147,26 @@ class TTQ(Quantizer):
         t = (w > d).to(torch.uint8) * 2 + ((w >= -d) & (w <= d)).to(torch.uint8)
         return Ternary2(t.reshape(n, -1), self.w_p.detach().float().expand(n).clone(),
                         self.w_n.detach().float().expand(n).clone())
+
+
+@register
+class AbsMean(Quantizer):
+    name = "absmean"
+    kinds = ("weight",)
+    bits = 2
+    eps = 1e-5
+
+    def scale(self, w: Tensor) -> Tensor:
+        return w.detach().abs().mean()
+
+    def quantize(self, w: Tensor) -> Tensor:
+        g = self.scale(w)
+        q = torch.clamp(torch.round(w.detach() / (g + self.eps)), -1, 1)
+        return ste(w, q * g)
+
+    def encode(self, w: Tensor) -> Affine:
+        g = self.scale(w)
+        q = torch.clamp(torch.round(w / (g + self.eps)), -1, 1)
+        n = w.shape[0]
+        return Affine((q + 1).reshape(n, -1).to(torch.uint8), g.float().expand(n).clone(),
+                      torch.ones(n), 2)
