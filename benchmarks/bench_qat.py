@@ -6,8 +6,13 @@ runs (like benchmarks/bench_accuracy.py).
     python -m benchmarks.bench_qat --experiment digits_cnn      # the same CNN without BatchNorm
     python -m benchmarks.bench_qat -- steps=600                 # extra overrides for every run
     python -m benchmarks.bench_qat --methods fp32 "LSQ W4A4" "PACT W4A4" "TTQ, W_p/W_n at the weights' lr"
+    python -m benchmarks.bench_qat --experiment shakespeare_char --metric eval/loss \
+        --methods fp32 "W8A8 per-tensor act" "int8dyn_int4w (torchao)" "BitNet b1.58" "DoReFa W4A4"
+    # fine-tuning from an fp32 run (its directory): another --out, so the runs do not mix
+    python -m benchmarks.bench_qat --experiment shakespeare_char --metric eval/loss \
+        --out outputs/bench_qat_ft --methods ... -- checkpoint.init_from=RUN_DIR steps=300
 
-Prints a markdown table: mean ± std of the final test accuracy over seeds, the difference to
+Prints a markdown table: mean ± std of the final test accuracy (or ``--metric eval/loss``) over seeds, the difference to
 fp32, the per-seed values and the packed model size (from the run's QAT summary). Every method
 runs the same config (``--experiment``, default ``digits_cnn_bn``: LeNet CNN with BatchNorm after
 each conv and the hidden Linear, SGD lr 0.05 cosine, 300 steps, plus the overrides) — only the
@@ -64,14 +69,21 @@ METHODS = {
     "Deep Compression k-means W2": ["qat=kmeans", "qat.default.weight.bits=2"],
     "INQ W5 (staged pow2)": ["qat=inq"],
     "ShiftCNN N2 B4": ["qat=shiftcnn"],
+    # transformer recipes (experiment=shakespeare_char)
+    "W8A8 per-tensor act": ["qat=w8a8"],
+    "int8dyn_int4w (torchao)": ["qat=int8dyn_int4w"],
+    "BitNet b1.58": ["qat=bitnet_b158"],
+    "DoReFa W4A4": ["qat=dorefa_w2a2", "qat.default.weight.bits=4", "qat.default.act.bits=4",
+                    "qat.default.weight.rescale=true"],
 }
 SEED_A = ("Deep Compression k-means W4", "Deep Compression k-means W2", "INQ W5 (staged pow2)",
           "ShiftCNN N2 B4")
 SEED_B = ("ADMM ternary", "Balanced W2", "HWGQ (BWN + HWGQ A2)", "AQN W2")
 SEED_C = ("Q-CNN PQ (K=16, d=4)", "Q-CNN PQ + error correction", "BWNH", "FFN (ternary SDD)",
           "TNN (ternary W + A)", "WAGE 2-8-8-8")
+TRANSFORMER = ("W8A8 per-tensor act", "int8dyn_int4w (torchao)", "BitNet b1.58", "DoReFa W4A4")
 EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr", *SEED_A, *SEED_B,
-         *SEED_C)
+         *SEED_C, *TRANSFORMER)
 DEFAULT = [m for m in METHODS if m not in EXTRA]  # the issue's list
 
 
@@ -123,6 +135,8 @@ def main() -> None:
     ap.add_argument("--experiment", default="digits_cnn_bn",
                     help="the experiment preset every method runs (conf/experiment)")
     ap.add_argument("--out", default=os.path.join(ROOT, "outputs", "bench_qat"))
+    ap.add_argument("--metric", default="eval/acc", choices=["eval/acc", "eval/loss"],
+                    help="eval/acc: percent; eval/loss: nats (lower is better)")
     ap.add_argument("overrides", nargs="*", help="extra overrides for every run")
     args = ap.parse_args()
     base = [f"experiment={args.experiment}", *args.overrides]
@@ -131,21 +145,25 @@ def main() -> None:
     rows = {}
     for label in args.methods:
         runs = [run(label, s, args.nproc, base, out_root, code) for s in args.seeds]
-        accs = [r["eval/acc"] for r in runs]
+        accs = [r[args.metric] for r in runs]
         rows[label] = (accs, runs[0].get("qat/packed_bytes"), runs[0].get("qat/compression"),
                        all(r["params_in_sync"] for r in runs))
         print(f"{label}: {accs}", file=sys.stderr, flush=True)
     ref = statistics.mean(rows["fp32"][0]) if "fp32" in rows else None
     print(f"\n{args.nproc} ranks (gloo), seeds {args.seeds}, {' '.join(base)}\n")
-    print("| method | test acc (mean ± std) | vs fp32 | per seed | packed model | vs fp32 size |")
+    loss = args.metric == "eval/loss"
+    head = "eval loss, nats" if loss else "test acc"
+    print(f"| method | {head} (mean ± std) | vs fp32 | per seed | packed model | vs fp32 size |")
     print("|---|---|---|---|---|---|")
+    fmt = (lambda v: f"{v:.4f}") if loss else (lambda v: f"{100 * v:.2f}")
     for label, (accs, nbytes, ratio, in_sync) in rows.items():
         mean = statistics.mean(accs)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        diff = f"{100 * (mean - ref):+.2f} pt" if ref is not None else "—"
-        per = ", ".join(f"{100 * a:.2f}" for a in accs)
+        diff = "—" if ref is None else (f"{mean - ref:+.4f}" if loss else
+                                        f"{100 * (mean - ref):+.2f} pt")
+        per = ", ".join(fmt(a) for a in accs)
         size = f"{nbytes / 1000:.1f} KB" if nbytes else "—"
-        print(f"| {label} | {100 * mean:.2f} ± {100 * std:.2f} | {diff} | {per} | {size} |"
+        print(f"| {label} | {fmt(mean)} ± {fmt(std)} | {diff} | {per} | {size} |"
               f" {f'{ratio:.1f}x' if ratio else '1.0x'} |" + ("" if in_sync else " (ranks diverged)"))
 
 
