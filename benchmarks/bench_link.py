@@ -15,7 +15,10 @@ overhead plus the few small collectives outside the hook), and the final accurac
 rows run FSDP2 (``backend.parallel=fsdp``) and are compared with the ``fsdp fp32`` / ``fsdp bf16``
 rows; their interface bytes also carry the parameters' all-gathers. The compute-only floor is one
 process with the same per-rank batch and no communication. Not a test: the numbers depend on
-the machine; compare ratios within one run.
+the machine; compare ratios within one run. ``--repeats N`` runs every scheme N times, round
+robin (repeat k of every scheme before repeat k+1 of any, so slow drift of the machine hits all
+schemes alike); the table gives the median over the repeats with the min–max spread, and the
+speed-ups are ratios of the medians.
 """
 
 from __future__ import annotations
@@ -143,9 +146,11 @@ def compute_floor(model: str, args, out: str) -> float:
     return _median_step(_summary(run_dir)[1], args.warmup)
 
 
-def run_over_link(lab: LinkLab | None, model: str, label: str, args, out: str) -> dict:
+def run_over_link(lab: LinkLab | None, model: str, label: str, args, out: str,
+                  repeat: int = 0) -> dict:
     rate = lab.rate if lab else "loopback"
-    run_dir = os.path.join(out, model, (rate or "unshaped"), re.sub(r"[^\w.-]+", "_", label))
+    run_dir = os.path.join(out, model, (rate or "unshaped"), re.sub(r"[^\w.-]+", "_", label)
+                           + (f"_r{repeat}" if repeat else ""))
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     overrides = [*MODELS[model], *_common(args), *SCHEMES[label], f"hydra.run.dir={run_dir}"]
@@ -177,6 +182,29 @@ def run_over_link(lab: LinkLab | None, model: str, label: str, args, out: str) -
             "profile": profile(run_dir, args.warmup)}
 
 
+def merge_repeats(runs: list[dict]) -> list[dict]:
+    """One row per (model, rate, scheme): the median step time over its repeats
+    (``step_ms``), every repeat's (``step_ms_runs``) and the median profile; the rest from the
+    first repeat."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["rate"], r["scheme"]), []).append(r)
+    rows = []
+    for rs in groups.values():
+        row = dict(rs[0], step_ms_runs=[r["step_ms"] for r in rs],
+                   step_ms=statistics.median(r["step_ms"] for r in rs))
+        row["profile"] = {k: statistics.median(r["profile"][k] for r in rs)
+                          for k in rs[0]["profile"] if all(k in r["profile"] for r in rs)}
+        row["in_sync"] = all(r["in_sync"] for r in rs)
+        rows.append(row)
+    return rows
+
+
+def _spread(r: dict) -> str:
+    runs = r.get("step_ms_runs", [r["step_ms"]])
+    return f"{min(runs):.0f}–{max(runs):.0f} ({len(runs)})" if len(runs) > 1 else "—"
+
+
 def table(rows: list[dict], floors: dict[str, float]) -> str:
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -184,9 +212,10 @@ def table(rows: list[dict], floors: dict[str, float]) -> str:
             rs = [r for r in rows if r["model"] == model and r["rate"] == rate]
             base = {r["scheme"]: r["step_ms"] for r in rs}
             out += [f"\n### {model}, {rate}, compute-only floor {floors[model]:.0f} ms/step\n",
-                    "| scheme | step ms | vs fp32 | vs bf16 | vs floor | bytes/rank/step | "
-                    "(iface − model)/hook bytes | final acc | params in sync |",
-                    "|---|---|---|---|---|---|---|---|---|"]
+                    "| scheme | step ms (median) | spread (min–max, runs) | vs fp32 | vs bf16 | "
+                    "vs floor | bytes/rank/step | (iface − model)/hook bytes | final acc | "
+                    "params in sync |",
+                    "|---|---|---|---|---|---|---|---|---|---|"]
             for r in rs:
                 fp32, bf16 = (base.get(b) for b in _baselines(r["scheme"]))
                 # rank 0's interface also carried DDP's initial broadcast of the model (once);
@@ -194,7 +223,7 @@ def table(rows: list[dict], floors: dict[str, float]) -> str:
                 iface = (f"{(r['iface_total'] - r['model_bytes']) / r['hook_total']:.3f}"
                          if r["iface_total"] and r["hook_total"] else "—")
                 out.append(
-                    f"| {r['scheme']} | {r['step_ms']:.0f} | "
+                    f"| {r['scheme']} | {r['step_ms']:.0f} | {_spread(r)} | "
                     + (f"{fp32 / r['step_ms']:.2f}x | " if fp32 else "— | ")
                     + (f"{bf16 / r['step_ms']:.2f}x" if bf16 else "—")
                     + f" | {r['step_ms'] / floors[model]:.2f}x | {r['bytes_step']:,.0f} | {iface} | "
@@ -212,6 +241,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10, help="steps left out of the median")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of every scheme (round robin); the table gives median and spread")
     ap.add_argument("--extra", nargs="*", default=[],
                     help="overrides added to every run, the compute-only floor included")
     ap.add_argument("--unshaped-only", action="store_true",
@@ -227,19 +258,22 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     if args.unshaped_only:
         for model in args.models:
-            for label in args.schemes:
-                rows.append(run_over_link(None, model, label, args, args.out))
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            for k in range(args.repeats):
+                for label in args.schemes:
+                    rows.append(run_over_link(None, model, label, args, args.out, k))
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     else:
         with LinkLab(args.nranks) as lab:
             for rate in args.rates:
                 lab.shape(None if rate == "unshaped" else rate)
                 for model in args.models:
-                    for label in args.schemes:
-                        rows.append(run_over_link(lab, model, label, args, args.out))
-                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                    for k in range(args.repeats):
+                        for label in args.schemes:
+                            rows.append(run_over_link(lab, model, label, args, args.out, k))
+                            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    rows = merge_repeats(rows)
     header = (f"{args.nranks} ranks (gloo, one per network namespace), {args.steps} steps, median "
-              f"after {args.warmup}, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
+              f"after {args.warmup}, {args.repeats} run(s) per scheme, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}")
     print(header + "\n" + table(rows, floors))
     print("\n### Where the step goes (ms, median after warm-up, rank 0)\n\n" + profile_table(rows))
     if args.json:
