@@ -256,6 +256,24 @@ def test_integer_parameters_are_the_quantizers(kind):
                 assert abs(got / m - 1) <= Fraction(1, 2 ** 30), (name, n)
 
 
+def test_the_layers_requantization_is_multiply_by_quantized_multiplier():
+    """IntegerLayer.requantize_acc (the in-place fast path) against the reference primitives,
+    over the whole int32 range and multipliers with right shifts, none (M ∈ [1/2, 1)) and left
+    shifts (M ≥ 1, saturating)."""
+    model, _ = _calibrated("mlp")
+    lay = integer_layers(to_integer(model))["net.2"]
+    gen = torch.Generator().manual_seed(4)
+    acc = torch.randint(INT32_MIN, INT32_MAX, (64, lay.weight_t.shape[1]), generator=gen)
+    acc[0, :len(EDGES)] = torch.tensor(EDGES)
+    for factor in (1e-7, 1e-3, 0.3, 0.75, 1.0, 3.0, 300.0):
+        scales = lay.acc_scale64 / factor  # per channel M = factor·(its S_w / net.2's S_w[0])
+        lay.requantize(float(scales[0]), 7, 0, 255, unsigned=True)
+        assert (lay.shift[0] > 0) == (factor >= 1)
+        want = multiply_by_quantized_multiplier(acc, lay.m0, lay.shift) + 7
+        want = torch.clamp(want, 0, 255).to(torch.uint8)
+        assert torch.equal(lay.requantize_acc(acc.clone()), want), factor
+
+
 # ------------------------------------------------------------------ against the fake-quant model
 def _fake_codes(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each quantized layer's input codes in the fake-quant model: round(x̂/S) + Z."""

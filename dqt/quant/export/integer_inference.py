@@ -65,12 +65,11 @@ def quantize_multiplier(m: float) -> tuple[int, int]:
 
 def srdhm(a: Tensor, b: Tensor) -> Tensor:
     """gemmlowp's ``SaturatingRoundingDoublingHighMul`` on int32 values held in int64:
-    (a·b + nudge) / 2^31 truncated toward zero, nudge = 2^30 (a·b ≥ 0) or 1 − 2^30; the one
-    overflow, INT32_MIN·INT32_MIN, saturates to INT32_MAX."""
-    a, b = torch.broadcast_tensors(a.long(), b.long())
-    ab = a * b
-    nudge = torch.where(ab >= 0, 1 << 30, 1 - (1 << 30))
-    out = torch.div(ab + nudge, 1 << 31, rounding_mode="trunc")
+    (a·b + nudge) / 2^31 truncated toward zero, nudge = 2^30 (a·b ≥ 0) or 1 − 2^30, which for
+    every sign equals ⌊(a·b + 2^30) / 2^31⌋ (round half up), computed here as an arithmetic
+    shift; the one overflow, INT32_MIN·INT32_MIN, saturates to INT32_MAX."""
+    a, b = a.long(), b.long()
+    out = (a * b + (1 << 30)) >> 31
     return torch.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, out)
 
 
@@ -131,12 +130,16 @@ class IntegerLayer(nn.Module):
         bias = torch.clamp(torch.round(b.double() / acc_scale), INT32_MIN, INT32_MAX).long()
         z_shift = self.z_in - 128 if self.in_unsigned else 0  # the GEMM's int8 zero point
         self.register_buffer("weight_t", codes.t().contiguous())  # (K, N) int8
-        # Σ_k (q_a − Z_a)·q_w = (q_a − 128)·q_w − (Z_a − 128)·Σ_k q_w, folded into the bias
+        # Σ_k (q_a − Z_a)·q_w = (q_a − 128)·q_w − (Z_a − 128)·Σ_k q_w, the second term
+        # folded into the bias
         self.register_buffer("bias", bias.to(torch.int32))
         self.register_buffer("offset", bias - z_shift * codes.long().sum(1))
         self.register_buffer("acc_scale", acc_scale.float())  # fp32 dequantization
         self.register_buffer("acc_scale64", acc_scale)  # S_a·S_w exactly (fp32 × fp32 in fp64)
         self.z_shift = z_shift
+        # |acc| ≤ K·255·127 + max|q_b|: below 2^31, the int32 accumulator cannot overflow and
+        # needs no saturation
+        self.fits_int32 = codes.shape[1] * 255 * 127 + int(bias.abs().max()) < 2 ** 31
         self.out_codes = False
 
     def requantize(self, s_out: float, z_out: int, lo: int, hi: int, unsigned: bool) -> None:
@@ -148,6 +151,23 @@ class IntegerLayer(nn.Module):
         self.z_out, self.lo, self.hi = z_out, lo, hi
         self.out_dtype = torch.uint8 if unsigned else torch.int8
         self.out_codes = True
+        e = torch.clamp(-self.shift, min=0)  # RoundingDivideByPOT's exponent per channel
+        self.register_buffer("left", torch.clamp(self.shift, min=0))
+        self.register_buffer("exponent", e)
+        self.register_buffer("rdbp_half", (torch.ones_like(e) << e) >> 1)
+        self.register_buffer("tie_down", (e > 0).long())
+
+    def requantize_acc(self, acc: Tensor) -> Tensor:
+        """MultiplyByQuantizedMultiplier(acc, M0, shift) + Z_out, clamped; in place on acc.
+        The same integers as :func:`multiply_by_quantized_multiplier`, in fewer passes:
+        SRDHM's saturation cannot occur (M0 ≥ 2^30 ≠ INT32_MIN), and RoundingDivideByPOT(t, e)
+        = (t + 2^(e−1) − [t < 0]) >> e for e ≥ 1 (ties away from zero)."""
+        if bool((self.left > 0).any()):
+            acc = torch.clamp(acc << self.left, INT32_MIN, INT32_MAX)
+        t = acc.mul_(self.m0).add_(1 << 30).bitwise_right_shift_(31)  # SRDHM
+        neg = t.lt(0).to(torch.int64).mul_(self.tie_down)
+        t.add_(self.rdbp_half).sub_(neg).bitwise_right_shift_(self.exponent)  # RDBP
+        return t.add_(self.z_out).clamp_(self.lo, self.hi).to(self.out_dtype)
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """The input quantizer's codes, with its own fp32 operations (bit-equal to QAT)."""
@@ -172,15 +192,14 @@ class IntegerLayer(nn.Module):
     def accumulate(self, q: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """int32 acc = Σ(q_a − Z_a)·q_w + q_b, as int64 (rows, N)."""
         a, lead = self.gemm_rows(q)
-        acc = torch._int_mm(a.contiguous(), self.weight_t).long() + self.offset
-        return torch.clamp(acc, INT32_MIN, INT32_MAX), lead
+        acc = torch._int_mm(a.contiguous(), self.weight_t) + self.offset  # int32 + int64
+        return acc if self.fits_int32 else torch.clamp(acc, INT32_MIN, INT32_MAX), lead
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.quantize_input(x) if x.is_floating_point() else x
         acc, lead = self.accumulate(q)
         if self.out_codes:
-            y = multiply_by_quantized_multiplier(acc, self.m0, self.shift) + self.z_out
-            y = torch.clamp(y, self.lo, self.hi).to(self.out_dtype)
+            y = self.requantize_acc(acc)
         else:
             y = acc.float() * self.acc_scale
         y = y.reshape(*lead, -1)
