@@ -13,8 +13,8 @@ Linear with the same quantizers (fp32 in, fp32 out: quantize, int8 GEMM, dequant
 cell is the median of ``--reps`` timed calls after 3 warm-up calls, under ``torch.no_grad``:
 wall-clock with torch's default thread count, or (``--cpu-time``) the calling thread's CPU
 time with one intra-op thread, which other jobs on the machine do not inflate. The breakdown
-rows time the pieces of one integer layer: the int8 GEMM alone (``torch._int_mm``) against
-the fp32 GEMM alone, and the int64 requantization epilogue.
+times the pieces of every integer layer at batch 256 against the same fp32 layer, and the
+int8 GEMM alone (``torch._int_mm``) against the fp32 GEMM alone.
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ from torch import nn
 
 from dqt.quant import apply_qat, qat_step
 from dqt.quant.config import QATConfig, QATSlotsConfig, QuantizerConfig
-from dqt.quant.export.integer_inference import (integer_layers,
-                                                multiply_by_quantized_multiplier, to_integer)
+from dqt.quant.export.integer_inference import integer_layers, to_integer
 from dqt.train.models import MLP, LeNetCNN
 
 
@@ -100,9 +99,11 @@ def main() -> None:
     print(f"| model | batch | fp32 {unit} | fake-quant {unit} | integer {unit} | "
           "integer / fp32 |")
     print("|---|---|---|---|---|---|")
+    models = {}
     for name, model, data, batches in cases:
         fp32, fq = calibrated(model, data)
         gm = to_integer(fq)
+        models[name] = (fp32, gm)
         for b in batches:
             xb = data[:b] if b <= len(data) else data.repeat(b // len(data) + 1, 1)[:b]
             with torch.no_grad():
@@ -110,23 +111,61 @@ def main() -> None:
                 tfq = median_ms(lambda: fq(xb), args.reps)
                 tint = median_ms(lambda: gm(xb), args.reps)
             print(f"| {name} | {b} | {t32:.3f} | {tfq:.3f} | {tint:.3f} | {tint / t32:.2f}× |")
-    print("\nBreakdown, one 1024×1024 layer (K = N = 1024):\n")
-    print(f"| batch | fp32 GEMM {unit} | int8 GEMM (_int_mm) {unit} | int64 requantize {unit} | "
-          "int8 GEMM / fp32 GEMM |")
-    print("|---|---|---|---|---|")
-    lay = next(iter(integer_layers(gm).values()))
-    w32 = torch.randn(1024, 1024).t().contiguous()
-    m0 = torch.full((1024,), 1 << 30, dtype=torch.int64)
-    shift = torch.full((1024,), -8, dtype=torch.int64)
+    print("\nWhere an integer layer's time goes (batch 256; im2col: pad + unfold of the int8 "
+          "codes; epilogue: + bias, requantization or dequantization, layout):\n")
+    print(f"| layer | fp32 layer {unit} | quantize input | im2col | int8 GEMM (_int_mm) | "
+          "epilogue | integer layer total |")
+    print("|---|---|---|---|---|---|---|")
+    for name, model, data, _ in cases:
+        fp32, gm = models[name]
+        lays = integer_layers(gm)
+        seen: dict[str, torch.Tensor] = {}
+        handles = [m.register_forward_pre_hook(
+            lambda mod, a, n=n: seen.__setitem__(n, a[0])) for n, m in lays.items()]
+        fseen: dict[str, torch.Tensor] = {}
+        fmods = {n: fp32.get_submodule(n) for n in lays}
+        handles += [m.register_forward_pre_hook(
+            lambda mod, a, n=n: fseen.__setitem__(n, a[0])) for n, m in fmods.items()]
+        xb = data[:256]
+        with torch.no_grad():
+            gm(xb), fp32(xb)
+        for h in handles:
+            h.remove()
+        for n, lay in lays.items():
+            x_in, xf = seen[n], fseen[n]
+            with torch.no_grad():
+                tf = median_ms(lambda: fmods[n](xf), args.reps)
+                q = lay.quantize_input(x_in) if x_in.is_floating_point() else x_in
+                tq = median_ms(lambda: lay.quantize_input(x_in), args.reps) \
+                    if x_in.is_floating_point() else 0.0
+                a, lead = lay.gemm_rows(q)
+                a = a.contiguous()
+                tcol = median_ms(lambda: lay.gemm_rows(q)[0].contiguous(), args.reps)
+                tg = median_ms(lambda: torch._int_mm(a, lay.weight_t), args.reps)
+                acc32 = torch._int_mm(a, lay.weight_t)
+
+                def epilogue() -> torch.Tensor:
+                    acc = acc32 + lay.offset
+                    y = lay.requantize_acc(acc) if lay.out_codes else acc.float() * lay.acc_scale
+                    y = y.reshape(*lead, -1)
+                    return y.permute(0, 3, 1, 2).contiguous() if lay.conv else y
+
+                te = median_ms(epilogue, args.reps)
+                tt = median_ms(lambda: lay(x_in), args.reps)
+            print(f"| {name} {n} | {tf:.3f} | {tq:.3f} | {tcol:.3f} | {tg:.3f} | {te:.3f} | "
+                  f"{tt:.3f} |")
+    print("\nThe GEMM alone, K = N = 1024:\n")
+    print(f"| batch | fp32 GEMM {unit} | int8 GEMM (_int_mm) {unit} | int8 GEMM / fp32 GEMM |")
+    print("|---|---|---|---|")
+    w8 = torch.randint(-127, 128, (1024, 1024), dtype=torch.int8)
+    w32 = torch.randn(1024, 1024)
     for b in (64, 256):
         a8 = torch.randint(-128, 128, (b, 1024), dtype=torch.int8)
         a32 = torch.randn(b, 1024)
-        acc = torch._int_mm(a8, lay.weight_t).long()
         with torch.no_grad():
             tg32 = median_ms(lambda: a32 @ w32, args.reps)
-            tg8 = median_ms(lambda: torch._int_mm(a8, lay.weight_t), args.reps)
-            treq = median_ms(lambda: multiply_by_quantized_multiplier(acc, m0, shift), args.reps)
-        print(f"| {b} | {tg32:.3f} | {tg8:.3f} | {treq:.3f} | {tg8 / tg32:.2f}× |")
+            tg8 = median_ms(lambda: torch._int_mm(a8, w8), args.reps)
+        print(f"| {b} | {tg32:.3f} | {tg8:.3f} | {tg8 / tg32:.2f}× |")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
 
 

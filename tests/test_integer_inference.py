@@ -166,11 +166,11 @@ def _np_layer(q_in: np.ndarray, lay: IntegerLayer) -> np.ndarray:
         xp = np.zeros((b, c, h + 2 * ph, wd + 2 * pw), np.int64)  # real 0 is code Z: 0 after −Z
         xp[:, :, ph:ph + h, pw:pw + wd] = x
         oh, ow = h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1
-        wk = w.reshape(-1, c, kh, kw)
+        wk = w.reshape(-1, kh, kw, c)  # the layer's K order: (kh, kw, C)
         acc = np.zeros((b, wk.shape[0], oh, ow), np.int64)
         for i in range(kh):
             for j in range(kw):
-                acc += np.einsum("bchw,nc->bnhw", xp[:, :, i:i + oh, j:j + ow], wk[:, :, i, j])
+                acc += np.einsum("bchw,nc->bnhw", xp[:, :, i:i + oh, j:j + ow], wk[:, i, j, :])
         return acc + lay.bias.numpy().astype(np.int64)[None, :, None, None]
     return x @ w.T + lay.bias.numpy().astype(np.int64)
 
@@ -242,7 +242,10 @@ def test_integer_parameters_are_the_quantizers(kind):
         layer, lay = model.get_submodule(name), lays[name]
         w, _ = _quantizer_input(layer)
         enc = weight_quantizer(layer).encode(w.detach().float())
-        assert torch.equal(lay.weight_t.t().long(), enc.codes.long() - 128), name
+        codes = enc.codes.long() - 128
+        if lay.conv:  # the layer orders K as (kh, kw, C)
+            codes = codes.reshape(w.shape).permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+        assert torch.equal(lay.weight_t.t().long(), codes), name
         fold = layer.parametrizations.weight[0]
         b = folded_bias(layer, fold.bn) if isinstance(fold, FoldScale) else layer.bias.detach()
         for n in range(0, b.numel(), 7):
@@ -272,6 +275,26 @@ def test_the_layers_requantization_is_multiply_by_quantized_multiplier():
         want = multiply_by_quantized_multiplier(acc, lay.m0, lay.shift) + 7
         want = torch.clamp(want, 0, 255).to(torch.uint8)
         assert torch.equal(lay.requantize_acc(acc.clone()), want), factor
+
+
+def test_strided_conv_accumulator_is_the_exact_integer_convolution():
+    """Stride 2, padding (1, 2), a 3×2 kernel, odd input sizes: acc equals conv2d of the integer
+    codes (q − Z) and weights in float64, where every value and sum is an exact integer."""
+    i8, u8 = QuantizerConfig(name="int", bits=8), QuantizerConfig(name="uint", bits=8)
+    torch.manual_seed(5)
+    net = apply_qat(_cfg(i8, u8), nn.Sequential(nn.Conv2d(3, 8, (3, 2), stride=2,
+                                                          padding=(1, 2)), nn.ReLU()))
+    x = torch.randn(4, 3, 9, 7)
+    net.train()(x)
+    qat_step(net)
+    lay = integer_layers(to_integer(net.eval()))["0"]
+    q = lay.quantize_input(x)
+    acc, lead = lay.accumulate(q)
+    w = lay.weight_t.t().double().reshape(8, 3, 2, 3).permute(0, 3, 1, 2)  # (kh, kw, C) → OIHW
+    ref = torch.nn.functional.conv2d(q.double() - lay.z_in, w, stride=2, padding=(1, 2))
+    ref = ref + lay.bias.double().reshape(1, -1, 1, 1)
+    assert lead == (4, 5, 5)
+    assert torch.equal(acc.reshape(4, 5, 5, 8).permute(0, 3, 1, 2).double(), ref)
 
 
 # ------------------------------------------------------------------ against the fake-quant model

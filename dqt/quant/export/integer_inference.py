@@ -120,6 +120,8 @@ class IntegerLayer(nn.Module):
         with torch.no_grad():
             s_w = wq._scale(w).reshape(-1).expand(w.shape[0]).float()
             codes = torch.round(torch.clamp(w / wq._scale(w), -wq.qmax, wq.qmax))
+        if self.conv:  # K ordered (kh, kw, C), as gemm_rows lays out the taps
+            codes = codes.permute(0, 2, 3, 1)
         codes = codes.reshape(w.shape[0], -1).to(torch.int8)
         self.s_in, self.z_in, self.in_min, self.in_max = _act_params(aq)
         self.in_unsigned = isinstance(aq, UIntAffine)
@@ -184,10 +186,13 @@ class IntegerLayer(nn.Module):
             return a.reshape(-1, a.shape[-1]), tuple(a.shape[:-1])
         ph, pw = self.padding
         a = F.pad(a, (pw, pw, ph, ph), value=self.z_shift)  # padding is the real value 0
+        a = a.permute(0, 2, 3, 1).contiguous()  # NHWC: each tap is a run of C bytes
         (kh, kw), (sh, sw) = self.kernel, self.stride
-        cols = a.unfold(2, kh, sh).unfold(3, kw, sw)  # (B, C, OH, OW, kh, kw)
-        b, _, oh, ow = cols.shape[:4]
-        return cols.permute(0, 2, 3, 1, 4, 5).reshape(b * oh * ow, -1), (b, oh, ow)
+        b, h, w = a.shape[:3]
+        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+        taps = [a[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+                for i in range(kh) for j in range(kw)]
+        return torch.cat(taps, dim=-1).reshape(b * oh * ow, -1), (b, oh, ow)
 
     def accumulate(self, q: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         """int32 acc = Σ(q_a − Z_a)·q_w + q_b, as int64 (rows, N)."""
