@@ -9,20 +9,21 @@ from the EMA range) computes::
     q_b[n]    = round(b[n] / (S_a·S_w[n]))                    int32 bias, zero point 0
 
 The GEMM is ``torch._int_mm`` (int8 × int8 → int32; uint8 codes enter as q_a − 128 with zero
-point Z_a − 128, and Z_a·Σ_k q_w[n, k] is subtracted once per output channel); a conv unfolds
-its int8 input, padded with the zero point, into the GEMM's rows. When the layer's output goes,
-through ReLU / max-pool / flatten / dropout only, into another quantized layer, it is
-requantized to that layer's input codes::
+point Z_a − 128, and (Z_a − 128)·Σ_k q_w[n, k] is subtracted through the bias); a conv pads
+its int8 input with the zero point and concatenates its kh·kw taps (NHWC) into the GEMM's
+rows. When the layer's output goes, through ReLU / max-pool / flatten / dropout only, into
+another quantized layer, it is requantized to that layer's input codes::
 
-    M[n] = S_a·S_w[n] / S_out = M0[n]·2^shift[n],  M0 ∈ [2^30, 2^31)
+    M[n] = S_a·S_w[n] / S_out = M0[n]·2^(shift[n] − 31),  M0 ∈ [2^30, 2^31)
     q_out = clamp(Z_out + RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(acc, M0), −shift),
                   lo, hi)
 
-with gemmlowp's two primitives (:func:`srdhm`, :func:`rounding_divide_by_pot`); a ReLU right
-after the layer is fused as lo = Z_out; max-pool and flatten run on the codes. Elsewhere (the
-next layer is fp32, or the graph does something else) the layer returns S_a·S_w[n]·acc in fp32,
-and a quantized layer whose input is fp32 quantizes it with its own quantizer's formula. A
-BatchNorm folded during QAT (``fold_bn``) disappears: its folded bias is the layer's bias.
+with gemmlowp's two primitives (:func:`srdhm`, :func:`rounding_divide_by_pot`; a left shift
+first when M ≥ 1); a ReLU on the way is fused as lo = Z_out; max-pool and flatten run on the
+codes. Elsewhere (the next layer is fp32, or the graph does something else) the layer returns
+S_a·S_w[n]·acc in fp32, and a quantized layer whose input is fp32 quantizes it with its own
+quantizer's formula. A BatchNorm folded during QAT (``fold_bn``) disappears: its folded bias
+is the layer's bias.
 
 :func:`to_integer` builds this model with ``torch.fx`` from a prepared, calibrated model; it
 refuses a quantized layer of any other format, naming the layer.
