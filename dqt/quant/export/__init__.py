@@ -10,7 +10,9 @@
 * :mod:`~dqt.quant.export.serialize` — ``save_export`` / ``read_export``: ``model.safetensors`` +
   ``model.json``;
 * :mod:`~dqt.quant.export.packed_linear` — ``use_packed_gemm``: a loaded model's affine Linear
-  layers through the packed low-bit GEMM.
+  layers through the packed low-bit GEMM;
+* :mod:`~dqt.quant.export.integer_inference` — ``to_integer``: a w8a8 model's Linear and Conv2d
+  layers in integer arithmetic only (int8 GEMM, int32 bias, fixed-point requantization).
 
 The quantizers (:mod:`dqt.quant.methods`) import :mod:`~dqt.quant.export.codes`, so this package
 imports nothing itself; import the submodules.
