@@ -36,7 +36,7 @@ from tests.quant_refs import (hwgq_step, np_absmean, np_admm_projection, np_ap2,
                               np_flex, np_horq, np_hwgq, np_inq, np_int, np_int_group,
                               np_int_token, np_kmeans, np_linear, np_log2, np_log_linear, np_lsq,
                               np_minifloat, np_pact, np_pow2, np_qnn_linear, np_shiftcnn, np_sign,
-                              np_tanh, np_ttq, np_twn, np_uint, np_uint_group, np_uint_token)
+                              np_slq, np_tanh, np_ttq, np_twn, np_uint, np_uint_group, np_uint_token)
 from tests.seed_c_refs import np_pq, np_sdd, np_tnn, np_wage_a, np_wage_w  # second-tier survey
 
 CODECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -197,6 +197,10 @@ GOLDEN: dict[str, list[tuple[str, str, dict[str, Any], Any, Any]]] = {
                  ("n1_b3_per_channel", "weight", {"bits": 3, "terms": 1, "per_channel": True}, W,
                   lambda x: np_shiftcnn(x, 1, 3, True)),
                  ("n3_b2", "weight", {"bits": 2, "terms": 3}, W, lambda x: np_shiftcnn(x, 3, 2))],
+    "slq": [("b4_first_stage", "weight", {"bits": 4, "schedule": [0.5, 1.0]}, W,
+             lambda x: np_slq(x, 4, 0.5)),
+            ("b2_all", "weight", {"bits": 2, "schedule": [1.0]}, W, lambda x: np_slq(x, 2, 1.0))],
+    "ebp": [("map_sign", "weight", {}, W, lambda x: (np_sign(x), np.ones_like(x, bool)))],
     # these two need their layer / the backward pass: GOLDEN_ELSEWHERE
     "xnor": [],
     "dorefa_g": [],
@@ -214,6 +218,7 @@ EXPORT_ARGS: dict[str, dict[str, Any]] = {  # every weight quantizer, with the a
     "balanced": {"bits": 2}, "aqn": {"bits": 3}, "admm": {"bits": 3},
     "pq": {"bits": 2, "sub_dim": 2}, "bwnh": {}, "ffn": {}, "wage_w": {"grad_bits": 8},
     "kmeans": {"bits": 2}, "inq": {"schedule": [0.5, 1.0], "stage_steps": 2}, "shiftcnn": {},
+    "slq": {"bits": 2, "schedule": [0.5, 1.0], "stage_steps": 2}, "ebp": {},
 }
 
 STE_X = torch.linspace(-2.5, 2.5, 101).reshape(1, -1).repeat(3, 1) \

@@ -350,3 +350,50 @@ def np_shiftcnn(w, terms, bits, per_channel=False):
         q = np.where(k < -n - ((2 ** bits - 1) // 2) + 2, 0.0, np.sign(r) * 2.0 ** k)
         out, r = out + q, r - q
     return out * m, ok
+
+
+def np_slq(w, bits, share):
+    """SLQ's first stage: k-means (linear init) into K = 2^bits clusters, loss E_j = Σ (w − c_j)²
+    per cluster, the round(share·K) clusters of lowest E on their centroid, the rest unchanged.
+    Compared: weights away from a cluster border, and not in a cluster whose loss ties the
+    cut."""
+    k = 2 ** bits
+    x = w.astype(np.float64).ravel()
+    c = np.linspace(x.min(), x.max(), k)
+    lab = np.abs(x[:, None] - c[None]).argmin(1)
+    for _ in range(100):
+        c = np.array([x[lab == j].mean() if (lab == j).any() else c[j] for j in range(k)])
+        new = np.abs(x[:, None] - c[None]).argmin(1)
+        if (new == lab).all():
+            break
+        lab = new
+    loss = np.array([((x[lab == j] - c[j]) ** 2).sum() if (lab == j).any() else np.inf
+                     for j in range(k)])
+    m = int(np.floor(share * k + 0.5))
+    pick = np.argsort(loss, kind="stable")[:m]
+    q = np.isin(lab, pick)
+    d = np.sort(np.abs(x[:, None] - c[None]), 1)
+    ok = d[:, 1] - d[:, 0] > 1e-6
+    if 0 < m < k:  # a loss within 1e-9 of the cut could go either way in fp32
+        cut = np.sort(loss)[m - 1:m + 1]
+        ok &= ~(abs(cut[1] - cut[0]) < 1e-9 * max(1.0, cut[0]))
+    return np.where(q, c[lab], x).reshape(w.shape), ok.reshape(w.shape)
+
+
+def np_slq_stage(free, k, n_pick):
+    """One SLQ stage on the free values: k-means (linear init) into k clusters; (the boolean
+    mask of the free values in the n_pick clusters of lowest loss, their centroid values, the
+    sorted losses)."""
+    x = free.astype(np.float64).ravel()
+    c = np.linspace(x.min(), x.max(), k)
+    lab = np.abs(x[:, None] - c[None]).argmin(1)
+    for _ in range(100):
+        c = np.array([x[lab == j].mean() if (lab == j).any() else c[j] for j in range(k)])
+        new = np.abs(x[:, None] - c[None]).argmin(1)
+        if (new == lab).all():
+            break
+        lab = new
+    loss = np.array([((x[lab == j] - c[j]) ** 2).sum() if (lab == j).any() else np.inf
+                     for j in range(k)])
+    pick = np.argsort(loss, kind="stable")[:n_pick]
+    return np.isin(lab, pick), c[lab], np.sort(loss)

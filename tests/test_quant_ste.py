@@ -241,6 +241,33 @@ def test_inq_grad_is_zero_on_frozen_weights_identity_elsewhere():
 STE |= {"kmeans", "inq"}
 
 
+def test_slq_grad_is_zero_on_frozen_weights_identity_elsewhere():
+    q = make("slq", "weight", bits=2, schedule=[0.5, 1.0], stage_steps=1)
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    q.init_from(w)
+    frozen = q.frozen.clone()
+    assert 0 < frozen.float().mean() < 1 and int(q.used) == 2
+    gx, g, _ = grad_of(q, w)
+    same(gx, g * ~frozen)
+    q.after_step(w)
+    assert q.frozen.all()
+    gx, g, _ = grad_of(q, w)
+    assert torch.equal(gx, torch.zeros_like(w))
+
+
+def test_ebp_grad_is_the_gradient_of_the_mean_weight_in_training_and_in_eval():
+    """EBP's update moves h by ∂L/∂⟨w⟩: the identity from the mean (training) or the sign
+    (evaluation) back to the weight."""
+    q = make("ebp", "weight")
+    for mode in (q.train(), q.eval()):
+        gx, g, y = grad_of(mode, X)
+        same(gx, g)
+    assert torch.equal(q.eval()(X).abs(), torch.ones_like(X))
+
+
+STE |= {"slq", "ebp"}
+
+
 def test_the_forward_keeps_the_sign_of_zero():
     """The STE's forward is the quantized value bit for bit, −0 included (an STE written
     ``q + (x − x.detach())`` turns −0 into +0)."""

@@ -6,6 +6,6 @@ documentation, and their checks (``__post_init__``, ``check_kind``).
 """
 
 from dqt.quant.methods import (admm, alternating, balanced, binary, dorefa,  # noqa: F401
-                               factorized, fixed_point, flexpoint, hashing, hwgq, inq, integer,
-                               learned, log_quant, minifloat, product, shiftcnn, tanh_quant,
-                               ternary, tnn, wage, weight_sharing)
+                               ebp, factorized, fixed_point, flexpoint, hashing, hwgq, inq,
+                               integer, learned, log_quant, minifloat, product, shiftcnn, slq,
+                               tanh_quant, ternary, tnn, wage, weight_sharing)
