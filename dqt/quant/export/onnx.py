@@ -51,6 +51,9 @@ from dqt.quant.export.codes import Affine, AffineGroup, Dense
 from dqt.quant.export.convert import _quantizer_input
 from dqt.quant.prepare import weight_quantizers
 
+__all__ = ["OnnxExportError", "export_onnx", "plan_onnx", "describe", "run_onnx", "session",
+           "output_step", "OPSET"]
+
 OPSET = 21
 TORCH_OPSET = 20  # what the TorchScript exporter writes; Q/DQ with block_size need 21
 DOMAIN = "dqt"
@@ -250,7 +253,7 @@ def _set(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _torch_export(model: nn.Module, example: Tensor) -> Any:
+def _torch_export(model: nn.Module, example: Tensor, markers: bool) -> Any:
     import onnx
 
     f = io.BytesIO()
@@ -259,7 +262,8 @@ def _torch_export(model: nn.Module, example: Tensor) -> Any:
         torch.onnx.export(model, (example,), f, dynamo=False, opset_version=TORCH_OPSET,
                           input_names=["input"], output_names=["output"],
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                          custom_opsets={DOMAIN: 1}, do_constant_folding=True)
+                          custom_opsets={DOMAIN: 1} if markers else None,
+                          do_constant_folding=True)
     return onnx.load_from_string(f.getvalue())
 
 
@@ -445,7 +449,8 @@ def export_onnx(model: nn.Module, example: Tensor, path: str) -> dict[str, Any]:
 
     layers = plan_onnx(model)
     with torch.no_grad():
-        proto = _to_qdq(_torch_export(_plain_model(model, layers), example), layers)
+        markers = any(lay.act is not None for lay in layers)
+        proto = _to_qdq(_torch_export(_plain_model(model, layers), example, markers), layers)
     onnx.checker.check_model(proto)
     tmp = f"{path}.partial"
     try:
