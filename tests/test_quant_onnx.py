@@ -239,3 +239,18 @@ def test_export_cli_onnx(tmp_path):
     assert p.returncode == 2
     assert "export: net.2.weight: ttq(" in p.stderr and "'ternary2'" in p.stderr
     assert not (run2 / "export" / "model.onnx").exists()
+
+
+def test_gradient_quantizers_are_the_identity_in_the_file(tmp_path):
+    torch.manual_seed(0)
+    slots = QATSlotsConfig(weight=W8A8.weight, act=W8A8.act,
+                           grad=QuantizerConfig(name="dorefa_g", bits=8))
+    model = train(LeNetCNN((1, 8, 8), [4, 6], 12, 10),
+                  QATConfig(name="t", default=slots, keep_first_last=False),
+                  lambda b: torch.randn(b, 1, 8, 8))
+    path = str(tmp_path / "model.onnx")
+    export_onnx(model, torch.randn(2, 1, 8, 8), path)
+    x = torch.randn(16, 1, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    assert (run_onnx(path, x, optimize=False) - ref).abs().max() <= 1e-3 * output_step(ref)

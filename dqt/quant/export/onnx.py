@@ -12,17 +12,19 @@ CPU and whose outputs equal the fake-quant model's up to the rounding of fp32 ar
   (in, out), and multiplied by ``MatMul``.
 * **input activations** of those layers quantized by ``int`` or ``uint``: a static
   ``QuantizeLinear`` → ``DequantizeLinear`` pair with the trained observer's scale and zero
-  point (per tensor); per token (``per_token: true``), the scale and zero point are computed in
-  the graph from each row (``ReduceMin``/``ReduceMax`` …, the quantizer's formula) and passed to
-  ``QuantizeLinear``/``DequantizeLinear`` with ``block_size`` = the row length, one block per
-  token. Codes are 8-bit; a narrower range (``int``'s narrow ±(2^(k−1) − 1), k < 8) is a
-  ``Clip`` before the ``QuantizeLinear``.
+  point (per tensor); codes are 8-bit, and a narrower range (``int``'s narrow ±(2^(k−1) − 1),
+  k < 8) is a ``Clip`` before the ``QuantizeLinear``. Per token (``per_token: true``), the scale
+  and zero point of each row are computed in the graph (``ReduceMin``/``ReduceMax`` …, the
+  quantizer's formula), the codes by explicit ops, round(x·(1/S)) + Z as the quantizer rounds
+  (``QuantizeLinear`` computes x/S), and ``uint``'s are dequantized by ``DequantizeLinear`` with
+  ``block_size`` = the row length, one block per token; ``int``'s absmax x̂ = q/s is explicit
+  ops throughout.
 * a BatchNorm folded during QAT (``fold_bn``) is folded into the exported layer (its bias is
   :func:`~dqt.quant.bn_fold.folded_bias`) and removed.
 
 Everything else (TTQ's two scales, log/pow2, minifloat, Flexpoint, codebooks, product and
 factored codes, ShiftCNN, tanh; activation quantizers other than ``int``/``uint``; quantized
-``nn.MultiheadAttention``) raises :class:`OnnxExportError` naming the layer and the format
+``nn.MultiheadAttention``; per-token inputs of a conv) raises :class:`OnnxExportError` naming the layer and the format
 before anything is written. The file is written to a temporary name and renamed.
 
 The float graph comes from ``torch.onnx.export`` (the TorchScript exporter, ``dynamo=False``):
@@ -240,6 +242,9 @@ class _Plain(nn.Module):
 
 def _plain_model(model: nn.Module, layers: list[_Layer]) -> nn.Module:
     out = copy.deepcopy(model).eval()
+    for m in out.modules():
+        if getattr(m, "grad_quantizer", None) is not None:
+            m._forward_hooks.clear()  # gradient quantizers: the identity in the forward pass
     for lay in layers:
         plain = _Plain(lay, model.get_submodule(lay.name))
         _set(out, lay.name, plain)
