@@ -1,8 +1,9 @@
 """The Triton encode kernel of :mod:`dqt.kernels.blockq`, one program per block: load the
 block (+ S·residual), reduce its statistic (fp64 sums), round the scale, quantize with Philox
 uniforms (``tl.philox``, the counters of :mod:`dqt.kernels.philox`; one call per 8 values, the
-16-bit halves of its 4 outputs joined into the tile), pack the codes into bytes (base-3: the tile's codes gathered 5
-to a byte) and store them, the scale bytes and the new residual — one pass over the data.
+16-bit halves of its 4 outputs joined into the tile), pack the codes into bytes (base-3: the
+tile's codes gathered 5 to a byte) and store them, the scale bytes and the new residual — one
+pass over the data.
 Launched by :func:`dqt.kernels.blockq.triton_impl.encode`.
 """
 
