@@ -81,6 +81,7 @@ SPECS: dict[str, BlockSpec] = {
     "ternary/base3": BlockSpec("ternary", 64, 0, "fp32"),
     "ternary/2bit/clip": BlockSpec("ternary", 96, 2, "fp32", clip=2.5),
     "ternary/base3/clip/bf16": BlockSpec("ternary", 64, 0, "bf16", clip=1.7),
+    "ternary/base3/2048": BlockSpec("ternary", 2048, 0, "fp32"),  # several Philox chunks
     "qsgd/2": BlockSpec("qsgd", 64, 2, "fp32", levels=1),
     "qsgd/3": BlockSpec("qsgd", 64, 3, "fp32", levels=3),
     "qsgd/4": BlockSpec("qsgd", 2048, 4, "fp32", levels=7),

@@ -81,7 +81,10 @@ def _philox_py(ctr: list[int], key: int) -> list[int]:
 
 
 def _uniform(key: int, block: int, j: int) -> np.float32:
-    return np.float32(_philox_py([j // 4, block, 0, 0], key)[j % 4] >> 8) * np.float32(2.0 ** -24)
+    """Value j: the 16-bit half (j % 8) // 4 of output j % 4 of counter j // 8, as the cell
+    midpoint (2·r₁₆ + 1)·2⁻¹⁷."""
+    r16 = (_philox_py([j // 8, block, 0, 0], key)[j % 4] >> (16 * ((j % 8) // 4))) & 0xFFFF
+    return np.float32(2 * r16 + 1) * np.float32(2.0 ** -17)
 
 
 def _pack(codes: list[int], bits: int) -> list[int]:

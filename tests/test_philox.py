@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dqt.kernels.philox import philox4x32, uniforms
@@ -24,13 +25,25 @@ def test_known_answers():
 
 
 def test_uniforms_layout():
-    """Row k, column j: output j % 4 of counter (j // 4, counters[k], 0, 0), as (r >> 8)·2⁻²⁴."""
+    """Row k, column j: the 16-bit half (j % 8) // 4 of output j % 4 of counter
+    (j // 8, counters[k], 0, 0), as (2·r₁₆ + 1)·2⁻¹⁷."""
     key = 0xDEADBEEF12345
-    u = uniforms(key, torch.tensor([3, 9]), 8)
+    u = uniforms(key, torch.tensor([3, 9]), 24)
     for k, ctr in enumerate([3, 9]):
-        for j in range(8):
-            r = philox4x32(*(torch.tensor([v]) for v in (j // 4, ctr, 0, 0)), key=key)[j % 4]
-            assert float(u[k, j]) == (int(r) >> 8) / 2**24
+        for j in range(24):
+            r = philox4x32(*(torch.tensor([v]) for v in (j // 8, ctr, 0, 0)), key=key)[j % 4]
+            r16 = (int(r) >> (16 * ((j % 8) // 4))) & 0xFFFF
+            assert float(u[k, j]) == (2 * r16 + 1) / 2**17
+    with pytest.raises(ValueError, match="multiple of 8"):
+        uniforms(key, torch.tensor([0]), 12)
+
+
+def test_uniforms_are_the_cell_midpoints():
+    """Every u is (2m + 1)·2⁻¹⁷ for an integer 0 ≤ m < 2¹⁶: never 0, never above 1 − 2⁻¹⁷."""
+    u = uniforms(7, torch.arange(64), 4096).flatten().double()
+    m = (u * 2**17 - 1) / 2
+    assert torch.equal(m, m.round()) and float(m.min()) >= 0 and float(m.max()) <= 2**16 - 1
+    assert float(u.min()) >= 2.0**-17 and float(u.max()) <= 1 - 2.0**-17
 
 
 def test_uniforms_are_uniform():

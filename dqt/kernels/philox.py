@@ -8,10 +8,15 @@ SC 2011), exactly as Triton's ``tl.philox`` computes it: counter (c₀, c₁, c�
     c₂' = hi(0xD2511F53·c₀) ⊕ c₃ ⊕ k₁      c₃' = lo(0xD2511F53·c₀)
     k₀ += 0x9E3779B9,  k₁ += 0xBB67AE85     (mod 2³²)
 
-A stochastic block (see :mod:`dqt.kernels.blockq`) draws value j of block ``ctr`` from
-counter (j // 4, ctr, 0, 0), output j mod 4, and turns the 32-bit word r into a uniform in
-[0, 1) as u = (r >> 8)·2⁻²⁴ — exact in fp32, so the torch reference, the C kernel and the
-Triton kernel (GPU or interpreter) all see the same u and make the same rounding decisions.
+A stochastic block (see :mod:`dqt.kernels.blockq`) draws 16 random bits per value: one
+Philox call (4 words of 32 bits) serves 8 values. Value j of block ``ctr`` takes, from counter
+(j // 8, ctr, 0, 0), output t = j mod 4, half h = (j mod 8) // 4, i.e.
+r₁₆ = (out_t >> 16h) & 0xFFFF (values 8q..8q+3 the low halves of the four outputs, 8q+4..8q+7
+their high halves), and turns it into the uniform u = (2·r₁₆ + 1)·2⁻¹⁷, the midpoint of the
+r₁₆-th of 2¹⁶ equal cells of [0, 1). u is exact in fp32, so the torch reference, the C kernel
+and the Triton kernel (GPU or interpreter) all see the same u and make the same rounding
+decisions. For a threshold p ∈ [0, 1], P(u < p) = ⌈p·2¹⁶ − ½⌉·2⁻¹⁶ (p rounded to the nearest
+multiple of 2⁻¹⁶, ties down), so |P(u < p) − p| ≤ 2⁻¹⁷.
 
 ``mix_seed`` derives the Philox key per (seed, step, rank, bucket, phase) with SplitMix64
 (Steele, Lea, Flood, OOPSLA 2014; constants of Vigna's ``splitmix64.c``).
@@ -22,12 +27,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["M32", "mix_seed", "philox4x32", "uniforms"]
+__all__ = ["M32", "UNIFORM_BITS", "VALUES_PER_CALL", "mix_seed", "philox4x32", "uniforms"]
 
 M32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
 ROUND_A, ROUND_B = 0xD2511F53, 0xCD9E8D57
 KEY_A, KEY_B = 0x9E3779B9, 0xBB67AE85
+UNIFORM_BITS = 16  # random bits per value
+VALUES_PER_CALL = 8  # values served by one Philox4x32 call: 4 words × 32 bits / 16
 
 
 def _splitmix64(z: int) -> int:
@@ -72,13 +79,15 @@ def philox4x32(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, key: int,
 
 
 def uniforms(key: int, counters: Tensor, width: int) -> Tensor:
-    """fp32 uniforms of shape (len(counters), width): row k, column j is
-    ((philox(key, (j // 4, counters[k], 0, 0))[j mod 4]) >> 8)·2⁻²⁴; width is a multiple of 4."""
-    if width % 4:
-        raise ValueError(f"width must be a multiple of 4; got {width}")
+    """fp32 uniforms of shape (len(counters), width): row k, column j is (2·r₁₆ + 1)·2⁻¹⁷ with
+    r₁₆ = (philox(key, (j // 8, counters[k], 0, 0))[j mod 4] >> 16·((j mod 8) // 4)) & 0xFFFF;
+    width is a multiple of 8."""
+    if width % VALUES_PER_CALL:
+        raise ValueError(f"width must be a multiple of {VALUES_PER_CALL}; got {width}")
     ctr = counters.to(torch.int64).reshape(-1, 1)
-    q = torch.arange(width // 4, dtype=torch.int64, device=ctr.device).reshape(1, -1)
+    q = torch.arange(width // VALUES_PER_CALL, dtype=torch.int64, device=ctr.device).reshape(1, -1)
     zero = torch.zeros((), dtype=torch.int64, device=ctr.device)
     r = philox4x32(q.expand(ctr.shape[0], -1), ctr.expand(-1, q.shape[1]), zero, zero, key)
-    words = torch.stack(r, dim=-1).reshape(ctr.shape[0], width)
-    return (words >> 8).to(torch.float32) * (2.0 ** -24)
+    words = torch.stack(r, dim=-1)  # (K, width // 8, 4): [k, q, t] = output t of counter q
+    r16 = torch.stack([words & 0xFFFF, words >> 16], dim=-2)  # (K, width // 8, 2, 4): [.., h, t]
+    return (2 * r16.reshape(ctr.shape[0], width) + 1).to(torch.float32) * (2.0 ** -17)

@@ -37,8 +37,6 @@ typedef struct {
     double clip;
 } spec_t;
 
-static const uint32_t POW3[5] = {1, 3, 9, 27, 81};
-
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
@@ -98,43 +96,107 @@ static float get_scale(const spec_t* sp, const uint8_t* p) {
     return 1.0f;
 }
 
-/* The high word of a 32x32-bit product from 16-bit halves: only 32-bit multiplies, which the
- * compiler vectorizes (a 64-bit product of zero-extended lanes it does not). */
+/* The high word of a 32x32-bit product: gcc vectorizes the 64-bit product of zero-extended
+ * lanes (AVX2: vpmuludq), measured a little faster than composing it from 16-bit halves. */
 static inline uint32_t mulhi32(uint32_t a, uint32_t b) {
-    const uint32_t al = a & 0xFFFFu, ah = a >> 16, bl = b & 0xFFFFu, bh = b >> 16;
-    const uint32_t t = al * bl, m1 = ah * bl, m2 = al * bh;
-    const uint32_t mid = (t >> 16) + (m1 & 0xFFFFu) + (m2 & 0xFFFFu);
-    return ah * bh + (m1 >> 16) + (m2 >> 16) + (mid >> 16);
+    return (uint32_t)(((uint64_t)a * b) >> 32);
 }
 
-/* uniforms u[j] = (philox(key, (j/4, ctr, 0, 0))[j%4] >> 8) * 2^-24 for j < n; 32 counters at
- * a time (Philox4x32-10 as Triton's tl.philox) so the rounds run as vector instructions */
-#define PLANES 32
-static void uniforms(float* u, int64_t n, uint64_t key, uint32_t ctr) {
-    const int64_t nq = (n + 3) / 4;
-    for (int64_t q0 = 0; q0 < nq; q0 += PLANES) {
-        uint32_t c0[PLANES], c1[PLANES], c2[PLANES], c3[PLANES];
-        uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
-        for (int l = 0; l < PLANES; l++) {
-            c0[l] = (uint32_t)(q0 + l); c1[l] = ctr; c2[l] = 0; c3[l] = 0;
-        }
-        for (int r = 0; r < 10; r++) {
-            for (int l = 0; l < PLANES; l++) {
-                const uint32_t hb = mulhi32(0xCD9E8D57u, c2[l]), lb = 0xCD9E8D57u * c2[l];
-                const uint32_t ha = mulhi32(0xD2511F53u, c0[l]), la = 0xD2511F53u * c0[l];
-                const uint32_t n0 = hb ^ c1[l] ^ k0, n2 = ha ^ c3[l] ^ k1;
-                c0[l] = n0; c1[l] = lb; c2[l] = n2; c3[l] = la;
-            }
-            k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
-        }
-        for (int l = 0; l < PLANES && q0 + l < nq; l++) {
-            const uint32_t w[4] = {c0[l], c1[l], c2[l], c3[l]};
-            for (int t = 0; t < 4; t++) {
-                const int64_t j = 4 * (q0 + l) + t;
-                if (j < n) u[j] = (float)(w[t] >> 8) * 5.9604644775390625e-08f;
-            }
-        }
+/* The 16-bit random numbers of up to CHUNK values of a block, from value 8·q0 on (see
+ * philox.py): r[8l + 4h + t] = (philox(key, (q0 + l, ctr, 0, 0))[t] >> 16h) & 0xFFFF for
+ * l < nq (at least), one Philox4x32-10 call (as Triton's tl.philox) per 8 values, up to PLANES
+ * counters at a time so the rounds run as vector instructions (64 lanes: enough independent
+ * multiplies to hide their latency; 16 when a short block needs no more). */
+#define PLANES 64
+#define CHUNK (8 * PLANES)
+#if defined(__AVX512F__)
+#include <immintrin.h>
+/* the same with the state in registers: 4 x 16 lanes; a 32x32-bit product's high and low
+ * words from vpmuludq of the even and of the odd lanes */
+static inline void mulhilo16(__m512i a, __m512i c, __m512i* hi, __m512i* lo) {
+    const __m512i pe = _mm512_mul_epu32(a, c), po = _mm512_mul_epu32(a, _mm512_srli_epi64(c, 32));
+    *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(pe, 32), po);
+    *lo = _mm512_mask_blend_epi32(0xAAAA, pe, _mm512_slli_epi64(po, 32));
+}
+
+static inline __attribute__((always_inline)) void philox16_avx512(
+    uint16_t* r, uint64_t key, uint32_t ctr, uint32_t q0, const int G) {
+    const __m512i A = _mm512_set1_epi32((int)0xD2511F53u), B = _mm512_set1_epi32((int)0xCD9E8D57u);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lo16 = _mm512_set1_epi32(0xFFFF), hi16 = _mm512_set1_epi32((int)0xFFFF0000u);
+    __m512i c0[PLANES / 16], c1[PLANES / 16], c2[PLANES / 16], c3[PLANES / 16];
+    for (int g = 0; g < G; g++) {
+        c0[g] = _mm512_add_epi32(_mm512_set1_epi32((int)(q0 + 16u * (uint32_t)g)), iota);
+        c1[g] = _mm512_set1_epi32((int)ctr);
+        c2[g] = _mm512_setzero_si512();
+        c3[g] = _mm512_setzero_si512();
     }
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    for (int k = 0; k < 10; k++) {
+        const __m512i K0 = _mm512_set1_epi32((int)k0), K1 = _mm512_set1_epi32((int)k1);
+        for (int g = 0; g < G; g++) {
+            __m512i hb, lb, ha, la;
+            mulhilo16(B, c2[g], &hb, &lb);
+            mulhilo16(A, c0[g], &ha, &la);
+            c0[g] = _mm512_xor_si512(_mm512_xor_si512(hb, c1[g]), K0);
+            c2[g] = _mm512_xor_si512(_mm512_xor_si512(ha, c3[g]), K1);
+            c1[g] = lb;
+            c3[g] = la;
+        }
+        k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+    }
+    /* the halves as 32-bit pairs (little-endian): word 4l + m of r is P_m[l] */
+    uint32_t p[4][PLANES];
+    for (int g = 0; g < G; g++) {
+        _mm512_storeu_si512(p[0] + 16 * g, _mm512_or_si512(_mm512_and_si512(c0[g], lo16),
+                                                           _mm512_slli_epi32(c1[g], 16)));
+        _mm512_storeu_si512(p[1] + 16 * g, _mm512_or_si512(_mm512_and_si512(c2[g], lo16),
+                                                           _mm512_slli_epi32(c3[g], 16)));
+        _mm512_storeu_si512(p[2] + 16 * g, _mm512_or_si512(_mm512_srli_epi32(c0[g], 16),
+                                                           _mm512_and_si512(c1[g], hi16)));
+        _mm512_storeu_si512(p[3] + 16 * g, _mm512_or_si512(_mm512_srli_epi32(c2[g], 16),
+                                                           _mm512_and_si512(c3[g], hi16)));
+    }
+    uint32_t w[4 * PLANES];
+    for (int l = 0; l < 16 * G; l++)
+        for (int m = 0; m < 4; m++) w[4 * l + m] = p[m][l];
+    memcpy(r, w, 64 * (size_t)G * sizeof *w);
+}
+#endif
+
+static void philox16(uint16_t* r, uint64_t key, uint32_t ctr, uint32_t q0, int nq) {
+#if defined(__AVX512F__)
+    if (nq <= 16) philox16_avx512(r, key, ctr, q0, 1);
+    else philox16_avx512(r, key, ctr, q0, PLANES / 16);
+#else
+    const int nl = nq < PLANES ? nq : PLANES;
+    uint32_t c0[PLANES], c1[PLANES], c2[PLANES], c3[PLANES];
+    uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    for (int l = 0; l < nl; l++) {
+        c0[l] = q0 + (uint32_t)l; c1[l] = ctr; c2[l] = 0; c3[l] = 0;
+    }
+    for (int k = 0; k < 10; k++) {
+        for (int l = 0; l < nl; l++) {
+            const uint32_t hb = mulhi32(0xCD9E8D57u, c2[l]), lb = 0xCD9E8D57u * c2[l];
+            const uint32_t ha = mulhi32(0xD2511F53u, c0[l]), la = 0xD2511F53u * c0[l];
+            const uint32_t n0 = hb ^ c1[l] ^ k0, n2 = ha ^ c3[l] ^ k1;
+            c0[l] = n0; c1[l] = lb; c2[l] = n2; c3[l] = la;
+        }
+        k0 += 0x9E3779B9u; k1 += 0xBB67AE85u;
+    }
+    for (int l = 0; l < nl; l++) {
+        uint16_t* o = r + 8 * l;
+        o[0] = (uint16_t)c0[l]; o[1] = (uint16_t)c1[l];
+        o[2] = (uint16_t)c2[l]; o[3] = (uint16_t)c3[l];
+        o[4] = (uint16_t)(c0[l] >> 16); o[5] = (uint16_t)(c1[l] >> 16);
+        o[6] = (uint16_t)(c2[l] >> 16); o[7] = (uint16_t)(c3[l] >> 16);
+    }
+#endif
+}
+
+/* the uniform of a 16-bit random number: (2·r + 1)·2^-17, exact in fp32 */
+static inline float uniform16(uint16_t r) {
+    return (float)(2u * (uint32_t)r + 1u) * 7.62939453125e-06f;
 }
 
 static inline int64_t code_nbytes(const spec_t* sp, int64_t n) {
@@ -143,12 +205,24 @@ static inline int64_t code_nbytes(const spec_t* sp, int64_t n) {
 
 static void pack_codes(const spec_t* sp, const uint8_t* code, int64_t n, uint8_t* out) {
     const int64_t nb = code_nbytes(sp, n);
-    if (sp->code_bits == 0) {
+    if (sp->code_bits == 0) {  /* Horner: t0 + 3(t1 + 3(t2 + 3(t3 + 3 t4))); code[] zero-padded */
         for (int64_t b = 0; b < nb; b++) {
-            uint32_t acc = 0;
-            for (int m = 0; m < 5; m++) acc += POW3[m] * code[5 * b + m];  /* code[] zero-padded */
-            out[b] = (uint8_t)acc;
+            const uint8_t* t = code + 5 * b;
+            out[b] = (uint8_t)(t[0] + 3u * (t[1] + 3u * (t[2] + 3u * (t[3] + 3u * t[4]))));
         }
+        return;
+    }
+    /* 2- and 4-bit codes (ternary, qsgd): whole bytes of 4 or 2 codes, from the zero-padded
+     * code[] (its 40-value padding covers the last byte) */
+    if (sp->code_bits == 2) {
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t* t = code + 4 * b;
+            out[b] = (uint8_t)(t[0] | (t[1] << 2) | (t[2] << 4) | (t[3] << 6));
+        }
+        return;
+    }
+    if (sp->code_bits == 4) {
+        for (int64_t b = 0; b < nb; b++) out[b] = (uint8_t)(code[2 * b] | (code[2 * b + 1] << 4));
         return;
     }
     /* eight values → k bytes: their k-bit codes as one little-endian 64-bit word */
@@ -179,6 +253,15 @@ static void unpack_codes(const spec_t* sp, const uint8_t* c, int64_t n, uint8_t*
     }
 }
 
+/* e' = (v - d)/S for values [i0, i0 + m) of a block (none without error feedback); the
+ * stochastic kinds call it per chunk, while the values are in L1 */
+static void residual_update(float* rs, const float* v, const float* d, int64_t i0, int64_t m,
+                            float S, float invS) {
+    if (!rs) return;
+    if (S == 1.0f) for (int64_t i = i0; i < i0 + m; i++) rs[i] = v[i] - d[i];
+    else for (int64_t i = i0; i < i0 + m; i++) rs[i] = (v[i] - d[i]) * invS;
+}
+
 static void encode_block(const spec_t* sp, const float* x, const int64_t* row, uint8_t* msg,
                          float* res, float S, float invS, uint64_t key, int32_t* bad_out, float* v,
                          float* w, float* u, uint8_t* code) {
@@ -195,6 +278,7 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
     double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     double lane0[8] = {0, 0, 0, 0, 0, 0, 0, 0};  /* sign_two: Σ|v| of the values < 0 */
     int64_t cnt0 = 0, cnt1 = 0;  /* sign_two: how many values are < 0, >= 0 (NaN: neither) */
+    float mx[8] = {0, 0, 0, 0, 0, 0, 0, 0};  /* ternary: max|v| (after clipping) per lane */
     const int64_t n8 = n & ~(int64_t)7;
     if (sp->kind == KIND_SIGN_TWO) {  /* lane: the values >= 0, lane0: those < 0 */
         for (int64_t i = 0; i < n8; i += 8)
@@ -235,6 +319,18 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
             nz[0] += v[i] * 0.0f;
             lane[0] += d * d;
         }
+    } else if (sp->kind == KIND_TERNARY && !(sp->clip > 0)) {  /* nz and max|v| in one pass */
+        for (int64_t i = 0; i < n8; i += 8)
+            for (int l = 0; l < 8; l++) {
+                const float a = fabsf(v[i + l]);
+                nz[l] += v[i + l] * 0.0f;
+                mx[l] = a > mx[l] ? a : mx[l];
+            }
+        for (int64_t i = n8; i < n; i++) {
+            const float a = fabsf(v[i]);
+            nz[0] += v[i] * 0.0f;
+            mx[0] = a > mx[0] ? a : mx[0];
+        }
     } else {
         for (int64_t i = 0; i < n8; i += 8)
             for (int l = 0; l < 8; l++) nz[l] += v[i + l] * 0.0f;
@@ -269,15 +365,16 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
             for (int64_t i = 0; i < n; i++) w[i] = fminf(fmaxf(v[i], -bound), bound);
             wv = w;
         }
-        float mx[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t i = 0; i < n8; i += 8)
-            for (int l = 0; l < 8; l++) {
-                const float a = fabsf(wv[i + l]);
-                mx[l] = a > mx[l] ? a : mx[l];
+        if (sp->clip > 0) {  /* without clipping mx came with nz */
+            for (int64_t i = 0; i < n8; i += 8)
+                for (int l = 0; l < 8; l++) {
+                    const float a = fabsf(wv[i + l]);
+                    mx[l] = a > mx[l] ? a : mx[l];
+                }
+            for (int64_t i = n8; i < n; i++) {
+                const float a = fabsf(wv[i]);
+                mx[0] = a > mx[0] ? a : mx[0];
             }
-        for (int64_t i = n8; i < n; i++) {
-            const float a = fabsf(wv[i]);
-            mx[0] = a > mx[0] ? a : mx[0];
         }
         raw = 0.0f;
         for (int l = 0; l < 8; l++) raw = mx[l] > raw ? mx[l] : raw;
@@ -300,7 +397,7 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
     }
     const int64_t npad = (n + 39) / 40 * 40;  /* codes zero-padded to whole bytes */
     for (int64_t i = n; i < npad; i++) code[i] = 0;
-    float* d = u;  /* the decoded values, written over the uniforms as they are used */
+    float* d = u;  /* the decoded values (the third scratch row) */
     switch (sp->kind) {
     case KIND_SIGN_MEAN:
         for (int64_t i = 0; i < n; i++) {
@@ -321,32 +418,45 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
         }
         break;
     case KIND_TERNARY:
-        uniforms(u, n, key, (uint32_t)row[CTR]);
-        for (int64_t i = 0; i < n; i++) {
-            const float wi = wv[i];
-            const int keep = (u[i] * s) < fabsf(wi);
-            const uint8_t c = keep ? (wi > 0.0f ? 2 : 0) : 1;
-            code[i] = c;
-            d[i] = c == 2 ? s : (c == 0 ? -s : 0.0f);
+        for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+            uint16_t rnd[CHUNK];
+            const int64_t m = n - i0 < CHUNK ? n - i0 : CHUNK;
+            philox16(rnd, key, (uint32_t)row[CTR], (uint32_t)(i0 / 8), (int)((m + 7) / 8));
+            for (int64_t j = 0; j < m; j++) {
+                const int64_t i = i0 + j;
+                const float wi = wv[i];
+                const int keep = (uniform16(rnd[j]) * s) < fabsf(wi);
+                const uint8_t c = keep ? (wi > 0.0f ? 2 : 0) : 1;
+                code[i] = c;
+                d[i] = c == 2 ? s : (c == 0 ? -s : 0.0f);
+            }
+            residual_update(rs, v, d, i0, m, S, invS);
         }
+        rs = NULL;  /* the residual is written */
         break;
     default: { /* KIND_QSGD */
-        uniforms(u, n, key, (uint32_t)row[CTR]);
         const float L = (float)sp->levels;
         float r = s > 0.0f ? 1.0f / s : 0.0f;  /* one reciprocal and one step per block */
         r = isfinite(r) ? r : 0.0f;
         const float step = s / L;
-        for (int64_t i = 0; i < n; i++) {
-            const float ell = (fabsf(v[i]) * r) * L;
-            const float lo = (float)(int32_t)ell;  /* = floor: 0 <= ell <= L(1 + 2^-22) */
-            float level = lo + ((u[i] < ell - lo) ? 1.0f : 0.0f);
-            level = level >= 0.0f ? level : 0.0f;
-            level = level > L ? L : level;
-            w[i] = level;
-            const float mag = level * step;
-            d[i] = v[i] < 0.0f ? -mag : mag;
+        for (int64_t i0 = 0; i0 < n; i0 += CHUNK) {
+            uint16_t rnd[CHUNK];
+            const int64_t m = n - i0 < CHUNK ? n - i0 : CHUNK;
+            philox16(rnd, key, (uint32_t)row[CTR], (uint32_t)(i0 / 8), (int)((m + 7) / 8));
+            for (int64_t j = 0; j < m; j++) {
+                const int64_t i = i0 + j;
+                const float ell = (fabsf(v[i]) * r) * L;
+                const float lo = (float)(int32_t)ell;  /* = floor: 0 <= ell <= L(1 + 2^-22) */
+                float level = lo + ((uniform16(rnd[j]) < ell - lo) ? 1.0f : 0.0f);
+                level = level >= 0.0f ? level : 0.0f;
+                level = level > L ? L : level;
+                code[i] = (uint8_t)(2 * (int32_t)level + (v[i] < 0.0f));
+                const float mag = level * step;
+                d[i] = v[i] < 0.0f ? -mag : mag;
+            }
+            residual_update(rs, v, d, i0, m, S, invS);
         }
-        for (int64_t i = 0; i < n; i++) code[i] = (uint8_t)(2 * (int32_t)w[i] + (v[i] < 0.0f));
+        rs = NULL;  /* the residual is written */
     }
     }
     if (rs) {

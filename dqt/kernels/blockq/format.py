@@ -56,7 +56,9 @@ becomes 0 and e is capped at 254. One byte per block lets blocks be small (1-bit
 values at 1.0625 bits per value) — what matters for accuracy — at the price of a coarser scale,
 whose error the error feedback absorbs.
 
-u is the Philox uniform of :mod:`dqt.kernels.philox` for (key, CTR, value index). The scale
+u is the Philox uniform of :mod:`dqt.kernels.philox` for (key, CTR, value index): 16 bits,
+(2·r₁₆ + 1)·2⁻¹⁷, so P(u < p) is within 2⁻¹⁷ of p and "unbiased" above holds up to 2⁻¹⁷ of a
+level spacing (s for ternary, ν/L for qsgd) per value. The scale
 used for coding and for the local decode is the *transmitted* (rounded) one, so the sender's
 error feedback e' = (v − decode)·fp32(1/S) matches what every receiver decodes.
 

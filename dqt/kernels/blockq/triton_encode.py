@@ -1,8 +1,9 @@
 """The Triton encode kernel of :mod:`dqt.kernels.blockq`, one program per block: load the
 block (+ S·residual), reduce its statistic (fp64 sums), round the scale, quantize with Philox
-uniforms (``tl.philox``, the counters of :mod:`dqt.kernels.philox`; one call per 4 values, its
-4 outputs joined into the tile), pack the codes into bytes (base-3: the tile's codes gathered 5
-to a byte) and store them, the scale bytes and the new residual — one pass over the data.
+uniforms (``tl.philox``, the counters of :mod:`dqt.kernels.philox`; one call per 8 values, the
+16-bit halves of its 4 outputs joined into the tile), pack the codes into bytes (base-3: the
+tile's codes gathered 5 to a byte) and store them, the scale bytes and the new residual — one
+pass over the data.
 Launched by :func:`dqt.kernels.blockq.triton_impl.encode`.
 """
 
@@ -20,7 +21,8 @@ from dqt.kernels.blockq.triton_common import (BF16_NAN, CODE, COLUMNS, CTR, DATA
 
 @triton.jit
 def _philox_u(key, ctr, q):
-    """The four uniforms of counters (q, ctr): value 4q + t gets output t (t = 0..3)."""
+    """The four 32-bit outputs of counters (q, ctr): values 8q + t and 8q + 4 + t take the low
+    and the high half of output t (t = 0..3)."""
     q = q.to(tl.uint32)
     c1 = q * 0 + ctr.to(tl.uint32)
     z = q * 0
@@ -29,8 +31,9 @@ def _philox_u(key, ctr, q):
 
 
 @triton.jit
-def _to_uniform(r):
-    return (r >> 8).to(tl.float32) * 5.9604644775390625e-08
+def _to_uniform(r16):
+    """A 16-bit random number → (2·r16 + 1)·2⁻¹⁷, exact in fp32."""
+    return (2 * r16 + 1).to(tl.float32) * 7.62939453125e-06
 
 
 @triton.jit
@@ -156,7 +159,7 @@ def encode_kernel(x_ptr, tab_ptr, msg_ptr, res_ptr, bad_ptr, S, inv_s, key,
     coff = mbase + tl.load(row + CODE)
     ctr = tl.load(row + CTR)
     # lanes (g, h, i) hold value e = 8g + 4h + i: a group of 8 values packs into whole
-    # bytes, and (2g + h, i) is its Philox (counter, output) — no shuffles needed
+    # bytes, and (g, i, h) is its Philox (counter, output, half) — no shuffles needed
     G: tl.constexpr = LANES // 8
     g = tl.arange(0, G)[:, None, None]
     h = tl.arange(0, 2)[None, :, None]
@@ -208,13 +211,13 @@ def encode_kernel(x_ptr, tab_ptr, msg_ptr, res_ptr, bad_ptr, S, inv_s, key,
         tl.store(bad_ptr + pid, bad.to(tl.int32))
     good = e * 0 + (1 - bad.to(tl.int32)) > 0  # the block is finite
     if STOCHASTIC:  # ternary, qsgd
-        # one Philox call per counter 2g + h, on a (G, 2) tile (a (G, 2, 1) one would be
-        # replicated over the threads of the i axis: 4x the Philox work); its 4 outputs
-        # are joined into the last axis: [g, h, a, b] = output 2a + b, i.e. (G, 2, 4)
-        q2 = 2 * tl.arange(0, G)[:, None] + tl.arange(0, 2)[None, :]
-        r0, r1, r2, r3 = _philox_u(key, ctr, q2)
-        rr = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-        u = _to_uniform(tl.reshape(rr, (G, 2, 4)))
+        # one Philox call per counter g, on a (G,) tile (a (G, 2, 1) one would be replicated
+        # over the threads of the other axes); its 4 outputs are joined into the last axis:
+        # [g, a, b] = output 2a + b, i.e. (G, 1, 4) after a reshape, and lane (g, h, i) takes
+        # the half h of output i
+        r0, r1, r2, r3 = _philox_u(key, ctr, tl.arange(0, G))
+        rr = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (G, 1, 4))
+        u = _to_uniform((rr >> (16 * h).to(tl.uint32)) & 0xFFFF)
     else:
         u = v * 0
     c, d = _code_and_decode(v, w, u, s, s0, r, step, KIND, LEVELS)
