@@ -20,7 +20,8 @@ enum {
 };
 enum {
     KIND_SIGN_MEAN = DQT_KIND_SIGN_MEAN, KIND_SIGN = DQT_KIND_SIGN,
-    KIND_TERNARY = DQT_KIND_TERNARY, KIND_QSGD = DQT_KIND_QSGD, KIND_SIGN_TWO = DQT_KIND_SIGN_TWO
+    KIND_TERNARY = DQT_KIND_TERNARY, KIND_QSGD = DQT_KIND_QSGD, KIND_SIGN_TWO = DQT_KIND_SIGN_TWO,
+    KIND_FP8_E4M3 = DQT_KIND_FP8_E4M3, KIND_FP8_E5M2 = DQT_KIND_FP8_E5M2
 };
 enum {
     SCALE_NONE = DQT_SCALE_NONE, SCALE_FP32 = DQT_SCALE_FP32, SCALE_BF16 = DQT_SCALE_BF16,
@@ -137,6 +138,30 @@ static void uniforms(float* u, int64_t n, uint64_t key, uint32_t ctr) {
     }
 }
 
+/* fp8 (OCP e4m3fn: 3 mantissa bits, bias 7, max 448; e5m2: 2, 15, 57344) with integer bit
+ * operations and one fp32 add, the conversion of c10 (torch's cast): round to nearest even.
+ * q is finite and |q| <= the format's max (clamped), so no overflow case. */
+static inline uint32_t fp8_bits(float q, const uint32_t mbits, const uint32_t bias) {
+    const uint32_t b = f2u(q), sign = (b >> 24) & 0x80u, a = b & 0x7FFFFFFFu;
+    /* below the smallest normal: add 2^(emin - mbits + 23) so the fp32 ulp is the fp8 step */
+    const uint32_t magic = (151u - mbits - bias) << 23;
+    const uint32_t sub = f2u(u2f(a) + u2f(magic)) - magic;
+    const uint32_t sh = 23u - mbits;
+    const uint32_t nrm = (a + ((bias - 127u) << 23) + ((1u << (sh - 1u)) - 1u) + ((a >> sh) & 1u)) >> sh;
+    return (a < ((128u - bias) << 23) ? sub : nrm) | sign;
+}
+
+/* fp8 byte -> fp32 (exact; e4m3fn 0x7F/0xFF and e5m2's top exponent decode to NaN/inf) */
+static inline float fp8_value(uint32_t c, const uint32_t mbits, const uint32_t bias) {
+    const uint32_t a = c & 0x7Fu, sign = (c & 0x80u) << 24;
+    const uint32_t nrm = (a << (23u - mbits)) + ((127u - bias) << 23);
+    const uint32_t sub = f2u((float)(int32_t)a * u2f((127u - (bias - 1u + mbits)) << 23));
+    uint32_t m = a >= (1u << mbits) ? nrm : sub;
+    if (mbits == 3u) m = a == 0x7Fu ? 0x7FC00000u : m;
+    else m = a >= 0x7Cu ? (0x7F800000u | ((a & 3u) << 21)) : m;
+    return u2f(m | sign);
+}
+
 static inline int64_t code_nbytes(const spec_t* sp, int64_t n) {
     return sp->code_bits == 0 ? (n + 4) / 5 : (n * sp->code_bits + 7) / 8;
 }
@@ -179,6 +204,32 @@ static void unpack_codes(const spec_t* sp, const uint8_t* c, int64_t n, uint8_t*
     }
 }
 
+/* fp8 codes of a finite block with scale s: out[i] = fp8(clamp(v[i] / s, ±max)) (0 when
+ * s = 0), d[i] = its decode fp8·s; one loop per format so the constants fold */
+static void fp8_block(int e4m3, const float* v, int64_t n, float s, float* d, uint8_t* out) {
+    if (!(s > 0.0f)) {
+        for (int64_t i = 0; i < n; i++) { out[i] = 0; d[i] = 0.0f * s; }
+        return;
+    }
+    if (e4m3) {
+        for (int64_t i = 0; i < n; i++) {
+            const float r = v[i] / s;
+            const float q = r < -448.0f ? -448.0f : (r > 448.0f ? 448.0f : r);
+            const uint32_t c = fp8_bits(q, 3u, 7u);
+            out[i] = (uint8_t)c;
+            d[i] = fp8_value(c, 3u, 7u) * s;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            const float r = v[i] / s;
+            const float q = r < -57344.0f ? -57344.0f : (r > 57344.0f ? 57344.0f : r);
+            const uint32_t c = fp8_bits(q, 2u, 15u);
+            out[i] = (uint8_t)c;
+            d[i] = fp8_value(c, 2u, 15u) * s;
+        }
+    }
+}
+
 static void encode_block(const spec_t* sp, const float* x, const int64_t* row, uint8_t* msg,
                          float* res, float S, float invS, uint64_t key, int32_t* bad_out, float* v,
                          float* w, float* u, uint8_t* code) {
@@ -194,6 +245,7 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
     float nz[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     double lane0[8] = {0, 0, 0, 0, 0, 0, 0, 0};  /* sign_two: Σ|v| of the values < 0 */
+    float fp8_amax = 0.0f;  /* fp8: max|v| */
     int64_t cnt0 = 0, cnt1 = 0;  /* sign_two: how many values are < 0, >= 0 (NaN: neither) */
     const int64_t n8 = n & ~(int64_t)7;
     if (sp->kind == KIND_SIGN_TWO) {  /* lane: the values >= 0, lane0: those < 0 */
@@ -235,6 +287,22 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
             nz[0] += v[i] * 0.0f;
             lane[0] += d * d;
         }
+    } else if (sp->kind == KIND_FP8_E4M3 || sp->kind == KIND_FP8_E5M2) {
+        float mx[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < n8; i += 8)
+            for (int l = 0; l < 8; l++) {
+                const float a = fabsf(v[i + l]);
+                nz[l] += v[i + l] * 0.0f;
+                mx[l] = a > mx[l] ? a : mx[l];
+            }
+        for (int64_t i = n8; i < n; i++) {
+            const float a = fabsf(v[i]);
+            nz[0] += v[i] * 0.0f;
+            mx[0] = a > mx[0] ? a : mx[0];
+        }
+        float amax = 0.0f;
+        for (int l = 0; l < 8; l++) amax = mx[l] > amax ? mx[l] : amax;
+        fp8_amax = amax;
     } else {
         for (int64_t i = 0; i < n8; i += 8)
             for (int l = 0; l < 8; l++) nz[l] += v[i + l] * 0.0f;
@@ -255,6 +323,10 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
         raw0 = cnt0 > 0 ? (float)(acc0 / (double)cnt0) : 0.0f;
     } else if (sp->kind == KIND_QSGD) {
         raw = (float)sqrt(acc);
+    } else if (sp->kind == KIND_FP8_E4M3) {
+        raw = fp8_amax / 448.0f;
+    } else if (sp->kind == KIND_FP8_E5M2) {
+        raw = fp8_amax / 57344.0f;
     } else if (sp->kind == KIND_TERNARY) {
         if (sp->clip > 0 && finite) {
             double sm = 0;
@@ -296,6 +368,14 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
     }
     if (bad) {  /* NaN scale, zero codes, residual untouched */
         memset(mp + row[CODE], 0, (size_t)nb);
+        return;
+    }
+    if (sp->kind == KIND_FP8_E4M3 || sp->kind == KIND_FP8_E5M2) {  /* codes are the bytes */
+        fp8_block(sp->kind == KIND_FP8_E4M3, v, n, s, u, mp + row[CODE]);
+        if (rs) {
+            if (S == 1.0f) for (int64_t i = 0; i < n; i++) rs[i] = v[i] - u[i];
+            else for (int64_t i = 0; i < n; i++) rs[i] = (v[i] - u[i]) * invS;
+        }
         return;
     }
     const int64_t npad = (n + 39) / 40 * 40;  /* codes zero-padded to whole bytes */
@@ -395,6 +475,12 @@ static void decode_block(const spec_t* sp, const uint8_t* msg, const int64_t* ro
             break;
         case KIND_TERNARY:
             for (int64_t i = 0; i < n; i++) dst[i] = code[i] == 2 ? s : (code[i] == 0 ? -s : 0.0f);
+            break;
+        case KIND_FP8_E4M3:
+            for (int64_t i = 0; i < n; i++) dst[i] = fp8_value(code[i], 3u, 7u) * s;
+            break;
+        case KIND_FP8_E5M2:
+            for (int64_t i = 0; i < n; i++) dst[i] = fp8_value(code[i], 2u, 15u) * s;
             break;
         default: {
             const float step = s / L;
