@@ -148,15 +148,18 @@ static inline uint32_t fp8_bits(float q, const uint32_t mbits, const uint32_t bi
     const uint32_t sub = f2u(u2f(a) + u2f(magic)) - magic;
     const uint32_t sh = 23u - mbits;
     const uint32_t nrm = (a + ((bias - 127u) << 23) + ((1u << (sh - 1u)) - 1u) + ((a >> sh) & 1u)) >> sh;
-    return (a < ((128u - bias) << 23) ? sub : nrm) | sign;
+    const uint32_t is_sub = 0u - (uint32_t)(a < ((128u - bias) << 23));  /* all ones or 0 */
+    return (sub & is_sub) | (nrm & ~is_sub) | sign;  /* masks, not a branch: vectorizes */
 }
 
-/* fp8 byte -> fp32 (exact; e4m3fn 0x7F/0xFF and e5m2's top exponent decode to NaN/inf) */
+/* fp8 byte -> fp32 (exact; e4m3fn 0x7F/0xFF and e5m2's top exponent decode to NaN/inf). A
+ * subnormal m·2^(1-bias-mbits) is (1 + m/2^mbits)·2^(1-bias) − 2^(1-bias) (exact), so every
+ * code takes the same fp32 subtract (of 0 for normal codes) and the loop has no branch. */
 static inline float fp8_value(uint32_t c, const uint32_t mbits, const uint32_t bias) {
     const uint32_t a = c & 0x7Fu, sign = (c & 0x80u) << 24;
-    const uint32_t nrm = (a << (23u - mbits)) + ((127u - bias) << 23);
-    const uint32_t sub = f2u((float)(int32_t)a * u2f((127u - (bias - 1u + mbits)) << 23));
-    uint32_t m = a >= (1u << mbits) ? nrm : sub;
+    const uint32_t is_sub = 0u - (uint32_t)(a < (1u << mbits));  /* all ones or 0 */
+    const uint32_t bits = (a << (23u - mbits)) + ((127u - bias + (is_sub & 1u)) << 23);
+    uint32_t m = f2u(u2f(bits) - u2f(((128u - bias) << 23) & is_sub));
     if (mbits == 3u) m = a == 0x7Fu ? 0x7FC00000u : m;
     else m = a >= 0x7Cu ? (0x7F800000u | ((a & 3u) << 21)) : m;
     return u2f(m | sign);
@@ -195,6 +198,7 @@ static void unpack_codes(const spec_t* sp, const uint8_t* c, int64_t n, uint8_t*
         }
         return;
     }
+    if (sp->code_bits == 8) { memcpy(code, c, (size_t)n); return; }  /* a byte per code */
     const int k = sp->code_bits;
     const uint64_t mask = (1u << k) - 1u;
     for (int64_t g = 0; 8 * g < n; g++) {
