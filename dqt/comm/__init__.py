@@ -35,6 +35,7 @@ from dqt.comm.meter import CommMeter, wire_bytes
 from dqt.comm.onebit_adam import OneBitAdam
 from dqt.comm.scheme import SCHEMES, Scheme, build_scheme, scheme_names
 
-__all__ = ["BF16", "CommMeter", "EFSignSGD", "FP8", "FP16", "FSDPCompression", "OneBit", "OneBitAdam", "PowerSGD", "QSGD",
+__all__ = ["BF16", "CommMeter", "EFSignSGD", "FP8", "FP16",
+           "FSDPCompression", "OneBit", "OneBitAdam", "PowerSGD", "QSGD",
            "SCHEMES", "Scheme", "SignSGD", "TernaryGrad", "attached", "build_scheme", "compress",
            "preset", "presets", "scheme_names", "wire_bytes"]

@@ -147,7 +147,8 @@ static inline uint32_t fp8_bits(float q, const uint32_t mbits, const uint32_t bi
     const uint32_t magic = (151u - mbits - bias) << 23;
     const uint32_t sub = f2u(u2f(a) + u2f(magic)) - magic;
     const uint32_t sh = 23u - mbits;
-    const uint32_t nrm = (a + ((bias - 127u) << 23) + ((1u << (sh - 1u)) - 1u) + ((a >> sh) & 1u)) >> sh;
+    const uint32_t nrm =
+        (a + ((bias - 127u) << 23) + ((1u << (sh - 1u)) - 1u) + ((a >> sh) & 1u)) >> sh;
     const uint32_t is_sub = 0u - (uint32_t)(a < ((128u - bias) << 23));  /* all ones or 0 */
     return (sub & is_sub) | (nrm & ~is_sub) | sign;  /* masks, not a branch: vectorizes */
 }
