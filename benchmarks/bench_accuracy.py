@@ -39,6 +39,9 @@ SCHEMES = {
     "qsgd2": ["+scheme=qsgd", "scheme.bits=2"],
     "qsgd4": ["+scheme=qsgd", "scheme.bits=4"],
     "qsgd8": ["+scheme=qsgd", "scheme.bits=8"],
+    "fp8": ["+scheme=fp8"],
+    "fp8 e5m2": ["+scheme=fp8", "scheme.format=e5m2"],
+    "fp8 ef": ["+scheme=fp8", "scheme.error_feedback=true"],
     "onebit_adam": ["optim=onebit_adam"],
     "onebit_adam ternary": ["optim=onebit_adam", "+scheme=ternary_grad"],
     # the control: no codec, Adam's variance frozen as under one (an uncompressed warm-up that

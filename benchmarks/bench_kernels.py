@@ -4,6 +4,7 @@ ratios measured in one run).
 
     python -m benchmarks.bench_kernels                        # CPU: reference vs fused C vs clone
     python -m benchmarks.bench_kernels --sizes 1M 16M --reps 3
+    python -m benchmarks.bench_kernels --schemes onebit "fp8 (e4m3)"    # some rows only
     python -m benchmarks.bench_kernels --gpu --out gpu.md     # + Triton on CUDA (if there is a GPU)
 
 CPU — GB/s of fp32 gradient (4·n bytes / time) for n-value buckets in blocks of the scheme:
@@ -329,7 +330,11 @@ def main() -> None:
     ap.add_argument("--decode-sweep", action="store_true",
                     help="GPU: also time the decode per (values per program, warps)")
     ap.add_argument("--out", help="also write the tables to this markdown file")
+    ap.add_argument("--schemes", nargs="+", choices=list(VARIANTS),
+                    help="only these rows (default: every scheme of tests/cases.py's BENCH)")
     args = ap.parse_args()
+    for label in [v for v in VARIANTS if args.schemes and v not in args.schemes]:
+        del VARIANTS[label]
     torch.set_num_threads(args.threads)
     parts = []
     if not args.no_cpu:

@@ -51,6 +51,9 @@ CODECS: dict[str, tuple[str, dict[str, Any]]] = {
     "qsgd/3": ("qsgd", {"bits": 3}),
     "qsgd/4": ("qsgd", {"bits": 4}),
     "qsgd/8": ("qsgd", {"bits": 8}),
+    "fp8": ("fp8", {}),
+    "fp8/e5m2": ("fp8", {"format": "e5m2"}),
+    "fp8/e8m0/ef": ("fp8", {"scale_dtype": "e8m0", "error_feedback": True}),
 }
 STOCHASTIC = [k for k, (name, _) in CODECS.items() if name in ("ternary_grad", "qsgd")]
 
@@ -63,10 +66,12 @@ BENCH: dict[str, str] = {
     "qsgd bits=2": "qsgd/2",
     "qsgd bits=4": "qsgd/4",
     "qsgd bits=8": "qsgd/8",
+    "fp8 (e4m3)": "fp8",
+    "fp8 (e5m2)": "fp8/e5m2",
 }
 
 HOOK = ["onebit", "onebit/two_means", "signsgd", "ef_signsgd", "ternary_grad",
-        "ternary_grad/base3", "qsgd/4", "qsgd/3"]
+        "ternary_grad/base3", "qsgd/4", "qsgd/3", "fp8", "fp8/e5m2", "fp8/e8m0/ef"]
 
 SPECS: dict[str, BlockSpec] = {
     "onebit/bf16": BlockSpec("sign_mean", 64, 1, "bf16"),
@@ -87,6 +92,11 @@ SPECS: dict[str, BlockSpec] = {
     "qsgd/4": BlockSpec("qsgd", 2048, 4, "fp32", levels=7),
     "qsgd/6": BlockSpec("qsgd", 64, 6, "fp32", levels=31),  # 48-bit groups (64-bit words)
     "qsgd/8": BlockSpec("qsgd", 64, 8, "fp32", levels=127),
+    "fp8_e4m3/fp32": BlockSpec("fp8_e4m3", 64, 8, "fp32"),
+    "fp8_e4m3/bf16": BlockSpec("fp8_e4m3", 256, 8, "bf16"),  # 256: the Triton word decode
+    "fp8_e4m3/e8m0": BlockSpec("fp8_e4m3", 72, 8, "e8m0"),  # e8m0 rounds up or down: saturation
+    "fp8_e5m2/fp32": BlockSpec("fp8_e5m2", 64, 8, "fp32"),
+    "fp8_e5m2/e8m0": BlockSpec("fp8_e5m2", 256, 8, "e8m0"),
 }
 
 

@@ -35,7 +35,9 @@ from tests.conftest import rank_process
 from dqt.train.distributed import teardown
 
 SEED, STEP, BUCKET = 7, 3, 1
-TESTED = ("onebit", "signsgd", "ef_signsgd", "ternary_grad", "qsgd")  # the DDP hook tests below
+# the DDP hook tests below: presets, and variants (case id -> scheme name, options)
+TESTED = ("onebit", "signsgd", "ef_signsgd", "ternary_grad", "qsgd", "fp8", "fp8/ef")
+VARIANT_OPTIONS = {"fp8/ef": ("fp8", {"error_feedback": True})}
 VARIANTS = HOOK  # case ids of tests/cases.py
 # a bucket of five parameters (flat offsets in a bigger model), in DDP's (reverse) order
 SIZES = [517, 3, 1000, 64, 77]
@@ -160,8 +162,10 @@ def test_two_phase_average_error_shrinks_with_bits():
 
 # ---------------------------------------------------------------- the DDP hook
 def _cfg(name: str, **kw: Any):
-    """The shipped preset of ``name`` (error feedback on for onebit and ef_signsgd)."""
-    return SCHEME_CONFIGS[name](**kw)
+    """The shipped preset of ``name`` (error feedback on for onebit and ef_signsgd), or the
+    variant of that id in VARIANT_OPTIONS."""
+    name, options = VARIANT_OPTIONS.get(name, (name, {}))
+    return SCHEME_CONFIGS[name](**options, **kw)
 
 
 def _model() -> nn.Module:
@@ -254,7 +258,7 @@ def test_residual_state_is_per_rank_and_round_trips(ddp_runs, name):
     world, ranks = ddp_runs
     state = ranks[0][name]["state"]
     if state["worker_residual"] is None:
-        assert name in ("signsgd", "ternary_grad", "qsgd")
+        assert name in ("signsgd", "ternary_grad", "qsgd", "fp8")
         return
     n_params = sum(p.numel() for p in _model().parameters())
     assert state["worker_residual"].shape == (n_params,)  # flat, in parameter order

@@ -126,11 +126,52 @@ def _golden_stochastic(vid: str) -> tuple[list[int], list[float]]:
     return [int(b) for b in scales] + codes_bytes, decoded
 
 
+def _fp8_values(mbits: int, bias: int, fmax: float) -> list[float]:
+    """The non-negative finite fp8 values by code 0..127 from the bit layout (None above fmax:
+    e4m3fn's NaN, e5m2's inf/NaN)."""
+    vals = []
+    for c in range(128):
+        e, m = c >> mbits, c & ((1 << mbits) - 1)
+        v = m * 2.0 ** (1 - bias - mbits) if e == 0 else (1 + m / 2 ** mbits) * 2.0 ** (e - bias)
+        vals.append(v if v <= fmax else None)
+    return vals
+
+
+def _golden_fp8(vid: str) -> tuple[list[int], list[float]]:
+    """X in blocks of 8 from the format's definition: s = fp32(max|x| / FMAX) (e8m0: the
+    nearest power of two in log2), code = the nearest fp8 value to x/s (fp32 division), ties to
+    the even code, sign bit from x; decode fp8·s in fp32."""
+    comp = make(vid, block_size=8)
+    e4m3 = comp.spec.kind == "fp8_e4m3"
+    fmax = 448.0 if e4m3 else 57344.0
+    vals = _fp8_values(3, 7, fmax) if e4m3 else _fp8_values(2, 15, fmax)
+    f32 = np.float32
+    scales, codes, decoded = [], [], []
+    for k in range(0, len(X), 8):
+        blk = [f32(x) for x in X[k:k + 8]]
+        s = f32(max(abs(x) for x in blk)) / f32(fmax)
+        if comp.spec.scale == "e8m0":
+            m, E = math.frexp(float(s))  # s = (2m)·2^(E−1), 1 <= 2m < 2
+            s = f32(2.0 ** (E - 1 + (2 * m >= math.sqrt(2))))
+            scales.append(int(math.log2(float(s))) + 127)
+        else:
+            scales += list(np.array([s], dtype=f32).view(np.uint8))
+        for x in blk:
+            q = abs(float(x / s))
+            best = min((c for c in range(128) if vals[c] is not None),
+                       key=lambda c: (abs(vals[c] - q), c & 1))
+            sign = 0x80 if math.copysign(1.0, float(x)) < 0 else 0
+            codes.append(best | sign)
+            decoded.append(float(f32(-vals[best] if sign else vals[best]) * s))
+    return [int(b) for b in scales] + codes, decoded
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("vid", ALL)
 def test_golden_message(vid, impl):
     comp = make(vid, block_size=8)
-    expected, decoded = (_golden_stochastic(vid) if vid in STOCHASTIC else GOLDEN_SIGN[vid])
+    expected, decoded = (_golden_stochastic(vid) if vid in STOCHASTIC else
+                         _golden_fp8(vid) if vid.startswith("fp8") else GOLDEN_SIGN[vid])
     x = torch.tensor(X)
     buf, dec = comp.encode_decode(x, seed=KEY, impl=impl)
     assert buf.dtype == torch.uint8 and buf.tolist() == expected
@@ -306,6 +347,10 @@ def test_compression_ratio():
     # 4 bits + 32/128 bits of scale per value: 32/4.25 = 7.53x
     assert fp32 / build_compressor("qsgd", bits=4).wire_nbytes(n) >= 7.5
     assert fp32 / build_compressor("qsgd", bits=4, block_size=2048).wire_nbytes(n) >= 7.9
+    # fp8: 1 byte per value + a 4-byte fp32 scale per 128 (e8m0: 1 byte): exact byte counts
+    assert build_compressor("fp8").wire_nbytes(n) == n + 4 * (n // 128)
+    assert build_compressor("fp8", format="e5m2", scale_dtype="e8m0").wire_nbytes(n) == n + n // 128
+    assert build_compressor("fp8", block_size=64).wire_nbytes(1000) == 1000 + 4 * 16
 
 
 # ----------------------------------------------------------------------------- error feedback
@@ -400,6 +445,12 @@ def test_defaults():
     assert [build_compressor(n).biased for n in ("onebit", "ef_signsgd", "signsgd")] == [True] * 3
     assert [build_compressor(n).biased for n in ("ternary_grad", "qsgd")] == [False] * 2
     assert [n for n in COMPRESSORS if build_compressor(n).vote] == ["signsgd"]
+    fp8 = build_compressor("fp8")
+    assert (fp8.block_size, fp8.spec.kind, fp8.spec.scale, fp8.cfg.error_feedback) == \
+        (128, "fp8_e4m3", "fp32", False)
+    assert build_compressor("fp8", format="e5m2").spec.kind == "fp8_e5m2"
+    with pytest.raises(ValueError, match="scheme.format"):
+        build_compressor("fp8", format="e3m4")
 
 
 def test_e8m0_scale_rounds_to_the_nearest_power_of_two_in_log2():

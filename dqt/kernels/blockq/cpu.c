@@ -20,7 +20,8 @@ enum {
 };
 enum {
     KIND_SIGN_MEAN = DQT_KIND_SIGN_MEAN, KIND_SIGN = DQT_KIND_SIGN,
-    KIND_TERNARY = DQT_KIND_TERNARY, KIND_QSGD = DQT_KIND_QSGD, KIND_SIGN_TWO = DQT_KIND_SIGN_TWO
+    KIND_TERNARY = DQT_KIND_TERNARY, KIND_QSGD = DQT_KIND_QSGD, KIND_SIGN_TWO = DQT_KIND_SIGN_TWO,
+    KIND_FP8_E4M3 = DQT_KIND_FP8_E4M3, KIND_FP8_E5M2 = DQT_KIND_FP8_E5M2
 };
 enum {
     SCALE_NONE = DQT_SCALE_NONE, SCALE_FP32 = DQT_SCALE_FP32, SCALE_BF16 = DQT_SCALE_BF16,
@@ -199,6 +200,34 @@ static inline float uniform16(uint16_t r) {
     return (float)(2u * (uint32_t)r + 1u) * 7.62939453125e-06f;
 }
 
+/* fp8 (OCP e4m3fn: 3 mantissa bits, bias 7, max 448; e5m2: 2, 15, 57344) with integer bit
+ * operations and one fp32 add, the conversion of c10 (torch's cast): round to nearest even.
+ * q is finite and |q| <= the format's max (clamped), so no overflow case. */
+static inline uint32_t fp8_bits(float q, const uint32_t mbits, const uint32_t bias) {
+    const uint32_t b = f2u(q), sign = (b >> 24) & 0x80u, a = b & 0x7FFFFFFFu;
+    /* below the smallest normal: add 2^(emin - mbits + 23) so the fp32 ulp is the fp8 step */
+    const uint32_t magic = (151u - mbits - bias) << 23;
+    const uint32_t sub = f2u(u2f(a) + u2f(magic)) - magic;
+    const uint32_t sh = 23u - mbits;
+    const uint32_t nrm =
+        (a + ((bias - 127u) << 23) + ((1u << (sh - 1u)) - 1u) + ((a >> sh) & 1u)) >> sh;
+    const uint32_t is_sub = 0u - (uint32_t)(a < ((128u - bias) << 23));  /* all ones or 0 */
+    return (sub & is_sub) | (nrm & ~is_sub) | sign;  /* masks, not a branch: vectorizes */
+}
+
+/* fp8 byte -> fp32 (exact; e4m3fn 0x7F/0xFF and e5m2's top exponent decode to NaN/inf). A
+ * subnormal m·2^(1-bias-mbits) is (1 + m/2^mbits)·2^(1-bias) − 2^(1-bias) (exact), so every
+ * code takes the same fp32 subtract (of 0 for normal codes) and the loop has no branch. */
+static inline float fp8_value(uint32_t c, const uint32_t mbits, const uint32_t bias) {
+    const uint32_t a = c & 0x7Fu, sign = (c & 0x80u) << 24;
+    const uint32_t is_sub = 0u - (uint32_t)(a < (1u << mbits));  /* all ones or 0 */
+    const uint32_t bits = (a << (23u - mbits)) + ((127u - bias + (is_sub & 1u)) << 23);
+    uint32_t m = f2u(u2f(bits) - u2f(((128u - bias) << 23) & is_sub));
+    if (mbits == 3u) m = a == 0x7Fu ? 0x7FC00000u : m;
+    else m = a >= 0x7Cu ? (0x7F800000u | ((a & 3u) << 21)) : m;
+    return u2f(m | sign);
+}
+
 static inline int64_t code_nbytes(const spec_t* sp, int64_t n) {
     return sp->code_bits == 0 ? (n + 4) / 5 : (n * sp->code_bits + 7) / 8;
 }
@@ -244,6 +273,7 @@ static void unpack_codes(const spec_t* sp, const uint8_t* c, int64_t n, uint8_t*
         }
         return;
     }
+    if (sp->code_bits == 8) { memcpy(code, c, (size_t)n); return; }  /* a byte per code */
     const int k = sp->code_bits;
     const uint64_t mask = (1u << k) - 1u;
     for (int64_t g = 0; 8 * g < n; g++) {
@@ -262,6 +292,32 @@ static void residual_update(float* rs, const float* v, const float* d, int64_t i
     else for (int64_t i = i0; i < i0 + m; i++) rs[i] = (v[i] - d[i]) * invS;
 }
 
+/* fp8 codes of a finite block with scale s: out[i] = fp8(clamp(v[i] / s, ±max)) (0 when
+ * s = 0), d[i] = its decode fp8·s; one loop per format so the constants fold */
+static void fp8_block(int e4m3, const float* v, int64_t n, float s, float* d, uint8_t* out) {
+    if (!(s > 0.0f)) {
+        for (int64_t i = 0; i < n; i++) { out[i] = 0; d[i] = 0.0f * s; }
+        return;
+    }
+    if (e4m3) {
+        for (int64_t i = 0; i < n; i++) {
+            const float r = v[i] / s;
+            const float q = r < -448.0f ? -448.0f : (r > 448.0f ? 448.0f : r);
+            const uint32_t c = fp8_bits(q, 3u, 7u);
+            out[i] = (uint8_t)c;
+            d[i] = fp8_value(c, 3u, 7u) * s;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            const float r = v[i] / s;
+            const float q = r < -57344.0f ? -57344.0f : (r > 57344.0f ? 57344.0f : r);
+            const uint32_t c = fp8_bits(q, 2u, 15u);
+            out[i] = (uint8_t)c;
+            d[i] = fp8_value(c, 2u, 15u) * s;
+        }
+    }
+}
+
 static void encode_block(const spec_t* sp, const float* x, const int64_t* row, uint8_t* msg,
                          float* res, float S, float invS, uint64_t key, int32_t* bad_out, float* v,
                          float* w, float* u, uint8_t* code) {
@@ -277,6 +333,7 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
     float nz[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     double lane0[8] = {0, 0, 0, 0, 0, 0, 0, 0};  /* sign_two: Σ|v| of the values < 0 */
+    float fp8_amax = 0.0f;  /* fp8: max|v| */
     int64_t cnt0 = 0, cnt1 = 0;  /* sign_two: how many values are < 0, >= 0 (NaN: neither) */
     float mx[8] = {0, 0, 0, 0, 0, 0, 0, 0};  /* ternary: max|v| (after clipping) per lane */
     const int64_t n8 = n & ~(int64_t)7;
@@ -331,6 +388,22 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
             nz[0] += v[i] * 0.0f;
             mx[0] = a > mx[0] ? a : mx[0];
         }
+    } else if (sp->kind == KIND_FP8_E4M3 || sp->kind == KIND_FP8_E5M2) {
+        float mx[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int64_t i = 0; i < n8; i += 8)
+            for (int l = 0; l < 8; l++) {
+                const float a = fabsf(v[i + l]);
+                nz[l] += v[i + l] * 0.0f;
+                mx[l] = a > mx[l] ? a : mx[l];
+            }
+        for (int64_t i = n8; i < n; i++) {
+            const float a = fabsf(v[i]);
+            nz[0] += v[i] * 0.0f;
+            mx[0] = a > mx[0] ? a : mx[0];
+        }
+        float amax = 0.0f;
+        for (int l = 0; l < 8; l++) amax = mx[l] > amax ? mx[l] : amax;
+        fp8_amax = amax;
     } else {
         for (int64_t i = 0; i < n8; i += 8)
             for (int l = 0; l < 8; l++) nz[l] += v[i + l] * 0.0f;
@@ -351,6 +424,10 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
         raw0 = cnt0 > 0 ? (float)(acc0 / (double)cnt0) : 0.0f;
     } else if (sp->kind == KIND_QSGD) {
         raw = (float)sqrt(acc);
+    } else if (sp->kind == KIND_FP8_E4M3) {
+        raw = fp8_amax / 448.0f;
+    } else if (sp->kind == KIND_FP8_E5M2) {
+        raw = fp8_amax / 57344.0f;
     } else if (sp->kind == KIND_TERNARY) {
         if (sp->clip > 0 && finite) {
             double sm = 0;
@@ -393,6 +470,14 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
     }
     if (bad) {  /* NaN scale, zero codes, residual untouched */
         memset(mp + row[CODE], 0, (size_t)nb);
+        return;
+    }
+    if (sp->kind == KIND_FP8_E4M3 || sp->kind == KIND_FP8_E5M2) {  /* codes are the bytes */
+        fp8_block(sp->kind == KIND_FP8_E4M3, v, n, s, u, mp + row[CODE]);
+        if (rs) {
+            if (S == 1.0f) for (int64_t i = 0; i < n; i++) rs[i] = v[i] - u[i];
+            else for (int64_t i = 0; i < n; i++) rs[i] = (v[i] - u[i]) * invS;
+        }
         return;
     }
     const int64_t npad = (n + 39) / 40 * 40;  /* codes zero-padded to whole bytes */
@@ -505,6 +590,12 @@ static void decode_block(const spec_t* sp, const uint8_t* msg, const int64_t* ro
             break;
         case KIND_TERNARY:
             for (int64_t i = 0; i < n; i++) dst[i] = code[i] == 2 ? s : (code[i] == 0 ? -s : 0.0f);
+            break;
+        case KIND_FP8_E4M3:
+            for (int64_t i = 0; i < n; i++) dst[i] = fp8_value(code[i], 3u, 7u) * s;
+            break;
+        case KIND_FP8_E5M2:
+            for (int64_t i = 0; i < n; i++) dst[i] = fp8_value(code[i], 2u, 15u) * s;
             break;
         default: {
             const float step = s / L;

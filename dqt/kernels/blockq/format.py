@@ -47,6 +47,12 @@ ceil(LEN/5) bytes. Padding bits and trits are 0.
   ℓᵢ = (|vᵢ|·r)·L with r = fp32(1/ν) (0 when ν = 0 or 1/ν overflows); levelᵢ = ⌊ℓᵢ⌋ +
   [uᵢ < ℓᵢ − ⌊ℓᵢ⌋], clamped to [0, L]; code = 2·level + [vᵢ < 0]; decode ±level·fp32(ν/L).
   E[level] = ℓ, so unbiased (up to the rounding of r).
+* ``fp8_e4m3`` / ``fp8_e5m2`` (8-bit floats, OCP ``float8_e4m3fn``: max 448, no inf;
+  ``float8_e5m2``: max 57344), ``code_bits`` = 8: raw scale fp32(max|vᵢ| / FMAX) (IEEE
+  division), rounded to the scale format as s; code = the fp8 byte of clamp(vᵢ / s, −FMAX,
+  FMAX) (IEEE division, round to nearest even, so saturating: what ``torch``'s cast gives
+  after the clamp), all codes 0 when s = 0; decode fp8(code)·s. Deterministic, with an
+  error at most half an fp8 step (2⁻⁴ / 2⁻³ of a normal value), so biased only slightly.
 
 **e8m0 scales** (the shared-exponent scale of the OCP Microscaling formats): byte e encodes
 2^(e − 127) for 1 ≤ e ≤ 254, 0 for e = 0 (here exactly zero) and NaN for 255. A statistic
@@ -93,7 +99,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["BF16_NAN", "BlockSpec", "CODES", "COLUMN_NAMES", "COLUMNS", "E8M0_MAX", "E8M0_NAN",
-           "E8M0_ROUND_UP", "FP32_NAN", "KERNEL_CONSTANTS", "KINDS", "MODES", "SCALES",
+           "E8M0_ROUND_UP", "FP32_NAN", "FP8_DTYPES", "FP8_MAX", "KERNEL_CONSTANTS", "KINDS", "MODES", "SCALES",
            "f32_recip", "linear_table", "table_from_rows",
            "DATA", "RES", "LEN", "MSG", "SCALE", "CODE", "CTR"]
 
@@ -107,7 +113,8 @@ COLUMNS = 8  # the 8th column is reserved (0)
 # kind, a scale format and a decode mode. The constant of (group, name) is
 # f"{group}_{name}".upper(): KIND_SIGN_MEAN, SCALE_FP32, MODE_VOTE, ...
 CODES: dict[str, dict[str, int]] = {
-    "kind": {"sign_mean": 0, "sign": 1, "ternary": 2, "qsgd": 3, "sign_two": 4},
+    "kind": {"sign_mean": 0, "sign": 1, "ternary": 2, "qsgd": 3, "sign_two": 4, "fp8_e4m3": 5,
+             "fp8_e5m2": 6},
     "scale": {"none": 0, "fp32": 1, "bf16": 2, "e8m0": 3},
     "mode": {"copy": 0, "mean": 1, "vote": 2},
 }
@@ -121,6 +128,9 @@ E8M0_MAX = 254  # the largest finite e8m0 byte, 2^127
 E8M0_NAN = 255  # the e8m0 byte of NaN
 BF16_NAN = 0x7FC0  # the bf16 bits of a non-finite block's scale
 FP32_NAN = 0x7FC00000  # the fp32 bits of a non-finite block's scale
+# fp8 kinds -> (the largest finite value, the torch dtype whose cast rounds and decodes them)
+FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 # Every integer constant the kernels name, under the name they use: the columns, the codes,
 # the bit patterns of scales. cpu.py passes each to the C compiler as -D DQT_<NAME>=<value>;
@@ -165,6 +175,8 @@ class BlockSpec:
             raise ValueError("kind 'sign' and only it has scale 'none'")
         if self.kind == "sign_two" and self.code_bits == 0:
             raise ValueError("kind 'sign_two' needs code_bits >= 1 (base-3 is for ternary codes)")
+        if self.kind in FP8_MAX and self.code_bits != 8:
+            raise ValueError(f"kind {self.kind!r} needs code_bits = 8; got {self.code_bits!r}")
         if self.kind == "qsgd" and not (1 <= self.levels and 2 * self.levels < 1 << self.code_bits):
             raise ValueError(f"qsgd needs 1 <= levels and 2*levels < 2^code_bits; got "
                              f"levels={self.levels}, code_bits={self.code_bits}")

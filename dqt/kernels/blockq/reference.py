@@ -9,8 +9,8 @@ from torch import Tensor
 
 from dqt.kernels import bitpack
 from dqt.kernels.blockq.format import (BF16_NAN, CODE, CTR, DATA, E8M0_MAX, E8M0_NAN,
-                                        E8M0_ROUND_UP, LEN, MSG, RES, SCALE, SCALES, BlockSpec,
-                                        f32_recip)
+                                        E8M0_ROUND_UP, FP8_DTYPES, FP8_MAX, LEN, MSG, RES, SCALE,
+                                        SCALES, BlockSpec, f32_recip)
 from dqt.kernels.philox import uniforms
 
 __all__ = ["decode_ref", "encode_ref"]
@@ -109,8 +109,25 @@ def _stats(spec: BlockSpec, v: Tensor, mask: Tensor, n: Tensor) -> tuple[Tensor,
             bound = (spec.clip * torch.sqrt((dev * dev).sum(1) / nf)).to(torch.float32)
             v = torch.minimum(torch.maximum(v, -bound[:, None]), bound[:, None])
         return v.abs().amax(1), v
+    if spec.kind in FP8_MAX:
+        return _div(v.abs().amax(1), FP8_MAX[spec.kind]), v
     v64 = v.to(torch.float64)
     return torch.sqrt((v64 * v64).sum(1)).to(torch.float32), v
+
+
+def _fp8_value(spec: BlockSpec, code: Tensor) -> Tensor:
+    """fp8 bytes (int64) → their fp32 values (torch's exact widening)."""
+    return code.to(torch.uint8).view(FP8_DTYPES[spec.kind]).to(torch.float32)
+
+
+def _fp8_encode(spec: BlockSpec, v: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    """(fp8 bytes of clamp(v / s, ±FMAX), their decode fp8·s); all 0 where s = 0."""
+    fmax = FP8_MAX[spec.kind]
+    pos = s > 0
+    q = torch.where(pos, _div(v, torch.where(pos, s, 1.0).expand_as(v)), 0.0)
+    q = torch.nan_to_num(q.clamp(-fmax, fmax), nan=0.0)  # NaN: a non-finite block, coded 0
+    code = q.to(FP8_DTYPES[spec.kind]).view(torch.uint8).to(torch.int64)
+    return code, _fp8_value(spec, code) * s
 
 
 def encode_ref(spec: BlockSpec, x: Tensor, table: Tensor, msg: Tensor,
@@ -151,6 +168,8 @@ def encode_ref(spec: BlockSpec, x: Tensor, table: Tensor, msg: Tensor,
         keep = (u * s) < work.abs()
         code = torch.where(keep, torch.where(work > 0, 2, 0), 1)
         dec = torch.where(code == 2, s, torch.where(code == 0, -s, 0.0))
+    elif spec.kind in FP8_MAX:
+        code, dec = _fp8_encode(spec, v, s)
     else:  # qsgd
         L = spec.levels
         r = torch.where(s > 0, _div(torch.ones_like(s), torch.where(s > 0, s, 1.0)), 0.0)
@@ -226,6 +245,8 @@ def decode_ref(spec: BlockSpec, msg: Tensor, table: Tensor, out: Tensor, npeers:
             d = torch.where(code == 1, s1, -s)
         elif spec.kind == "ternary":
             d = torch.where(code == 2, s, torch.where(code == 0, -s, 0.0))
+        elif spec.kind in FP8_MAX:
+            d = _fp8_value(spec, code) * s
         else:
             mag = (code >> 1).to(torch.float32) * _div(s, float(spec.levels))
             d = torch.where((code & 1) == 1, -mag, mag)

@@ -31,6 +31,8 @@ KIND_SIGN = tl.constexpr(_K["KIND_SIGN"])
 KIND_TERNARY = tl.constexpr(_K["KIND_TERNARY"])
 KIND_QSGD = tl.constexpr(_K["KIND_QSGD"])
 KIND_SIGN_TWO = tl.constexpr(_K["KIND_SIGN_TWO"])
+KIND_FP8_E4M3 = tl.constexpr(_K["KIND_FP8_E4M3"])
+KIND_FP8_E5M2 = tl.constexpr(_K["KIND_FP8_E5M2"])
 # scale formats
 SCALE_NONE = tl.constexpr(_K["SCALE_NONE"])
 SCALE_FP32 = tl.constexpr(_K["SCALE_FP32"])
@@ -46,6 +48,23 @@ E8M0_MAX = tl.constexpr(_K["E8M0_MAX"])
 E8M0_NAN = tl.constexpr(_K["E8M0_NAN"])
 BF16_NAN = tl.constexpr(_K["BF16_NAN"])
 FP32_NAN = tl.constexpr(_K["FP32_NAN"])
+
+
+@triton.jit
+def fp8_value(c, MBITS: tl.constexpr, BIAS: tl.constexpr, SUB_STEP: tl.constexpr):
+    """fp8 bytes (int32) → fp32, exact: MBITS mantissa bits, exponent bias BIAS, SUB_STEP the
+    subnormal step; e4m3fn's 0x7F and e5m2's top exponent decode to NaN / inf."""
+    c = c.to(tl.uint32)
+    a = c & 0x7F
+    sign = (c & 0x80) << 24
+    nrm = (a << (23 - MBITS)) + ((127 - BIAS) << 23)
+    sub = (a.to(tl.int32).to(tl.float32) * SUB_STEP).to(tl.uint32, bitcast=True)
+    m = tl.where(a >= (1 << MBITS), nrm, sub)
+    if MBITS == 3:
+        m = tl.where(a == 0x7F, 0x7FC00000, m)
+    else:
+        m = tl.where(a >= 0x7C, 0x7F800000 | ((a & 3) << 21), m)
+    return (m | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -21,6 +21,7 @@ from dqt.kernels.blockq.triton_common import (CODE, COLUMNS, DATA, KIND_QSGD, KI
                                               KIND_TERNARY, LEN, MODE_MEAN, MODE_VOTE, MSG,
                                               SCALE, SCALE_BF16, SCALE_E8M0, SCALE_FP32,
                                               e8m0_value)
+from dqt.kernels.blockq.triton_common import KIND_FP8_E4M3, KIND_FP8_E5M2, fp8_value
 
 
 @triton.jit
@@ -142,6 +143,10 @@ def _decode_code(c, s, s1, KIND: tl.constexpr, LEVELS: tl.constexpr):
         d = tl.where(c == 1, s1, -s)
     elif KIND == KIND_TERNARY:
         d = tl.where(c == 2, s, tl.where(c == 0, -s, 0.0))
+    elif KIND == KIND_FP8_E4M3:
+        d = fp8_value(c, 3, 7, 0.001953125) * s
+    elif KIND == KIND_FP8_E5M2:
+        d = fp8_value(c, 2, 15, 1.52587890625e-05) * s
     elif KIND == KIND_QSGD:
         step = tl.math.div_rn(s, s * 0 + LEVELS)
         # the level as fp32 without the (quarter-rate) int→float unit: 2²³ + lev − 2²³
@@ -226,6 +231,10 @@ def decode_words_kernel(mw_ptr, tab_ptr, out_ptr, nblocks, stride, flag_off, inv
         if KIND == KIND_TERNARY:
             d = tl.where(cm == (2 << sh), s, tl.where(cm == 0, -s, 0.0))
         elif KIND == KIND_QSGD:
+            d = _decode_code((cm >> sh).to(tl.int32), s, s1, KIND, LEVELS)
+        elif KIND == KIND_FP8_E4M3:
+            d = _decode_code((cm >> sh).to(tl.int32), s, s1, KIND, LEVELS)
+        elif KIND == KIND_FP8_E5M2:
             d = _decode_code((cm >> sh).to(tl.int32), s, s1, KIND, LEVELS)
         elif KIND == KIND_SIGN_TWO:  # code 1 is +m₁, code 0 −m₀
             d = tl.where(cm != 0, s1, -s)

@@ -17,6 +17,7 @@ from dqt.kernels.blockq.triton_common import (BF16_NAN, CODE, COLUMNS, CTR, DATA
                                               KIND_SIGN, KIND_SIGN_MEAN, KIND_SIGN_TWO,
                                               KIND_TERNARY, LEN, MSG, RES, SCALE, SCALE_BF16,
                                               SCALE_E8M0, SCALE_FP32, e8m0_value)
+from dqt.kernels.blockq.triton_common import KIND_FP8_E4M3, KIND_FP8_E5M2, fp8_value
 
 
 @triton.jit
@@ -111,6 +112,27 @@ def _group_mean_abs(v, group):
 
 
 @triton.jit
+def _fp8_code(v, s, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
+              MAGIC: tl.constexpr, SUB_STEP: tl.constexpr):
+    """fp8 bytes of clamp(v / s, ±FMAX) (0 where s = 0) by c10's bit operations, round to
+    nearest even (MAGIC: the fp32 whose ulp is the fp8 subnormal step), and their decode."""
+    pos = s > 0
+    q = tl.where(pos, tl.math.div_rn(v, tl.where(pos, s, 1.0) + v * 0), 0.0)
+    q = tl.where(q < -FMAX, -FMAX, tl.where(q > FMAX, FMAX, q))
+    b = q.to(tl.uint32, bitcast=True)
+    sign = (b >> 24) & 0x80
+    a = b & 0x7FFFFFFF
+    MAGIC_BITS: tl.constexpr = (151 - MBITS - BIAS) << 23
+    sub = (a.to(tl.float32, bitcast=True) + MAGIC).to(tl.uint32, bitcast=True) - MAGIC_BITS
+    MINN: tl.constexpr = (128 - BIAS) << 23
+    SH: tl.constexpr = 23 - MBITS
+    an = tl.maximum(a, MINN)
+    nrm = (an - ((127 - BIAS) << 23) + ((1 << (SH - 1)) - 1) + ((an >> SH) & 1)) >> SH
+    c = (tl.where(a < MINN, sub, nrm) | sign).to(tl.int32)
+    return c, fp8_value(c, MBITS, BIAS, SUB_STEP) * s
+
+
+@triton.jit
 def _code_and_decode(v, w, u, s, s0, r, step, KIND: tl.constexpr, LEVELS: tl.constexpr):
     """codes (int32) and the decoded values of a block's values v (w: clipped v; s0:
     sign_two's m₀, s its m₁)."""
@@ -123,6 +145,10 @@ def _code_and_decode(v, w, u, s, s0, r, step, KIND: tl.constexpr, LEVELS: tl.con
     elif KIND == KIND_SIGN:
         c = (v >= 0).to(tl.int32)
         d = tl.where(c == 1, 1.0, -1.0)
+    elif KIND == KIND_FP8_E4M3:
+        c, d = _fp8_code(v, s, 448.0, 3, 7, 16384.0, 0.001953125)
+    elif KIND == KIND_FP8_E5M2:
+        c, d = _fp8_code(v, s, 57344.0, 2, 15, 128.0, 1.52587890625e-05)
     elif KIND == KIND_TERNARY:
         keep = (u * s) < tl.abs(w)
         c = tl.where(keep, tl.where(w > 0, 2, 0), 1)
@@ -186,6 +212,12 @@ def encode_kernel(x_ptr, tab_ptr, msg_ptr, res_ptr, bad_ptr, S, inv_s, key,
             bound = (CLIP * tl.sqrt(tl.sum(dv * dv) / n64)).to(tl.float32)
             w = tl.minimum(tl.maximum(v, -bound), bound)
         raw = tl.max(tl.where(m, tl.abs(w), 0.0))
+    elif KIND == KIND_FP8_E4M3:
+        amax = tl.max(tl.where(m, tl.abs(v), 0.0))
+        raw = tl.math.div_rn(amax, amax * 0 + 448.0)
+    elif KIND == KIND_FP8_E5M2:
+        amax = tl.max(tl.where(m, tl.abs(v), 0.0))
+        raw = tl.math.div_rn(amax, amax * 0 + 57344.0)
     else:  # KIND_QSGD
         v64 = v.to(tl.float64)
         raw = tl.sqrt(tl.sum(v64 * v64)).to(tl.float32)
