@@ -57,6 +57,7 @@ SCHEMES = {  # label -> overrides
     "ternary_grad": ["+scheme=ternary_grad"],
     "ternary_grad base3": ["+scheme=ternary_grad", "scheme.format=base3"],
     "qsgd bits=4": ["+scheme=qsgd", "scheme.bits=4"],
+    "fp8": ["+scheme=fp8"],
     "signsgd": ["+scheme=signsgd", "optim.lr=0.0005"],
     "ef_signsgd": ["+scheme=ef_signsgd"],
     # scheme.auto: per bucket, the faster of onebit and the plain fp32 all-reduce (timed trials)

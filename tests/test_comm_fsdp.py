@@ -34,7 +34,7 @@ from tests.conftest import rank_process
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 fully_shard = fsdp.fully_shard
 
-CODECS = ("onebit", "ef_signsgd", "signsgd", "ternary_grad", "qsgd")
+CODECS = ("onebit", "ef_signsgd", "signsgd", "ternary_grad", "qsgd", "fp8")
 TIMEOUT = datetime.timedelta(seconds=60)
 
 
