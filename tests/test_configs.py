@@ -255,6 +255,6 @@ def test_cli_missing_data_root_says_where_to_put_files(tmp_path):
 def test_cli_help_lists_groups_and_examples():
     p = run_train("--help")
     assert p.returncode == 0
-    for text in ("scheme: bf16, ef_signsgd, fp16, onebit, powersgd, qsgd, signsgd, ternary_grad", "model: cnn, gpt, mlp, mlp_20m, resnet20, transformer",
+    for text in ("scheme: bf16, ef_signsgd, fp16, fp8, onebit, powersgd, qsgd, signsgd, ternary_grad", "model: cnn, gpt, mlp, mlp_20m, resnet20, transformer",
                  "data: cifar10, digits, mnist, shakespeare, sort, synthetic, text", "torchrun --nproc_per_node"):
         assert text in p.stdout
