@@ -70,6 +70,7 @@ METHODS = {
     "INQ W5 (staged pow2)": ["qat=inq"],
     "ShiftCNN N2 B4": ["qat=shiftcnn"],
     "SLQ W4 (staged k-means, loss-based)": ["qat=slq"],
+    "MLQ W4 (SLQ layer by layer)": ["qat=mlq"],
     "EBP binary (sign of h)": ["qat=ebp"],
     "EBP binary, gain 1": ["qat=ebp", "qat.default.weight.gain=1"],
     # transformer recipes (experiment=shakespeare_char)
@@ -84,8 +85,8 @@ SEED_A = ("Deep Compression k-means W4", "Deep Compression k-means W2", "INQ W5 
 SEED_B = ("ADMM ternary", "Balanced W2", "HWGQ (BWN + HWGQ A2)", "AQN W2")
 SEED_C = ("Q-CNN PQ (K=16, d=4)", "Q-CNN PQ + error correction", "BWNH", "FFN (ternary SDD)",
           "TNN (ternary W + A)", "WAGE 2-8-8-8")
-SEED_D = ("SLQ W4 (staged k-means, loss-based)", "EBP binary (sign of h)",
-          "EBP binary, gain 1")
+SEED_D = ("SLQ W4 (staged k-means, loss-based)", "MLQ W4 (SLQ layer by layer)",
+          "EBP binary (sign of h)", "EBP binary, gain 1")
 TRANSFORMER = ("W8A8 per-tensor act", "int8dyn_int4w (torchao)", "BitNet b1.58", "DoReFa W4A4")
 EXTRA = ("LSQ W4A4", "PACT W4A4", "TTQ, W_p/W_n at the weights' lr", *SEED_A, *SEED_B,
          *SEED_C, *SEED_D, *TRANSFORMER)

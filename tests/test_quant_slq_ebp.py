@@ -135,10 +135,43 @@ def test_slq_start_step_delays_the_schedule():
     assert isinstance(q0.encode(w), Dense) and torch.equal(q0(w), w)
 
 
+def test_mlq_quantizes_the_layers_one_after_another():
+    """MLQ (``layer_steps``): the ℓ-th quantized layer, in module order, starts its schedule
+    ℓ·layer_steps steps after the first; while layer 0 is being quantized the deeper layers
+    are still full precision and train, and at the end every layer is on its K centroids."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                        nn.Linear(16, 4))
+    model = apply_qat(qat("slq", bits=2, schedule=[0.0, 0.5, 1.0], stage_steps=2,
+                          layer_steps=3), net)
+    qs = [model[i].parametrizations.weight[0] for i in (0, 2, 4)]
+    assert [q.__dict__["layer_index"] for q in qs] == [0, 1, 2]
+    assert [q.first_step() for q in qs] == [0, 3, 6]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(32, 12)
+    used = []
+    for _ in range(12):
+        model(x).square().mean().backward()
+        opt.step(), opt.zero_grad()
+        qat_step(model)
+        used.append([int(q.used) for q in qs])
+    # layer ℓ: stage 1 (2 of 4 clusters) after step first + 2, stage 2 (all 4) after first + 4
+    assert used == [[0, 0, 0], [2, 0, 0], [2, 0, 0], [4, 0, 0], [4, 2, 0], [4, 2, 0],
+                    [4, 4, 0], [4, 4, 2], [4, 4, 2], [4, 4, 4], [4, 4, 4], [4, 4, 4]]
+    for i, q in zip((0, 2, 4), qs):
+        w = model[i].weight
+        assert q.frozen.all() and torch.isin(w, q.centroids).all()
+    # the same quantizer without layer_steps (SLQ) quantizes every layer at the same step
+    slq = apply_qat(qat("slq", bits=2, schedule=[0.0, 1.0], stage_steps=2),
+                    nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)))
+    assert [q.first_step() for q in (slq[0].parametrizations.weight[0],
+                                     slq[1].parametrizations.weight[0])] == [0, 0]
+
+
 @pytest.mark.parametrize("args,key", [
     ({"bits": 9}, "bits"), ({"schedule": [0.5, 0.25]}, "schedule"), ({"schedule": []}, "schedule"),
     ({"schedule": [1.5]}, "schedule"), ({"stage_steps": 0}, "stage_steps"),
-    ({"start_step": -1}, "start_step")])
+    ({"start_step": -1}, "start_step"), ({"layer_steps": -1}, "layer_steps")])
 def test_slq_config_errors_name_the_key(args, key):
     with pytest.raises(ConfigError, match=rf"^qat\.default\.weight\.{key}: "):
         qat("slq", **args)

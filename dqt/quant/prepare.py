@@ -100,6 +100,7 @@ def prepare(model: nn.Module, cfg: Any) -> nn.Module:
     folds = find_layer_bn(model) if cfg.fold_bn else {}
     owners = out_projections(model)
     folded: list[str] = []
+    depth: dict[str, int] = {}  # weight quantizers of each method so far: their layer_index
     for lp in plan:
         m = lp.module
         if lp.specs["weight"] is not None:
@@ -107,6 +108,7 @@ def prepare(model: nn.Module, cfg: Any) -> nn.Module:
                 q = build_quantizer(lp.specs["weight"], "weight")
                 q.bind(m)
                 q.__dict__["layer_name"] = lp.name
+                q.__dict__["layer_index"] = depth[q.name] = depth.get(q.name, -1) + 1
                 if m in folds and wname == "weight":
                     parametrize.register_parametrization(m, "weight", FoldScale(folds[m][1]))
                     m.register_forward_hook(unfold_output)

@@ -24,9 +24,11 @@ with Single and Multiple Level Quantization", AAAI 2018, arXiv 1803.03289; the s
   every rank, checkpointed); clustering reads the layer's weight after the step, which DDP keeps
   identical on every rank, so the codebook and the frozen set are identical on every rank.
 
-  Multiple-level quantization (MLQ, the same paper) quantizes along the depth as well: the layers
-  enter the schedule one after another. Here that is a ``start_step`` per layer, given by a
-  ``qat.rules`` entry for each layer.
+  Multiple-level quantization (MLQ, the same paper) quantizes along the depth as well as the
+  width: the layers enter the schedule one after another, so the deeper layers retrain while
+  the shallower ones are already being quantized. ``layer_steps`` > 0 does this: the ℓ-th layer
+  with this quantizer (ℓ = 0, 1, …, in the model's module order, as ``prepare`` numbers them)
+  starts its schedule after step ``start_step`` + ℓ·``layer_steps`` (preset ``qat=mlq``).
 
 Departures from the paper: the paper quantizes a trained network and retrains between stages
 until the accuracy recovers; here each stage lasts a fixed ``stage_steps`` and the schedule may
@@ -77,7 +79,10 @@ class SLQ(Quantizer):
         stage_steps: int = 60
         """Optimizer steps per stage, >= 1."""
         start_step: int = 0
-        """Stage 0 starts after this optimizer step, >= 0 (MLQ: a later one for deeper layers)."""
+        """Stage 0 starts after this optimizer step, >= 0."""
+        layer_steps: int = 0
+        """MLQ: the ℓ-th layer with this quantizer starts ℓ·layer_steps steps after
+        ``start_step`` (0: every layer at once, SLQ), >= 0."""
 
         def __post_init__(self) -> None:
             b = self.bits
@@ -89,11 +94,13 @@ class SLQ(Quantizer):
                  f"must be non-decreasing (quantized clusters stay quantized); got {s}")
             need(self.stage_steps >= 1, "stage_steps", f"must be >= 1; got {self.stage_steps}")
             need(self.start_step >= 0, "start_step", f"must be >= 0; got {self.start_step}")
+            need(self.layer_steps >= 0, "layer_steps", f"must be >= 0; got {self.layer_steps}")
 
     def __init__(self, kind: str, cfg: Optional[Config] = None, **args: Any) -> None:
         super().__init__(kind, cfg, **args)
         c = self.cfg
         self.bits, self.stage_steps, self.start_step = c.bits, c.stage_steps, c.start_step
+        self.layer_steps = c.layer_steps
         self.schedule = [float(p) for p in c.schedule]
         k = 2 ** c.bits
         self.register_buffer("centroids", torch.zeros(k))
@@ -113,8 +120,13 @@ class SLQ(Quantizer):
         """m_s = round(σ_s·K): the clusters quantized after stage ``stage``."""
         return int(math.floor(self.schedule[stage] * 2 ** self.bits + 0.5))
 
+    def first_step(self) -> int:
+        """The step after which this layer's stage 0 starts: ``start_step`` + ℓ·``layer_steps``
+        (ℓ: ``layer_index``, set by ``prepare``; 0 for a quantizer used on its own)."""
+        return self.start_step + self.__dict__.get("layer_index", 0) * self.layer_steps
+
     def current_stage(self) -> int:
-        t = int(self.steps) - self.start_step
+        t = int(self.steps) - self.first_step()
         return -1 if t < 0 else min(t // self.stage_steps, len(self.schedule) - 1)
 
     @torch.no_grad()
