@@ -376,7 +376,8 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
             nz[0] += v[i] * 0.0f;
             lane[0] += d * d;
         }
-    } else if (sp->kind == KIND_TERNARY && !(sp->clip > 0)) {  /* nz and max|v| in one pass */
+    } else if ((sp->kind == KIND_TERNARY && !(sp->clip > 0)) || sp->kind == KIND_FP8_E4M3 ||
+               sp->kind == KIND_FP8_E5M2) {  /* nz and max|v| in one pass */
         for (int64_t i = 0; i < n8; i += 8)
             for (int l = 0; l < 8; l++) {
                 const float a = fabsf(v[i + l]);
@@ -388,22 +389,7 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
             nz[0] += v[i] * 0.0f;
             mx[0] = a > mx[0] ? a : mx[0];
         }
-    } else if (sp->kind == KIND_FP8_E4M3 || sp->kind == KIND_FP8_E5M2) {
-        float mx[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        for (int64_t i = 0; i < n8; i += 8)
-            for (int l = 0; l < 8; l++) {
-                const float a = fabsf(v[i + l]);
-                nz[l] += v[i + l] * 0.0f;
-                mx[l] = a > mx[l] ? a : mx[l];
-            }
-        for (int64_t i = n8; i < n; i++) {
-            const float a = fabsf(v[i]);
-            nz[0] += v[i] * 0.0f;
-            mx[0] = a > mx[0] ? a : mx[0];
-        }
-        float amax = 0.0f;
-        for (int l = 0; l < 8; l++) amax = mx[l] > amax ? mx[l] : amax;
-        fp8_amax = amax;
+        for (int l = 0; l < 8; l++) fp8_amax = mx[l] > fp8_amax ? mx[l] : fp8_amax;
     } else {
         for (int64_t i = 0; i < n8; i += 8)
             for (int l = 0; l < 8; l++) nz[l] += v[i + l] * 0.0f;
