@@ -1,8 +1,9 @@
 """C-kernel compress+EF throughput measured in thread CPU time, one thread: on a shared
 machine wall-clock timings follow the other jobs' load, the CPU time a thread spent far less.
 Prints GB/s of fp32 gradient (4·n bytes / the best CPU time) of the C encode with error
-feedback for onebit, ternary_grad (2-bit, base-3) and qsgd bits=4 at their shipped block
-formats, and each one's ratio to onebit, for a few rounds (the schemes interleaved).
+feedback for onebit, ternary_grad (2-bit, base-3), qsgd bits=4 and fp8 (e4m3, e5m2) at
+their shipped block formats, fp8 also without error feedback (its default), and each one's
+ratio to onebit, for a few rounds (the schemes interleaved).
 
     python -m benchmarks.bench_encode_cputime --n 4M --rounds 3 --reps 7
 """
@@ -22,6 +23,9 @@ SPECS = {
     "ternary_grad (2bit)": BlockSpec("ternary", 2048, 2, "fp32"),
     "ternary_grad (base3)": BlockSpec("ternary", 2048, 0, "fp32"),
     "qsgd bits=4": BlockSpec("qsgd", 2048, 4, "fp32", levels=7),
+    "fp8 (e4m3)": BlockSpec("fp8_e4m3", 128, 8, "e8m0"),
+    "fp8 (e5m2)": BlockSpec("fp8_e5m2", 128, 8, "e8m0"),
+    "fp8 (e4m3), no EF": BlockSpec("fp8_e4m3", 128, 8, "e8m0"),
 }
 
 
@@ -44,11 +48,12 @@ def main() -> None:
         for name, spec in SPECS.items():
             table, nbytes = linear_table(spec, n)
             msg = torch.empty(nbytes, dtype=torch.uint8)
-            blockq.encode(spec, x, table, msg, residual=res, key=1, impl="c")
+            e = None if name.endswith("no EF") else res
+            blockq.encode(spec, x, table, msg, residual=e, key=1, impl="c")
             best = float("inf")
             for r in range(args.reps):
                 t = time.thread_time()
-                blockq.encode(spec, x, table, msg, residual=res, key=r, impl="c")
+                blockq.encode(spec, x, table, msg, residual=e, key=r, impl="c")
                 best = min(best, time.thread_time() - t)
             gbs[name] = 4 * n / best / 1e9
         ratios = [gbs["onebit"] / v for k, v in gbs.items() if k != "onebit"]

@@ -94,7 +94,7 @@ SPECS: dict[str, BlockSpec] = {
     "qsgd/8": BlockSpec("qsgd", 64, 8, "fp32", levels=127),
     "fp8_e4m3/fp32": BlockSpec("fp8_e4m3", 64, 8, "fp32"),
     "fp8_e4m3/bf16": BlockSpec("fp8_e4m3", 256, 8, "bf16"),  # 256: the Triton word decode
-    "fp8_e4m3/e8m0": BlockSpec("fp8_e4m3", 72, 8, "e8m0"),  # e8m0 rounds up or down: saturation
+    "fp8_e4m3/e8m0": BlockSpec("fp8_e4m3", 72, 8, "e8m0"),
     "fp8_e5m2/fp32": BlockSpec("fp8_e5m2", 64, 8, "fp32"),
     "fp8_e5m2/e8m0": BlockSpec("fp8_e5m2", 256, 8, "e8m0"),
 }

@@ -138,9 +138,9 @@ def _fp8_values(mbits: int, bias: int, fmax: float) -> list[float]:
 
 
 def _golden_fp8(vid: str) -> tuple[list[int], list[float]]:
-    """X in blocks of 8 from the format's definition: s = fp32(max|x| / FMAX) (e8m0: the
-    nearest power of two in log2), code = the nearest fp8 value to x/s (fp32 division), ties to
-    the even code, sign bit from x; decode fp8·s in fp32."""
+    """X in blocks of 8 from the format's definition: s = the smallest power of two with
+    max|x| <= FMAX·s (so the same in every scale format), code = the nearest fp8 value to x/s,
+    ties to the even code, sign bit from x; decode fp8·s in fp32."""
     comp = make(vid, block_size=8)
     e4m3 = comp.spec.kind == "fp8_e4m3"
     fmax = 448.0 if e4m3 else 57344.0
@@ -149,11 +149,12 @@ def _golden_fp8(vid: str) -> tuple[list[int], list[float]]:
     scales, codes, decoded = [], [], []
     for k in range(0, len(X), 8):
         blk = [f32(x) for x in X[k:k + 8]]
-        s = f32(max(abs(x) for x in blk)) / f32(fmax)
+        p = -126
+        while float(max(abs(x) for x in blk)) > fmax * 2.0 ** p:
+            p += 1
+        s = f32(2.0 ** p)
         if comp.spec.scale == "e8m0":
-            m, E = math.frexp(float(s))  # s = (2m)·2^(E−1), 1 <= 2m < 2
-            s = f32(2.0 ** (E - 1 + (2 * m >= math.sqrt(2))))
-            scales.append(int(math.log2(float(s))) + 127)
+            scales.append(p + 127)
         else:
             scales += list(np.array([s], dtype=f32).view(np.uint8))
         for x in blk:
@@ -347,10 +348,11 @@ def test_compression_ratio():
     # 4 bits + 32/128 bits of scale per value: 32/4.25 = 7.53x
     assert fp32 / build_compressor("qsgd", bits=4).wire_nbytes(n) >= 7.5
     assert fp32 / build_compressor("qsgd", bits=4, block_size=2048).wire_nbytes(n) >= 7.9
-    # fp8: 1 byte per value + a 4-byte fp32 scale per 128 (e8m0: 1 byte): exact byte counts
-    assert build_compressor("fp8").wire_nbytes(n) == n + 4 * (n // 128)
-    assert build_compressor("fp8", format="e5m2", scale_dtype="e8m0").wire_nbytes(n) == n + n // 128
-    assert build_compressor("fp8", block_size=64).wire_nbytes(1000) == 1000 + 4 * 16
+    # fp8: 1 byte per value + a 1-byte e8m0 scale per 128 (fp32: 4 bytes): exact byte counts
+    assert build_compressor("fp8").wire_nbytes(n) == n + n // 128
+    assert build_compressor("fp8", format="e5m2", scale_dtype="fp32").wire_nbytes(n) == \
+        n + 4 * (n // 128)
+    assert build_compressor("fp8", block_size=64).wire_nbytes(1000) == 1000 + 16
 
 
 # ----------------------------------------------------------------------------- error feedback
@@ -447,7 +449,7 @@ def test_defaults():
     assert [n for n in COMPRESSORS if build_compressor(n).vote] == ["signsgd"]
     fp8 = build_compressor("fp8")
     assert (fp8.block_size, fp8.spec.kind, fp8.spec.scale, fp8.cfg.error_feedback) == \
-        (128, "fp8_e4m3", "fp32", False)
+        (128, "fp8_e4m3", "e8m0", False)
     assert build_compressor("fp8", format="e5m2").spec.kind == "fp8_e5m2"
     with pytest.raises(ValueError, match="scheme.format"):
         build_compressor("fp8", format="e3m4")

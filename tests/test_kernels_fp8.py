@@ -1,15 +1,16 @@
 """The fp8 block kinds (``fp8_e4m3``, ``fp8_e5m2``) of dqt.kernels.blockq: on every
 implementation (C, Triton through the interpreter, the reference) the codes are exactly
-torch's round-to-nearest-even cast of clamp(v / s, ±FMAX) with s the transmitted scale
-max|v| / FMAX rounded to the scale format; decoding is exact (every one of the 256 codes);
-zeros, fp32 subnormals, fp8 subnormals, ties, saturation and NaN blocks give the same bytes
-everywhere. The byte-identity tests over arbitrary tables are those of
+torch's round-to-nearest-even cast of clamp(v / s, ±FMAX) with s the smallest power of two
+2^P (P ≥ −126) with max|v| ≤ FMAX·2^P, the same in every scale format; decoding is exact (every
+one of the 256 codes); zeros, fp32 subnormals, fp8 subnormals, ties, maxima just above
+FMAX·2^P and NaN blocks give the same bytes everywhere. The byte-identity tests over arbitrary tables are those of
 tests/test_kernels_blockq.py, on the fp8 entries of tests/cases.py's SPECS.
 """
 
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -27,7 +28,7 @@ B = 64
 def _edge_values(fmax: float) -> torch.Tensor:
     """Blocks of 64: [0] scale exactly 1 (max fmax) with e4m3 and e5m2 ties, fp8 subnormals
     and their midpoints, -0.0; [1] all zeros; [2] fp32 subnormals; [3] a NaN; [4] +inf;
-    [5] a max whose e8m0 / bf16 scale rounds down (values above FMAX·s saturate); [6] random
+    [5] maxima 1.40·FMAX and just above 2·FMAX (scale 4, not 2: nothing saturates); [6] random
     values over 12 decades; [7] a short block of 5."""
     g = torch.Generator().manual_seed(3)
     b0 = torch.zeros(B)
@@ -43,8 +44,8 @@ def _edge_values(fmax: float) -> torch.Tensor:
     b4 = torch.randn(B, generator=g)
     b4[0] = math.inf
     b5 = torch.randn(B, generator=g)
-    b5[3] = 1.40 * 448.0  # e8m0(1.40) = 1: q = 627 > 448 saturates (e5m2 below scaled too)
-    b5[4] = -1.40 * 448.0 * 0.999
+    b5[3] = 1.40 * fmax
+    b5[4] = -torch.nextafter(torch.tensor(2 * fmax), torch.tensor(math.inf))  # max: s = 4
     b6 = torch.randn(B, generator=g) * torch.logspace(-8, 4, B)[torch.randperm(B, generator=g)]
     b7 = torch.tensor([0.5, -0.25, 3.0, -7.0, 1e-3])
     return torch.cat([b0, torch.zeros(B), b2, b3, b4, b5, b6, b7])
@@ -76,7 +77,7 @@ def _scales(spec: BlockSpec, msg: torch.Tensor, k: int) -> torch.Tensor:
 @pytest.mark.parametrize("scale", ["fp32", "bf16", "e8m0"])
 @pytest.mark.parametrize("kind", list(FORMATS))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_codes_are_torchs_saturating_cast(impl, kind, scale):
+def test_codes_are_torchs_cast_at_a_power_of_two_scale(impl, kind, scale):
     dtype, fmax = FORMATS[kind]
     spec = BlockSpec(kind, B, 8, scale)
     x = _edge_values(fmax)
@@ -84,13 +85,16 @@ def test_codes_are_torchs_saturating_cast(impl, kind, scale):
     K = table.shape[0]
     assert bad.tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
     s = _scales(spec, msg, K)
-    # the scale: max|v| / FMAX (IEEE fp32 division), rounded to the scale format
-    raw = torch.stack([x[r[0]:r[0] + r[2]].abs().max() for r in table.tolist()])
-    raw = raw / torch.full_like(raw, fmax)
-    if scale == "fp32":
-        good = bad == 0
-        assert torch.equal(s[good], raw[good])
-        assert float(s[0]) == 1.0 and float(s[1]) == 0.0
+    # the scale: the smallest 2^P, P >= -126, with max|v| <= FMAX·2^P, exact rational maths
+    for k, (d, _, n, *_r) in enumerate(table.tolist()):
+        if bad[k]:
+            continue
+        amax = Fraction(float(x[d:d + n].abs().max()))
+        p = -126
+        while amax > Fraction(fmax) * Fraction(2) ** p:
+            p += 1
+        assert float(s[k]) == (0.0 if amax == 0 else 2.0 ** p), (k, float(s[k]))
+    assert s[0] == 1.0 and s[1] == 0.0 and s[2] == 2.0 ** -126 and s[5] == 4.0
     assert torch.isnan(s[bad == 1]).all()
     codes = msg[K * SCALE_BYTES[scale]:]
     want, dec = [], []
@@ -109,14 +113,14 @@ def test_codes_are_torchs_saturating_cast(impl, kind, scale):
     assert torch.equal(codes, want), (codes != want).nonzero().flatten()[:8].tolist()
     nan = torch.isnan(dec)
     assert torch.equal(torch.isnan(out), nan) and torch.equal(out[~nan], dec[~nan])
-    # the edge cases did occur: ties rounded to even, saturation, -0.0, subnormal codes
+    # the edge cases did occur: ties rounded to even, -0.0, subnormal codes, no saturation
     if kind == "fp8_e4m3" and scale == "fp32":
         assert codes[:10].tolist() == [0x7E, 0x38, 0x3A, 0x00, 0x02, 0x04, 0xB8, 0x80, 0x00,
                                        0x08]
     if kind == "fp8_e5m2" and scale == "fp32":
         assert codes[16:20].tolist() == [0x3C, 0x3E, 0x02, 0x00] and codes[20] == 0x7B
-    if scale == "e8m0" and kind == "fp8_e4m3":
-        assert float(s[5]) == 1.0 and codes[5 * B + 3] == 0x7E and codes[5 * B + 4] == 0xFE
+    if kind == "fp8_e4m3":  # 1.40·448/4 = 156.8 → 160; -(2·448)⁺/4 → -224
+        assert codes[5 * B + 3] == 0x72 and codes[5 * B + 4] == 0xF6
 
 
 @pytest.mark.parametrize("kind", list(FORMATS))

@@ -6,7 +6,8 @@ per phase):
 
 1. encode every chunk — worker error feedback v = g + S·e for biased schemes — into N messages
    of M bytes (one fused kernel pass over the bucket);
-2. ``all_to_all_single``: rank r receives chunk r of every peer;
+2. ``all_to_all_single``: rank r receives chunk r of every peer (on gloo as point-to-point
+   sends and receives: :func:`exchange`);
 3. decode the N messages and sum in peer order (fp32), then average (÷N) — or, for
    ``signsgd``, take the majority vote sign(Σ signs) — written once into the owned chunk;
 4. re-encode the owned chunk (server error feedback for biased schemes);
@@ -53,6 +54,33 @@ from dqt.kernels.philox import mix_seed
 WORKER, SERVER, TIES = 0, 1, 2
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def exchange(op: str, out: torch.Tensor, tensor: torch.Tensor,
+             group: dist.ProcessGroup) -> None:
+    """``all_to_all_single`` (op ``all_to_all``: peer p gets chunk p of ``tensor``) or
+    ``all_gather`` (every peer gets ``tensor``) into ``out``, N equal chunks in rank order.
+
+    On gloo both run as point-to-point sends and receives posted at once: gloo's own
+    ``all_to_all_single`` and ``all_gather`` move messages of a few megabytes at half of a
+    shaped link's rate or less, these at its full rate (docs/results.md, "gloo's collectives
+    on a shaped link"). Other backends (NCCL) run the collective."""
+    if dist.get_backend(group) != "gloo":
+        run = dist.all_to_all_single if op == "all_to_all" else _all_gather_single
+        run(out, tensor, group=group)
+        return
+    N, rank = dist.get_world_size(group), dist.get_rank(group)
+    c = out.numel() // N
+    ops = []
+    for p in range(N):
+        send = tensor[p * c:(p + 1) * c] if op == "all_to_all" else tensor
+        if p == rank:
+            out[p * c:(p + 1) * c].copy_(send)
+            continue
+        ops.append(dist.P2POp(dist.irecv, out[p * c:(p + 1) * c], group=group, group_peer=p))
+        ops.append(dist.P2POp(dist.isend, send, group=group, group_peer=p))
+    for w in dist.batch_isend_irecv(ops):
+        w.wait()
 
 
 @dataclass
@@ -103,11 +131,8 @@ def run_started(req: Request, work: BucketWork, group: dist.ProcessGroup,
     try:
         while True:
             t0 = time.perf_counter()
-            if req.op == "all_to_all":
-                dist.all_to_all_single(req.out, req.tensor, group=group)
-                got = req.out
-            elif req.op == "all_gather":
-                _all_gather_single(req.out, req.tensor, group=group)
+            if req.op in ("all_to_all", "all_gather"):
+                exchange(req.op, req.out, req.tensor, group)
                 got = req.out
             else:
                 dist.all_reduce(req.tensor, group=group)

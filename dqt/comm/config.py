@@ -282,9 +282,10 @@ class QSGDConfig(CompressedConfig):
 
 @dataclass
 class FP8Config(CompressedConfig):
-    """8-bit floating point per value with one scale per block: s = max|x| / FMAX rounded to
-    ``scale_dtype``, code = the fp8 value of x / s, rounded to nearest even and saturating at
-    ±FMAX (block kinds ``fp8_e4m3`` / ``fp8_e5m2``). Deterministic; no error feedback by
+    """8-bit floating point per value with one scale per block: s = the smallest power of two
+    with max|x| ≤ FMAX·s (the OCP Microscaling shared exponent, rounded up so nothing
+    saturates), code = the fp8 value of x / s, rounded to nearest even (block kinds
+    ``fp8_e4m3`` / ``fp8_e5m2``). Deterministic; no error feedback by
     default (as torchft's fp8 quantized all-reduce): the rounding error is at most half an fp8
     step, 2⁻⁴ (e4m3) or 2⁻³ (e5m2) of a normal value, and error feedback would cost a worker
     and a server residual (8 bytes per parameter); ``error_feedback=true`` adds them."""
@@ -292,13 +293,15 @@ class FP8Config(CompressedConfig):
     name: str = "fp8"
     NAME: ClassVar[str] = "fp8"
     block_size: int = 128
-    """Values per scale: 128 with an fp32 scale is 1.03 bytes per value (3.88× fewer than fp32)."""
+    """Values per scale: 128 with an e8m0 scale is 1.008 bytes per value (3.97× fewer than
+    fp32)."""
     format: str = "e4m3"
     """``e4m3`` (OCP float8_e4m3fn: 3 mantissa bits, max 448, no inf) or ``e5m2``
     (float8_e5m2: 2 mantissa bits, max 57344): precision against range."""
-    scale_dtype: str = "fp32"
-    """The per-block scale: ``fp32``, ``bf16`` or ``e8m0`` (a power of two, as the OCP MX
-    formats; values above FMAX·s then saturate)."""
+    scale_dtype: str = "e8m0"
+    """The per-block scale on the wire: ``e8m0`` (1 byte), ``bf16`` (2) or ``fp32`` (4). The
+    scale is a power of two, so every format carries it exactly: the choice changes bytes, not
+    values."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

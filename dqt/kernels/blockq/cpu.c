@@ -292,30 +292,35 @@ static void residual_update(float* rs, const float* v, const float* d, int64_t i
     else for (int64_t i = i0; i < i0 + m; i++) rs[i] = (v[i] - d[i]) * invS;
 }
 
+/* fp8's raw scale: the smallest power of two 2^P, P >= -126, with amax <= FMAX·2^P, FMAX =
+ * 1.75·2^F (F = 8 for e4m3, 15 for e5m2): integer operations on amax's bits; 0 for amax = 0 */
+static inline float fp8_scale(float amax, int F) {
+    if (!(amax > 0.0f) || !isfinite(amax)) return amax;
+    const uint32_t b = f2u(amax), e = b >> 23, m = b & 0x7FFFFFu;
+    int P = e == 0 ? -126 : (int)e - 127 - F + (m > 0x600000u ? 1 : 0);
+    P = P < -126 ? -126 : P;
+    return u2f((uint32_t)(P + 127) << 23);
+}
+
 /* fp8 codes of a finite block with scale s: out[i] = fp8(clamp(v[i] / s, ±max)) (0 when
- * s = 0), d[i] = its decode fp8·s; one loop per format so the constants fold */
+ * s = 0), d[i] = its decode fp8·s when d is given; one loop per format so the constants fold.
+ * s is a power of two of at least 2^-126, so 1/s is exact and v·(1/s) is v / s bit for bit */
 static void fp8_block(int e4m3, const float* v, int64_t n, float s, float* d, uint8_t* out) {
     if (!(s > 0.0f)) {
-        for (int64_t i = 0; i < n; i++) { out[i] = 0; d[i] = 0.0f * s; }
+        for (int64_t i = 0; i < n; i++) out[i] = 0;
+        if (d) for (int64_t i = 0; i < n; i++) d[i] = 0.0f * s;
         return;
     }
-    if (e4m3) {
-        for (int64_t i = 0; i < n; i++) {
-            const float r = v[i] / s;
-            const float q = r < -448.0f ? -448.0f : (r > 448.0f ? 448.0f : r);
-            const uint32_t c = fp8_bits(q, 3u, 7u);
-            out[i] = (uint8_t)c;
-            d[i] = fp8_value(c, 3u, 7u) * s;
-        }
-    } else {
-        for (int64_t i = 0; i < n; i++) {
-            const float r = v[i] / s;
-            const float q = r < -57344.0f ? -57344.0f : (r > 57344.0f ? 57344.0f : r);
-            const uint32_t c = fp8_bits(q, 2u, 15u);
-            out[i] = (uint8_t)c;
-            d[i] = fp8_value(c, 2u, 15u) * s;
-        }
-    }
+    const float r = 1.0f / s;
+#define FP8_LOOP(FMAX, MB, BIAS)                                                   \
+    for (int64_t i = 0; i < n; i++) {                                              \
+        const float t = v[i] * r;                                                  \
+        const float q = t < -(FMAX) ? -(FMAX) : (t > (FMAX) ? (FMAX) : t);          \
+        out[i] = (uint8_t)fp8_bits(q, MB, BIAS);                                   \
+    }                                                                              \
+    if (d) for (int64_t i = 0; i < n; i++) d[i] = fp8_value(out[i], MB, BIAS) * s;
+    if (e4m3) { FP8_LOOP(448.0f, 3u, 7u) } else { FP8_LOOP(57344.0f, 2u, 15u) }
+#undef FP8_LOOP
 }
 
 static void encode_block(const spec_t* sp, const float* x, const int64_t* row, uint8_t* msg,
@@ -411,9 +416,9 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
     } else if (sp->kind == KIND_QSGD) {
         raw = (float)sqrt(acc);
     } else if (sp->kind == KIND_FP8_E4M3) {
-        raw = fp8_amax / 448.0f;
+        raw = fp8_scale(fp8_amax, 8);
     } else if (sp->kind == KIND_FP8_E5M2) {
-        raw = fp8_amax / 57344.0f;
+        raw = fp8_scale(fp8_amax, 15);
     } else if (sp->kind == KIND_TERNARY) {
         if (sp->clip > 0 && finite) {
             double sm = 0;
@@ -459,7 +464,7 @@ static void encode_block(const spec_t* sp, const float* x, const int64_t* row, u
         return;
     }
     if (sp->kind == KIND_FP8_E4M3 || sp->kind == KIND_FP8_E5M2) {  /* codes are the bytes */
-        fp8_block(sp->kind == KIND_FP8_E4M3, v, n, s, u, mp + row[CODE]);
+        fp8_block(sp->kind == KIND_FP8_E4M3, v, n, s, rs ? u : NULL, mp + row[CODE]);
         if (rs) {
             if (S == 1.0f) for (int64_t i = 0; i < n; i++) rs[i] = v[i] - u[i];
             else for (int64_t i = 0; i < n; i++) rs[i] = (v[i] - u[i]) * invS;

@@ -48,11 +48,16 @@ ceil(LEN/5) bytes. Padding bits and trits are 0.
   [uᵢ < ℓᵢ − ⌊ℓᵢ⌋], clamped to [0, L]; code = 2·level + [vᵢ < 0]; decode ±level·fp32(ν/L).
   E[level] = ℓ, so unbiased (up to the rounding of r).
 * ``fp8_e4m3`` / ``fp8_e5m2`` (8-bit floats, OCP ``float8_e4m3fn``: max 448, no inf;
-  ``float8_e5m2``: max 57344), ``code_bits`` = 8: raw scale fp32(max|vᵢ| / FMAX) (IEEE
-  division), rounded to the scale format as s; code = the fp8 byte of clamp(vᵢ / s, −FMAX,
-  FMAX) (IEEE division, round to nearest even, so saturating: what ``torch``'s cast gives
-  after the clamp), all codes 0 when s = 0; decode fp8(code)·s. Deterministic, with an
-  error at most half an fp8 step (2⁻⁴ / 2⁻³ of a normal value), so biased only slightly.
+  ``float8_e5m2``: max 57344), ``code_bits`` = 8: the scale s is the smallest power of two
+  2^P, P ≥ −126, with max|vᵢ| ≤ FMAX·2^P (FMAX = 1.75·2^F, F = 8 or 15: from the bits of
+  max|vᵢ|, P = E − F + [mantissa > 0.75] for max|vᵢ| = m·2^E; 2⁻¹²⁶ for a subnormal max; 0 for
+  a zero block) — the shared exponent of the OCP Microscaling formats, rounded up so that no
+  value saturates. Being a power of two, s is the same in every scale format (so ``e8m0``
+  costs nothing), vᵢ / s is exact unless it underflows, and 1/s is exact, so kernels multiply.
+  Code = the fp8 byte of clamp(vᵢ / s, −FMAX, FMAX) (round to nearest even: what ``torch``'s
+  cast gives), all codes 0 when s = 0; decode fp8(code)·s. Deterministic; the error is at
+  most half an fp8 step (2⁻⁴ / 2⁻³ of a normal value), exactly the error of casting vᵢ itself
+  when fp8's range covers it.
 
 **e8m0 scales** (the shared-exponent scale of the OCP Microscaling formats): byte e encodes
 2^(e − 127) for 1 ≤ e ≤ 254, 0 for e = 0 (here exactly zero) and NaN for 255. A statistic
@@ -99,7 +104,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["BF16_NAN", "BlockSpec", "CODES", "COLUMN_NAMES", "COLUMNS", "E8M0_MAX", "E8M0_NAN",
-           "E8M0_ROUND_UP", "FP32_NAN", "FP8_DTYPES", "FP8_MAX", "KERNEL_CONSTANTS", "KINDS", "MODES", "SCALES",
+           "E8M0_ROUND_UP", "FP32_NAN", "FP8_DTYPES", "FP8_EXP", "FP8_MAX", "KERNEL_CONSTANTS",
+           "KINDS", "MODES", "SCALES",
            "f32_recip", "linear_table", "table_from_rows",
            "DATA", "RES", "LEN", "MSG", "SCALE", "CODE", "CTR"]
 
@@ -130,6 +136,7 @@ BF16_NAN = 0x7FC0  # the bf16 bits of a non-finite block's scale
 FP32_NAN = 0x7FC00000  # the fp32 bits of a non-finite block's scale
 # fp8 kinds -> (the largest finite value, the torch dtype whose cast rounds and decodes them)
 FP8_MAX = {"fp8_e4m3": 448.0, "fp8_e5m2": 57344.0}
+FP8_EXP = {"fp8_e4m3": 8, "fp8_e5m2": 15}  # F with FMAX = 1.75·2^F
 FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 # Every integer constant the kernels name, under the name they use: the columns, the codes,

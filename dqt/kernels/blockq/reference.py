@@ -9,8 +9,8 @@ from torch import Tensor
 
 from dqt.kernels import bitpack
 from dqt.kernels.blockq.format import (BF16_NAN, CODE, CTR, DATA, E8M0_MAX, E8M0_NAN,
-                                        E8M0_ROUND_UP, FP8_DTYPES, FP8_MAX, LEN, MSG, RES, SCALE,
-                                        SCALES, BlockSpec, f32_recip)
+                                        E8M0_ROUND_UP, FP8_DTYPES, FP8_EXP, FP8_MAX, LEN, MSG,
+                                        RES, SCALE, SCALES, BlockSpec, f32_recip)
 from dqt.kernels.philox import uniforms
 
 __all__ = ["decode_ref", "encode_ref"]
@@ -110,9 +110,19 @@ def _stats(spec: BlockSpec, v: Tensor, mask: Tensor, n: Tensor) -> tuple[Tensor,
             v = torch.minimum(torch.maximum(v, -bound[:, None]), bound[:, None])
         return v.abs().amax(1), v
     if spec.kind in FP8_MAX:
-        return _div(v.abs().amax(1), FP8_MAX[spec.kind]), v
+        return _fp8_scale(spec, v.abs().amax(1)), v
     v64 = v.to(torch.float64)
     return torch.sqrt((v64 * v64).sum(1)).to(torch.float32), v
+
+
+def _fp8_scale(spec: BlockSpec, amax: Tensor) -> Tensor:
+    """The smallest power of two 2^P, P ≥ −126, with amax ≤ FMAX·2^P (FMAX = 1.75·2^F), from
+    amax's bits; amax itself where it is 0 or not finite."""
+    b = amax.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    e, man = b >> 23, b & 0x7FFFFF
+    p = torch.where(e == 0, -126, e - 127 - FP8_EXP[spec.kind] + (man > 0x600000).to(torch.int64))
+    s = ((p.clamp(min=-126) + 127) << 23).to(torch.int32).view(torch.float32)
+    return torch.where((amax > 0) & torch.isfinite(amax), s, amax)
 
 
 def _fp8_value(spec: BlockSpec, code: Tensor) -> Tensor:

@@ -112,12 +112,24 @@ def _group_mean_abs(v, group):
 
 
 @triton.jit
+def _fp8_scale(amax, F: tl.constexpr):
+    """The smallest power of two 2^P, P ≥ −126, with amax ≤ FMAX·2^P (FMAX = 1.75·2^F);
+    amax itself where it is 0 or not finite."""
+    b = amax.to(tl.uint32, bitcast=True)
+    e = (b >> 23).to(tl.int32)
+    p = tl.where(e == 0, -126, e - 127 - F + ((b & 0x7FFFFF) > 0x600000).to(tl.int32))
+    s = ((tl.maximum(p, -126) + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where((amax > 0) & (amax < float("inf")), s, amax)
+
+
+@triton.jit
 def _fp8_code(v, s, FMAX: tl.constexpr, MBITS: tl.constexpr, BIAS: tl.constexpr,
               MAGIC: tl.constexpr, SUB_STEP: tl.constexpr):
     """fp8 bytes of clamp(v / s, ±FMAX) (0 where s = 0) by c10's bit operations, round to
     nearest even (MAGIC: the fp32 whose ulp is the fp8 subnormal step), and their decode."""
     pos = s > 0
-    q = tl.where(pos, tl.math.div_rn(v, tl.where(pos, s, 1.0) + v * 0), 0.0)
+    # s is a power of two ≥ 2⁻¹²⁶ (or 0): 1/s is exact, so v·(1/s) is v / s bit for bit
+    q = tl.where(pos, v * tl.math.div_rn(s * 0 + 1.0, tl.where(pos, s, 1.0)), 0.0)
     q = tl.where(q < -FMAX, -FMAX, tl.where(q > FMAX, FMAX, q))
     b = q.to(tl.uint32, bitcast=True)
     sign = (b >> 24) & 0x80
@@ -213,11 +225,9 @@ def encode_kernel(x_ptr, tab_ptr, msg_ptr, res_ptr, bad_ptr, S, inv_s, key,
             w = tl.minimum(tl.maximum(v, -bound), bound)
         raw = tl.max(tl.where(m, tl.abs(w), 0.0))
     elif KIND == KIND_FP8_E4M3:
-        amax = tl.max(tl.where(m, tl.abs(v), 0.0))
-        raw = tl.math.div_rn(amax, amax * 0 + 448.0)
+        raw = _fp8_scale(tl.max(tl.where(m, tl.abs(v), 0.0)), 8)
     elif KIND == KIND_FP8_E5M2:
-        amax = tl.max(tl.where(m, tl.abs(v), 0.0))
-        raw = tl.math.div_rn(amax, amax * 0 + 57344.0)
+        raw = _fp8_scale(tl.max(tl.where(m, tl.abs(v), 0.0)), 15)
     else:  # KIND_QSGD
         v64 = v.to(tl.float64)
         raw = tl.sqrt(tl.sum(v64 * v64)).to(tl.float32)
