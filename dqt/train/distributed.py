@@ -235,11 +235,14 @@ def teardown(barrier: bool = False) -> None:
     if dist.is_initialized():
         if barrier and dist.get_world_size() > 1:
             dist.barrier()
+        if dist.get_world_size() > 1:
             # Let gloo's worker threads finish releasing the last collectives' work (which
             # holds Python tensors: freeing them takes the GIL) before the process groups are
             # destroyed: ~ProcessGroupGloo joins those threads while this thread holds the GIL,
-            # and a thread still waiting for it deadlocks the exit (seen on a loaded 2-core VM,
-            # rank 0 idle in ~ProcessGroupGloo after "done").
+            # and a thread still waiting for it deadlocks the exit (seen on a loaded 2-core VM:
+            # rank 0 idle in ~ProcessGroupGloo after "done"; and on the error path, a diverged
+            # run's ranks stuck in ~Reducer → ~ProcessGroupGloo while a worker thread freed
+            # the divergence check's all_gather).
             time.sleep(_DRAIN_S)
         dist.destroy_process_group()
     # Horovod (backend=horovod) stays initialized: the next job of a sweep in this process
